@@ -1,0 +1,1 @@
+"""The YAML configs, installed as the package ``resnet_train.configs`` (see pyproject.toml)."""

@@ -1,0 +1,3 @@
+from resnet_train.cli import main
+
+main()

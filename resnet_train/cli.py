@@ -1,0 +1,55 @@
+"""The `resnet-train` command: compose the config with Hydra, validate it, train."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from resnet_train.config import register_configs, validate
+from resnet_train.errors import UserError
+
+register_configs()
+
+
+def _fail(error: BaseException) -> None:
+    print(f"resnet-train: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+class ValidateOnStart(Callback):
+    """Check a single run's config before Hydra creates its output directory, so a typo leaves
+    nothing behind. (Each job of a multirun is checked again when it starts.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+        except UserError as e:
+            _fail(e)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://resnet_train.configs", config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
+
+    try:
+        validate(cfg)
+        metrics = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except (UserError, FloatingPointError) as e:
+        _fail(e)
+    # The return value is what Hydra sweepers (Optuna, Ax) optimise.
+    valid = metrics.get("valid")
+    return valid["acc"] if valid else None
+
+
+def main() -> None:
+    train()
+
+
+if __name__ == "__main__":
+    main()

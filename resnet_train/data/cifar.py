@@ -1,0 +1,68 @@
+"""CIFAR-10 and CIFAR-100 from torchvision's on-disk layout (the official "python version")."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from resnet_train.errors import DataError
+
+# name -> (folder under data.root, training files, test files, label key)
+LAYOUTS = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+
+
+def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path} is not a readable CIFAR batch file ({type(e).__name__}: {e})")
+    # Rows are 3072 bytes: 1024 red, 1024 green, 1024 blue, each 32x32 row-major.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
+
+
+def _download(name: str, root: Path) -> None:
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls(str(root), train=True, download=True)
+
+
+def load_cifar(
+    name: str, root: str | Path, train: bool, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 (N, 32, 32, 3) and labels as int64 (N,)."""
+    folder, train_files, test_files, label_key = LAYOUTS[name]
+    root = Path(root).expanduser()
+    files = [root / folder / f for f in (train_files if train else test_files)]
+    missing = [f for f in files if not f.is_file()]
+    if missing and download:
+        try:
+            _download(name, root)
+        except Exception as e:  # network errors come in many types; all mean the same here
+            raise DataError(
+                f"{name} not found in {root / folder} and the download failed "
+                f"({type(e).__name__}: {e}); set data.root to the folder that contains "
+                f"{folder}/ (for example data.root=../shared/data)"
+            ) from None
+        missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(
+            f"{name} not found: {missing[0]} is missing; set data.root to the folder that "
+            f"contains {folder}/ (for example data.root=../shared/data)"
+            + ("" if download else ", or data.download=true to fetch it")
+        )
+    parts = [_read_batch(f, label_key) for f in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

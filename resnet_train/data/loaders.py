@@ -1,0 +1,157 @@
+"""From the data config to DataLoaders: read the set, carve the validation split, wrap."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from resnet_train.config import DataConfig
+from resnet_train.data.cifar import load_cifar
+from resnet_train.data.split import stratified_split, stratified_subset
+from resnet_train.data.synthetic import make_synthetic
+from resnet_train.data.transforms import build_transform
+from resnet_train.errors import DataError
+
+
+class ArrayImages(Dataset):
+    """uint8 images held in memory, served as (CHW uint8 tensor, label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW, a view
+        self.targets = labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+class TransformedSubset(Dataset):
+    """The images `indices` of `base`, each passed through `transform`."""
+
+    def __init__(self, base: Any, indices: np.ndarray, transform: Any) -> None:
+        self.base = base
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.base[int(self.indices[i])]
+        return self.transform(image), label
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    valid: DataLoader | None
+    test: DataLoader
+    num_classes: int
+
+
+def _read_sets(cfg: DataConfig, seed: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    """(train base, train labels, test base, test labels) for the configured data set."""
+    if cfg.name in ("cifar10", "cifar100"):
+        train_x, train_y = load_cifar(cfg.name, cfg.root, train=True, download=cfg.download)
+        test_x, test_y = load_cifar(cfg.name, cfg.root, train=False, download=False)
+        return ArrayImages(train_x, train_y), train_y, ArrayImages(test_x, test_y), test_y
+    if cfg.name == "synthetic":
+        n_train = cfg.train_size or 512
+        n_test = cfg.test_size or 256
+        # Train and test images come from the same class templates (same seed), other noise.
+        images, labels = make_synthetic(n_train + n_test, cfg.num_classes, cfg.image_size, seed)
+        train = ArrayImages(images[:n_train], labels[:n_train])
+        test = ArrayImages(images[n_train:], labels[n_train:])
+        return train, train.targets, test, test.targets
+    if cfg.name == "imagenet":
+        return _read_image_folders(cfg)
+    raise DataError(f"data.name={cfg.name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic")
+
+
+def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.root).expanduser()
+    sets = []
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(
+                f"{folder} is missing: data=imagenet reads class folders under {root}/train and "
+                f"{root}/val; set data.root to the folder that holds them"
+            )
+        try:
+            sets.append(ImageFolder(str(folder)))
+        except (FileNotFoundError, OSError) as e:
+            raise DataError(f"{folder} holds no readable class folders of images ({e})") from None
+    train, val = sets
+    if train.classes != val.classes:
+        raise DataError(
+            f"{root}/train and {root}/val have different class folders "
+            f"({len(train.classes)} and {len(val.classes)}); they must match"
+        )
+    if len(train.classes) != cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but {root}/train has {len(train.classes)} class "
+            f"folders; set data.num_classes={len(train.classes)}"
+        )
+    return train, np.asarray(train.targets), val, np.asarray(val.targets)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Each worker's torch seed is base_seed + worker_id (set by the DataLoader from its
+    # generator); numpy and random follow it so any augmentation drawing from them is seeded too.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _loader(
+    dataset: Dataset, cfg: DataConfig, seed: int, device: torch.device, train: bool, reused: bool
+) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=reused and cfg.num_workers > 0,  # the test set is read once
+        worker_init_fn=_seed_worker,
+        generator=generator,
+    )
+
+
+def build_loaders(cfg: DataConfig, seed: int, device: torch.device) -> Loaders:
+    train_base, train_labels, test_base, test_labels = _read_sets(cfg, seed)
+    if train_labels.max() >= cfg.num_classes or test_labels.max() >= cfg.num_classes:
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but the labels go up to "
+            f"{max(train_labels.max(), test_labels.max())}"
+        )
+    train_idx = np.arange(len(train_labels))
+    test_idx = np.arange(len(test_labels))
+    if cfg.name != "synthetic":
+        if cfg.train_size is not None:
+            train_idx = stratified_subset(train_labels, cfg.train_size, seed)
+        if cfg.test_size is not None:
+            test_idx = stratified_subset(test_labels, cfg.test_size, seed)
+    fit_part, valid_part = stratified_split(train_labels[train_idx], cfg.valid_ratio, seed)
+    fit_idx, valid_idx = train_idx[fit_part], train_idx[valid_part]
+
+    train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
+    train = _loader(TransformedSubset(train_base, fit_idx, train_tf), cfg, seed, device, True, True)
+    valid = None
+    if len(valid_idx):
+        valid = _loader(TransformedSubset(train_base, valid_idx, eval_tf), cfg, seed, device, False, True)
+    test = _loader(TransformedSubset(test_base, test_idx, eval_tf), cfg, seed, device, False, False)
+    return Loaders(train=train, valid=valid, test=test, num_classes=cfg.num_classes)

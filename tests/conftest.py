@@ -1,0 +1,105 @@
+"""Shared fixtures: small data sets in the real on-disk formats, config composition, the CLI."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from resnet_train.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+register_configs()
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config the CLI would compose for these overrides."""
+    with initialize_config_module("resnet_train.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m resnet_train ARGS` in cwd, as a user would from a shell."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str) -> None:
+    """One batch file as the official release stores it: a pickled dict whose 'data' rows are
+    3072 bytes (R, G, B planes of 32x32), written with protocol 2 like the Python 2 originals."""
+    rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    entry = {
+        "batch_label": path.name,
+        label_key: [int(v) for v in labels],
+        "data": rows,
+        "filenames": [f"img_{i}.png" for i in range(len(images))],
+    }
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int = 0) -> dict:
+    """Write a small CIFAR-10 or CIFAR-100 in torchvision's layout; return what was written."""
+    rng = np.random.default_rng(seed)
+    num_classes = 10 if name == "cifar10" else 100
+    folder, train_files, test_files, label_key = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+    }[name]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    written: dict[str, list] = {"train": [], "test": []}
+    for split, files in (("train", train_files), ("test", test_files)):
+        for file in files:
+            images = rng.integers(0, 256, size=(per_file, 32, 32, 3), dtype=np.uint8)
+            labels = np.arange(per_file) % num_classes
+            rng.shuffle(labels)
+            write_cifar_batch(root / folder / file, images, labels, label_key)
+            written[split].append((images, labels))
+    meta_name = "batches.meta" if name == "cifar10" else "meta"
+    with open(root / folder / meta_name, "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(num_classes)]}, f, protocol=2)
+    return {
+        split: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        for split, parts in written.items()
+    }
+
+
+def make_image_folders(root: Path, classes: int = 3, per_class: int = 6, size: int = 40) -> Path:
+    """train/ and val/ folders of PNGs, one folder per class (the ImageNet layout)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(size, size + 8 * i, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("cifar10")
+    return root, make_cifar(root, "cifar10")
+
+
+# The shortest real run: a CIFAR ResNet-20 on 512 synthetic images.
+SMOKE = ["model=resnet20", "data=synthetic", "trainer.epochs=1", "trainer.device=cpu"]

@@ -1,0 +1,177 @@
+"""Data: the CIFAR reader, ImageFolder, synthetic data, the validation split, transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from resnet_train.data import build_loaders
+from resnet_train.data import cifar as cifar_module
+from resnet_train.data.cifar import load_cifar
+from resnet_train.data.split import stratified_split, stratified_subset
+from resnet_train.data.synthetic import make_synthetic
+from resnet_train.data.transforms import build_transform
+from resnet_train.errors import DataError
+from tests.conftest import SHARED_DATA, compose_config, make_cifar, make_image_folders
+
+CPU = torch.device("cpu")
+
+
+def test_cifar10_reader_returns_the_written_images_and_labels(cifar10_root):
+    root, written = cifar10_root
+    for split in ("train", "test"):
+        images, labels = load_cifar("cifar10", root, train=split == "train", download=False)
+        assert images.dtype == np.uint8 and images.shape == (len(written[split][0]), 32, 32, 3)
+        assert np.array_equal(images, written[split][0])
+        assert np.array_equal(labels, written[split][1])
+
+
+def test_cifar100_reader_uses_fine_labels(tmp_path):
+    written = make_cifar(tmp_path, "cifar100", per_file=120)
+    images, labels = load_cifar("cifar100", tmp_path, train=True, download=False)
+    assert np.array_equal(images, written["train"][0])
+    assert np.array_equal(labels, written["train"][1]) and labels.max() == 99
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="no real CIFAR-10")
+def test_cifar10_reader_agrees_with_torchvision_on_the_real_files():
+    import torchvision
+
+    images, labels = load_cifar("cifar10", SHARED_DATA, train=False, download=False)
+    reference = torchvision.datasets.CIFAR10(str(SHARED_DATA), train=False, download=False)
+    assert np.array_equal(images, reference.data)
+    assert np.array_equal(labels, np.asarray(reference.targets))
+
+
+def test_missing_cifar_without_download_names_the_path(tmp_path):
+    with pytest.raises(DataError) as error:
+        load_cifar("cifar10", tmp_path / "nowhere", train=True, download=False)
+    message = str(error.value)
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
+    assert "data.root" in message and "\n" not in message
+
+
+def test_failed_download_says_where_it_looked_and_what_to_set(tmp_path, monkeypatch):
+    def offline(name, root):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar_module, "_download", offline)
+    with pytest.raises(DataError) as error:
+        load_cifar("cifar10", tmp_path, train=True, download=True)
+    message = str(error.value)
+    assert f"not found in {tmp_path / 'cifar-10-batches-py'} and the download failed" in message
+    assert "set data.root to the folder that contains cifar-10-batches-py/" in message
+    assert "\n" not in message
+
+
+def test_corrupt_cifar_file_is_named(tmp_path):
+    make_cifar(tmp_path, "cifar10", per_file=10)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(DataError, match="data_batch_3 is not a readable CIFAR batch file"):
+        load_cifar("cifar10", tmp_path, train=True, download=False)
+
+
+def test_split_is_stratified_disjoint_covering_and_seed_stable():
+    labels = np.repeat(np.arange(10), [100, 90, 80, 70, 60, 50, 40, 30, 20, 10])
+    train, valid = stratified_split(labels, 0.1, seed=3)
+    assert len(np.intersect1d(train, valid)) == 0
+    assert np.array_equal(np.sort(np.concatenate([train, valid])), np.arange(len(labels)))
+    for c, count in enumerate([100, 90, 80, 70, 60, 50, 40, 30, 20, 10]):
+        assert (labels[valid] == c).sum() == round(0.1 * count)
+    again_train, again_valid = stratified_split(labels, 0.1, seed=3)
+    assert np.array_equal(valid, again_valid) and np.array_equal(train, again_train)
+    _, other_valid = stratified_split(labels, 0.1, seed=4)
+    assert not np.array_equal(valid, other_valid)
+
+
+def test_split_with_zero_ratio_keeps_everything_for_training():
+    labels = np.arange(50) % 5
+    train, valid = stratified_split(labels, 0.0, seed=0)
+    assert len(valid) == 0 and np.array_equal(train, np.arange(50))
+
+
+def test_subset_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [400, 300, 200, 100])
+    chosen = stratified_subset(labels, 100, seed=0)
+    assert len(chosen) == 100
+    assert np.bincount(labels[chosen]).tolist() == [40, 30, 20, 10]
+
+
+def test_synthetic_data_is_made_from_the_seed():
+    a_images, a_labels = make_synthetic(64, 10, 32, seed=1)
+    b_images, b_labels = make_synthetic(64, 10, 32, seed=1)
+    c_images, _ = make_synthetic(64, 10, 32, seed=2)
+    assert np.array_equal(a_images, b_images) and np.array_equal(a_labels, b_labels)
+    assert not np.array_equal(a_images, c_images)
+    assert a_images.shape == (64, 32, 32, 3) and np.bincount(a_labels).tolist() == [7] * 4 + [6] * 6
+
+
+def test_cifar_loaders_split_valid_from_train_and_keep_test_whole(cifar10_root):
+    root, written = cifar10_root
+    cfg = compose_config("data=cifar10", f"data.root={root}", "data.num_workers=0", "data.batch_size=16")
+    loaders = build_loaders(cfg.data, seed=0, device=CPU)
+    n_train = len(written["train"][1])
+    assert len(loaders.train.dataset) + len(loaders.valid.dataset) == n_train
+    assert len(loaders.valid.dataset) == 20  # 10% of 200, 2 per class
+    assert len(loaders.test.dataset) == len(written["test"][1])
+    train_idx = set(loaders.train.dataset.indices.tolist())
+    assert not train_idx & set(loaders.valid.dataset.indices.tolist())
+    images, labels = next(iter(loaders.train))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
+    # Test images are normalised with the data set's mean and std and not augmented.
+    test_images, _ = next(iter(loaders.test))
+    expected = (torch.from_numpy(written["test"][0][:16]).permute(0, 3, 1, 2).float() / 255
+                - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    assert torch.allclose(test_images, expected, atol=1e-5)
+
+
+def test_train_size_takes_a_stratified_subset(cifar10_root):
+    root, _ = cifar10_root
+    cfg = compose_config("data=cifar10", f"data.root={root}", "data.num_workers=0",
+                         "data.train_size=100", "data.test_size=20")
+    loaders = build_loaders(cfg.data, seed=0, device=CPU)
+    assert len(loaders.train.dataset) + len(loaders.valid.dataset) == 100
+    assert len(loaders.test.dataset) == 20
+
+
+def test_image_folders_are_read_with_imagenet_transforms(tmp_path):
+    root = make_image_folders(tmp_path, classes=3, per_class=10)
+    cfg = compose_config(
+        "data=imagenet", f"data.root={root}", "data.num_classes=3", "data.image_size=32",
+        "data.eval_resize=36", "data.num_workers=0", "data.batch_size=4", "data.valid_ratio=0.2",
+    )
+    loaders = build_loaders(cfg.data, seed=0, device=CPU)
+    assert (len(loaders.train.dataset), len(loaders.valid.dataset), len(loaders.test.dataset)) == (24, 6, 30)
+    for loader in (loaders.train, loaders.valid, loaders.test):
+        images, labels = next(iter(loader))
+        assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_image_folders_with_the_wrong_class_count_say_so(tmp_path):
+    root = make_image_folders(tmp_path, classes=3, per_class=2)
+    cfg = compose_config("data=imagenet", f"data.root={root}")
+    with pytest.raises(DataError, match="data.num_classes=1000 but .* has 3 class folders"):
+        build_loaders(cfg.data, seed=0, device=CPU)
+
+
+def test_missing_image_folders_name_the_path(tmp_path):
+    cfg = compose_config("data=imagenet", f"data.root={tmp_path}")
+    with pytest.raises(DataError, match=f"{tmp_path / 'train'} is missing"):
+        build_loaders(cfg.data, seed=0, device=CPU)
+
+
+def test_cifar_augmentation_is_a_padded_crop_and_a_flip():
+    cfg = compose_config("data=cifar10").data
+    transform = build_transform(cfg, train=True)
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = transform(image)
+        pixels = (out * std + mean) * 255
+        restored = pixels.round().clamp(0, 255).to(torch.uint8)
+        # The output is some 32x32 window of the zero-padded image, maybe mirrored.
+        windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.equal(restored, w) or torch.equal(restored, w.flip(-1)) for w in windows)
