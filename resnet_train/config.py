@@ -141,8 +141,12 @@ def validate(cfg: DictConfig) -> None:
     _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
     _check(d.eval_resize >= 0, "data.eval_resize", d.eval_resize, "must be >= 0")
     _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
-    _check(len(d.std) == 3 and all(v > 0 for v in d.std), "data.std", list(d.std),
-           "must hold 3 values > 0")
+    _check(
+        len(d.std) == 3 and all(v > 0 for v in d.std),
+        "data.std",
+        list(d.std),
+        "must hold 3 values > 0",
+    )
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
     _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(0 <= d.valid_ratio < 1, "data.valid_ratio", d.valid_ratio, "must be in [0, 1)")
@@ -157,8 +161,12 @@ def validate(cfg: DictConfig) -> None:
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
-    _check(not o.nesterov or o.momentum > 0, "optim.nesterov", o.nesterov,
-           "Nesterov needs optim.momentum > 0")
+    _check(
+        not o.nesterov or o.momentum > 0,
+        "optim.nesterov",
+        o.nesterov,
+        "Nesterov needs optim.momentum > 0",
+    )
 
     _one_of("schedule.name", s.name, SCHEDULES)
     _check(s.step_size >= 1, "schedule.step_size", s.step_size, "must be >= 1")
@@ -166,11 +174,16 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= s.min_lr < o.lr, "schedule.min_lr", s.min_lr, f"must be in [0, optim.lr={o.lr})")
 
     _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
-    _check(0 <= t.label_smoothing < 1, "trainer.label_smoothing", t.label_smoothing,
-           "must be in [0, 1)")
+    _check(
+        0 <= t.label_smoothing < 1,
+        "trainer.label_smoothing",
+        t.label_smoothing,
+        "must be in [0, 1)",
+    )
     _check(t.log_every_steps >= 1, "trainer.log_every_steps", t.log_every_steps, "must be >= 1")
-    _check(_is_device(t.device), "trainer.device", t.device,
-           "allowed: auto, cpu, cuda, cuda:N, mps")
+    _check(
+        _is_device(t.device), "trainer.device", t.device, "allowed: auto, cpu, cuda, cuda:N, mps"
+    )
 
 
 def _is_device(name: str) -> bool:

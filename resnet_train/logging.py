@@ -12,10 +12,13 @@ from tqdm import tqdm
 log = logging.getLogger("resnet_train")
 
 
-def progress_bar(iterable, total: int, desc: str, enabled: bool | None) -> tqdm:
-    """A tqdm bar on stderr; `enabled=None` shows it only when stderr is a terminal."""
+def progress_bar(total_images: int, desc: str, enabled: bool | None) -> tqdm:
+    """A tqdm bar on stderr counting images, so its rate is images/s; `enabled=None` shows it
+    only when stderr is a terminal."""
     disable = not sys.stderr.isatty() if enabled is None else not enabled
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=disable)
+    return tqdm(
+        total=total_images, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=disable
+    )
 
 
 def tensorboard_writer(run_dir: Path) -> SummaryWriter:

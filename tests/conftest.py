@@ -59,7 +59,12 @@ def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int 
     rng = np.random.default_rng(seed)
     num_classes = 10 if name == "cifar10" else 100
     folder, train_files, test_files, label_key = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+        "cifar10": (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            ["test_batch"],
+            "labels",
+        ),
         "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
     }[name]
     (root / folder).mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,7 @@ from resnet_train.config import validate
 from resnet_train.errors import ConfigError
 from tests.conftest import REPO, SMOKE, compose_config, run_cli
 
-GROUP_FILES = sorted(
-    (path.parent.name, path.stem) for path in (REPO / "configs").glob("*/*.yaml")
-)
+GROUP_FILES = sorted((path.parent.name, path.stem) for path in (REPO / "configs").glob("*/*.yaml"))
 
 
 def test_every_group_has_options():
@@ -134,7 +132,9 @@ def test_cli_help_lists_groups_and_options(tmp_path):
 
 
 def test_cli_cfg_job_prints_composed_config(tmp_path):
-    result = run_cli("--cfg", "job", "model=resnet18", "data=cifar10", "optim.lr=0.05", cwd=tmp_path)
+    result = run_cli(
+        "--cfg", "job", "model=resnet18", "data=cifar10", "optim.lr=0.05", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     from omegaconf import OmegaConf
 

@@ -109,7 +109,9 @@ def test_synthetic_data_is_made_from_the_seed():
 
 def test_cifar_loaders_split_valid_from_train_and_keep_test_whole(cifar10_root):
     root, written = cifar10_root
-    cfg = compose_config("data=cifar10", f"data.root={root}", "data.num_workers=0", "data.batch_size=16")
+    cfg = compose_config(
+        "data=cifar10", f"data.root={root}", "data.num_workers=0", "data.batch_size=16"
+    )
     loaders = build_loaders(cfg.data, seed=0, device=CPU)
     n_train = len(written["train"][1])
     assert len(loaders.train.dataset) + len(loaders.valid.dataset) == n_train
@@ -121,15 +123,22 @@ def test_cifar_loaders_split_valid_from_train_and_keep_test_whole(cifar10_root):
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     # Test images are normalised with the data set's mean and std and not augmented.
     test_images, _ = next(iter(loaders.test))
-    expected = (torch.from_numpy(written["test"][0][:16]).permute(0, 3, 1, 2).float() / 255
-                - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    expected = (
+        torch.from_numpy(written["test"][0][:16]).permute(0, 3, 1, 2).float() / 255
+        - torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    ) / torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     assert torch.allclose(test_images, expected, atol=1e-5)
 
 
 def test_train_size_takes_a_stratified_subset(cifar10_root):
     root, _ = cifar10_root
-    cfg = compose_config("data=cifar10", f"data.root={root}", "data.num_workers=0",
-                         "data.train_size=100", "data.test_size=20")
+    cfg = compose_config(
+        "data=cifar10",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.train_size=100",
+        "data.test_size=20",
+    )
     loaders = build_loaders(cfg.data, seed=0, device=CPU)
     assert len(loaders.train.dataset) + len(loaders.valid.dataset) == 100
     assert len(loaders.test.dataset) == 20
@@ -138,11 +147,21 @@ def test_train_size_takes_a_stratified_subset(cifar10_root):
 def test_image_folders_are_read_with_imagenet_transforms(tmp_path):
     root = make_image_folders(tmp_path, classes=3, per_class=10)
     cfg = compose_config(
-        "data=imagenet", f"data.root={root}", "data.num_classes=3", "data.image_size=32",
-        "data.eval_resize=36", "data.num_workers=0", "data.batch_size=4", "data.valid_ratio=0.2",
+        "data=imagenet",
+        f"data.root={root}",
+        "data.num_classes=3",
+        "data.image_size=32",
+        "data.eval_resize=36",
+        "data.num_workers=0",
+        "data.batch_size=4",
+        "data.valid_ratio=0.2",
     )
     loaders = build_loaders(cfg.data, seed=0, device=CPU)
-    assert (len(loaders.train.dataset), len(loaders.valid.dataset), len(loaders.test.dataset)) == (24, 6, 30)
+    assert (len(loaders.train.dataset), len(loaders.valid.dataset), len(loaders.test.dataset)) == (
+        24,
+        6,
+        30,
+    )
     for loader in (loaders.train, loaders.valid, loaders.test):
         images, labels = next(iter(loader))
         assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
@@ -164,7 +183,9 @@ def test_missing_image_folders_name_the_path(tmp_path):
 def test_cifar_augmentation_is_a_padded_crop_and_a_flip():
     cfg = compose_config("data=cifar10").data
     transform = build_transform(cfg, train=True)
-    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    image = (
+        torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, 32, 32)
+    )
     mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
     padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
     torch.manual_seed(0)
@@ -173,5 +194,5 @@ def test_cifar_augmentation_is_a_padded_crop_and_a_flip():
         pixels = (out * std + mean) * 255
         restored = pixels.round().clamp(0, 255).to(torch.uint8)
         # The output is some 32x32 window of the zero-padded image, maybe mirrored.
-        windows = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+        windows = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
         assert any(torch.equal(restored, w) or torch.equal(restored, w.flip(-1)) for w in windows)

@@ -18,8 +18,14 @@ def n_params(model: torch.nn.Module) -> int:
 # He et al. 2015, Table 6 (CIFAR-10, shortcut option A).
 @pytest.mark.parametrize(
     ("name", "millions"),
-    [("resnet20", "0.27"), ("resnet32", "0.46"), ("resnet44", "0.66"), ("resnet56", "0.85"),
-     ("resnet110", "1.7"), ("resnet1202", "19.4")],
+    [
+        ("resnet20", "0.27"),
+        ("resnet32", "0.46"),
+        ("resnet44", "0.66"),
+        ("resnet56", "0.85"),
+        ("resnet110", "1.7"),
+        ("resnet1202", "19.4"),
+    ],
 )
 def test_cifar_parameter_counts_match_the_paper(name, millions):
     decimals = len(millions.split(".")[1])
@@ -69,7 +75,9 @@ def test_cifar_resnet_has_three_stages_of_16_32_64_and_parameter_free_shortcuts(
     model = create_model("resnet56")
     assert [len(stage) for stage in model.stages()] == [9, 9, 9]
     assert [stage[0].conv1.out_channels for stage in model.stages()] == [16, 32, 64]
-    assert all(n_params(stage[0].downsample or torch.nn.Identity()) == 0 for stage in model.stages())
+    assert all(
+        n_params(stage[0].downsample or torch.nn.Identity()) == 0 for stage in model.stages()
+    )
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 

@@ -28,7 +28,9 @@ def _read_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(entry["data"], dtype=np.uint8)
         labels = np.asarray(entry[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path} is not a readable CIFAR batch file ({type(e).__name__}: {e})")
+        raise DataError(
+            f"{path} is not a readable CIFAR batch file ({type(e).__name__}: {e})"
+        ) from None
     # Rows are 3072 bytes: 1024 red, 1024 green, 1024 blue, each 32x32 row-major.
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 

@@ -73,7 +73,9 @@ def _read_sets(cfg: DataConfig, seed: int) -> tuple[Any, np.ndarray, Any, np.nda
         return train, train.targets, test, test.targets
     if cfg.name == "imagenet":
         return _read_image_folders(cfg)
-    raise DataError(f"data.name={cfg.name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic")
+    raise DataError(
+        f"data.name={cfg.name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic"
+    )
 
 
 def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarray]:
@@ -152,6 +154,8 @@ def build_loaders(cfg: DataConfig, seed: int, device: torch.device) -> Loaders:
     train = _loader(TransformedSubset(train_base, fit_idx, train_tf), cfg, seed, device, True, True)
     valid = None
     if len(valid_idx):
-        valid = _loader(TransformedSubset(train_base, valid_idx, eval_tf), cfg, seed, device, False, True)
+        valid = _loader(
+            TransformedSubset(train_base, valid_idx, eval_tf), cfg, seed, device, False, True
+        )
     test = _loader(TransformedSubset(test_base, test_idx, eval_tf), cfg, seed, device, False, False)
     return Loaders(train=train, valid=valid, test=test, num_classes=cfg.num_classes)

@@ -89,8 +89,8 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    bar = progress_bar(loader, len(loader), desc, progress)
-    for step, (images, targets) in enumerate(bar, 1):
+    bar = progress_bar(len(loader.dataset), desc, progress)
+    for step, (images, targets) in enumerate(loader, 1):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         outputs = model(images)
@@ -106,13 +106,12 @@ def train_one_epoch(
         correct += (outputs.detach().argmax(1) == targets).sum()
         if writer is not None and global_step % log_every_steps == 0:
             writer.add_scalar("train/loss_step", loss.item(), global_step)
-        if not bar.disable and step % BAR_REFRESH_STEPS == 0:
-            elapsed = time.perf_counter() - start
+        bar.update(batch)
+        if not bar.disable and (step % BAR_REFRESH_STEPS == 0 or step in (1, len(loader))):
             bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.3f}",
-                acc=f"{100 * correct.item() / seen:.1f}%",
-                img_s=f"{seen / elapsed:.0f}",
+                loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%"
             )
+    bar.close()
     seconds = time.perf_counter() - start
     loss_value = loss_sum.item() / max(seen, 1)
     if not math.isfinite(loss_value):
@@ -135,15 +134,20 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    for images, targets in progress_bar(loader, len(loader), desc, progress):
+    bar = progress_bar(len(loader.dataset), desc, progress)
+    for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         outputs = model(images)
         loss_sum += criterion(outputs, targets) * targets.shape[0]
         correct += (outputs.argmax(1) == targets).sum()
         seen += targets.shape[0]
+        bar.update(targets.shape[0])
+    bar.close()
     seconds = time.perf_counter() - start
-    return EpochStats(loss_sum.item() / max(seen, 1), 100 * correct.item() / max(seen, 1), seen, seconds)
+    return EpochStats(
+        loss_sum.item() / max(seen, 1), 100 * correct.item() / max(seen, 1), seen, seconds
+    )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -187,7 +191,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         global_step = resume_state.get("global_step", 0)
         best_acc, best_epoch = resume_state.get("best_acc"), resume_state.get("best_epoch")
         previous_best = Path(cfg.resume).expanduser().parent / "best.pt"
-        if best_epoch is not None and previous_best.is_file() and not (run_dir / "best.pt").exists():
+        if (
+            best_epoch is not None
+            and previous_best.is_file()
+            and not (run_dir / "best.pt").exists()
+        ):
             copy_checkpoint(previous_best, run_dir / "best.pt")
         log.info("resumed from %s after epoch %d", cfg.resume, start_epoch)
 
@@ -221,8 +229,16 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             tag = f"epoch {epoch + 1}/{epochs}"
             lr = optimizer.param_groups[0]["lr"]
             train_stats, global_step = train_one_epoch(
-                model, loaders.train, criterion, optimizer, device, f"{tag} train", progress,
-                writer, global_step, cfg.trainer.log_every_steps,
+                model,
+                loaders.train,
+                criterion,
+                optimizer,
+                device,
+                f"{tag} train",
+                progress,
+                writer,
+                global_step,
+                cfg.trainer.log_every_steps,
             )
             scheduler.step()
             throughputs.append(train_stats.images_per_s)
@@ -238,7 +254,9 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
             improved = False
             if loaders.valid is not None:
-                valid_stats = evaluate(model, loaders.valid, criterion, device, f"{tag} valid", progress)
+                valid_stats = evaluate(
+                    model, loaders.valid, criterion, device, f"{tag} valid", progress
+                )
                 writer.add_scalar("valid/loss", valid_stats.loss, epoch + 1)
                 writer.add_scalar("valid/acc", valid_stats.acc, epoch + 1)
                 line += f"  | valid loss {valid_stats.loss:.4f} acc {valid_stats.acc:.2f}%"
@@ -273,7 +291,10 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         test_stats = evaluate(model, loaders.test, criterion, device, "test", progress)
         log.info(
             "test loss %.4f acc %.2f%% with %s (epoch %d)",
-            test_stats.loss, test_stats.acc, selected, final["epoch"],
+            test_stats.loss,
+            test_stats.acc,
+            selected,
+            final["epoch"],
         )
         writer.add_scalar("test/loss", test_stats.loss, final["epoch"])
         writer.add_scalar("test/acc", test_stats.acc, final["epoch"])
@@ -309,7 +330,9 @@ def _restore(state: dict[str, Any], cfg: DictConfig, model, optimizer, scheduler
         scheduler.load_state_dict(state["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"resume={cfg.resume} does not fit this run's model or optimizer: {first}") from None
+        raise CheckpointError(
+            f"resume={cfg.resume} does not fit this run's model or optimizer: {first}"
+        ) from None
     if state["epoch"] >= cfg.trainer.epochs:
         raise CheckpointError(
             f"resume={cfg.resume} already finished epoch {state['epoch']} of trainer.epochs="

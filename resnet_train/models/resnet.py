@@ -144,8 +144,10 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
 
-        for i, (planes, blocks) in enumerate(zip(widths, layers)):
-            setattr(self, f"layer{i + 1}", self._make_layer(planes, blocks, stride=1 if i == 0 else 2))
+        for i, (planes, blocks) in enumerate(zip(widths, layers, strict=True)):
+            setattr(
+                self, f"layer{i + 1}", self._make_layer(planes, blocks, stride=1 if i == 0 else 2)
+            )
         self.num_stages = len(layers)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)

@@ -1,0 +1,291 @@
+"""Training runs end to end: the CLI, checkpoints, TensorBoard, metrics, resume, sweeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_train import create_model
+from resnet_train.engine.trainer import fit
+from tests.conftest import REPO, SHARED_DATA, SMOKE, compose_config, run_cli
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_trains_one_epoch_and_leaves_checkpoints_logs_and_metrics(tmp_path):
+    result = run_cli(*SMOKE, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert "epoch 1/1  train loss" in result.stdout and "test loss" in result.stdout
+
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run / name, weights_only=True)
+        assert state["epoch"] == 1 and state["config"]["model"]["name"] == "resnet20"
+        assert {"optimizer", "scheduler", "global_step"} <= set(state)
+        create_model("resnet20", num_classes=10).load_state_dict(state["model"])
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["selected_checkpoint"] == "best.pt"
+    for split in ("train", "valid", "test"):
+        # One epoch of 15 steps: BatchNorm's running statistics have not settled, so the
+        # eval-mode losses can still be large; test_loss_falls_... checks learning.
+        assert math.isfinite(metrics[split]["loss"]) and metrics[split]["loss"] > 0
+        assert 0 <= metrics[split]["acc"] <= 100
+    assert metrics["train"]["loss"] < 3.0  # below a random guess's ln(10) = 2.30 plus slack
+    assert metrics["images_per_s"] > 0 and metrics["wall_time_s"] > 0
+
+    tags = scalars(run)
+    for tag in (
+        "train/loss",
+        "train/acc",
+        "valid/loss",
+        "valid/acc",
+        "lr",
+        "train/epoch_time_s",
+        "train/images_per_s",
+        "test/acc",
+    ):
+        assert tag in tags and len(tags[tag]) >= 1, tag
+    assert tags["lr"][0] == (1, pytest.approx(0.1))
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "train.log").is_file()
+    assert "epoch 1/1" in (run / "train.log").read_text()
+
+
+def test_console_script_and_progress_bar(tmp_path):
+    script = Path(sys.executable).parent / "resnet-train"
+    assert script.is_file()
+    import subprocess
+
+    result = subprocess.run(
+        [str(script), *SMOKE, "data.train_size=64", "trainer.progress=true", "hydra.run.dir=run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    # The tqdm bar: images/s as its rate, loss and accuracy as its postfix.
+    assert "epoch 1/1 train" in result.stderr and "img/s" in result.stderr
+    assert "loss=" in result.stderr and "acc=" in result.stderr
+
+
+def test_no_progress_bar_when_not_on_a_terminal(tmp_path):
+    result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "it/s" not in result.stderr and "\r" not in result.stderr
+
+
+def test_loss_falls_and_validation_beats_chance(tmp_path):
+    cfg = compose_config(*SMOKE, "trainer.epochs=3")
+    metrics = fit(cfg, tmp_path)
+    losses = [value for _, value in scalars(tmp_path)["train/loss"]]
+    assert len(losses) == 3 and losses[2] < losses[0]
+    assert metrics["valid"]["acc"] > 30  # 10 classes: chance is 10%
+    assert metrics["test"]["acc"] > 30
+
+
+def test_step_schedule_sets_the_learning_rate_of_each_epoch(tmp_path):
+    cfg = compose_config(
+        *SMOKE,
+        "data.train_size=64",
+        "trainer.epochs=5",
+        "schedule=step",
+        "schedule.step_size=2",
+        "schedule.gamma=0.1",
+        "optim.lr=0.2",
+    )
+    fit(cfg, tmp_path)
+    lrs = [value for _, value in scalars(tmp_path)["lr"]]
+    assert lrs == pytest.approx([0.2, 0.2, 0.02, 0.02, 0.002])
+
+
+def test_cosine_schedule_anneals_to_min_lr(tmp_path):
+    cfg = compose_config(
+        *SMOKE,
+        "data.train_size=64",
+        "trainer.epochs=4",
+        "schedule=cosine",
+        "schedule.min_lr=0.01",
+        "optim.lr=0.1",
+    )
+    fit(cfg, tmp_path)
+    lrs = [value for _, value in scalars(tmp_path)["lr"]]
+    expected = [0.01 + 0.09 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_no_validation_set_keeps_the_last_checkpoint(tmp_path):
+    result = run_cli(*SMOKE, "data.valid_ratio=0", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "no validation set (data.valid_ratio=0.0)" in result.stdout
+    run = tmp_path / "run"
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["selected_checkpoint"] == "last.pt" and metrics["valid"] is None
+    assert "valid/acc" not in scalars(run)
+
+
+def test_resume_continues_model_optimizer_schedule_and_epoch(tmp_path):
+    common = [
+        *SMOKE,
+        "data.train_size=64",
+        "schedule=step",
+        "schedule.step_size=1",
+        "schedule.gamma=0.5",
+    ]
+    first = fit(compose_config(*common, "trainer.epochs=2"), tmp_path / "a")
+    assert first["epochs_run"] == 2
+    resume = tmp_path / "a" / "last.pt"
+    second = fit(compose_config(*common, "trainer.epochs=3", f"resume={resume}"), tmp_path / "b")
+    assert second["epochs_run"] == 1 and second["epochs_total"] == 3
+    before, after = (
+        torch.load(resume, weights_only=True),
+        torch.load(tmp_path / "b" / "last.pt", weights_only=True),
+    )
+    assert after["epoch"] == 3
+    assert after["global_step"] == before["global_step"] * 3 // 2
+    assert after["scheduler"]["last_epoch"] == 3
+    assert after["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert scalars(tmp_path / "b")["lr"] == [(3, pytest.approx(0.1 * 0.5**2))]
+    # The best checkpoint of the first run came along, so the test set used a real best.pt.
+    assert (tmp_path / "b" / "best.pt").is_file()
+
+
+def test_resume_from_a_bad_file_or_another_model_fails_in_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = run_cli(*SMOKE, f"resume={bad}", "hydra.run.dir=run1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        line
+        for line in result.stderr.strip().splitlines()
+        if line.startswith("resnet-train: error:")
+    ]
+    assert f"checkpoint {bad} is unreadable" in result.stderr
+    assert not (tmp_path / "run1" / "last.pt").exists()
+
+    assert run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run2", cwd=tmp_path).returncode == 0
+    result = run_cli(
+        *SMOKE,
+        "model=resnet32",
+        f"resume={tmp_path / 'run2' / 'last.pt'}",
+        "trainer.epochs=2",
+        "hydra.run.dir=run3",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "holds a resnet20 model, not model.name=resnet32" in result.stderr
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
+    assert run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    digest = sha256(tmp_path / "run" / "last.pt")
+    result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds last.pt, best.pt" in result.stderr
+    assert sha256(tmp_path / "run" / "last.pt") == digest
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path):
+    result = run_cli(
+        "-m",
+        *SMOKE,
+        "data.train_size=64",
+        "optim.lr=0.1,0.05",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = []
+    for job in jobs:
+        assert (job / "last.pt").is_file() and (job / "metrics.json").is_file()
+        lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr)
+    assert sorted(lrs) == [0.05, 0.1]
+
+
+def test_default_run_directory_is_under_outputs(tmp_path):
+    result = run_cli(*SMOKE, "data.train_size=64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    runs = list((tmp_path / "outputs").glob("*/*_resnet20_synthetic"))
+    assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "cifar-10-batches-py").is_dir(), reason="no real CIFAR-10")
+def test_real_cifar10_subset_trains(tmp_path):
+    result = run_cli(
+        "model=resnet20",
+        "data=cifar10",
+        f"data.root={SHARED_DATA}",
+        "data.train_size=2000",
+        "data.test_size=1000",
+        "trainer.epochs=2",
+        "trainer.device=cpu",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1800 training / 200 validation / 1000 test images" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["test"]["acc"] > 15  # two short epochs; chance is 10%
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_configs(tmp_path):
+    import subprocess
+
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "dist").glob("resnet_train-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "resnet_train/configs/train.yaml" in names
+    assert "resnet_train/configs/model/resnet50.yaml" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); import resnet_train; "
+        f"assert resnet_train.__file__.startswith({str(site)!r}), resnet_train.__file__; "
+        "from resnet_train.cli import main; "
+        "sys.argv = ['resnet-train', '--cfg', 'job', 'model=resnet50', 'data=imagenet']; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    printed = OmegaConf.create(result.stdout)
+    assert printed.model.name == "resnet50" and printed.data.image_size == 224
