@@ -32,6 +32,9 @@ class ValidateOnStart(Callback):
         except UserError as e:
             _fail(e)
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.on_run_start(config)
+
 
 @hydra.main(version_base="1.3", config_path="pkg://resnet_train.configs", config_name="train")
 def train(cfg: DictConfig) -> float | None:

@@ -182,7 +182,10 @@ def validate(cfg: DictConfig) -> None:
     )
     _check(t.log_every_steps >= 1, "trainer.log_every_steps", t.log_every_steps, "must be >= 1")
     _check(
-        _is_device(t.device), "trainer.device", t.device, "allowed: auto, cpu, cuda, cuda:N, mps"
+        _is_device(t.device),
+        "trainer.device",
+        t.device,
+        "allowed: auto, cpu, or a cuda:N or mps device this machine has",
     )
 
 
@@ -192,10 +195,14 @@ def _is_device(name: str) -> bool:
     import torch
 
     try:
-        torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         return False
-    return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from resnet_train.config import register_configs
+from resnet_train.data.cifar import LAYOUTS
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -58,15 +59,7 @@ def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int 
     """Write a small CIFAR-10 or CIFAR-100 in torchvision's layout; return what was written."""
     rng = np.random.default_rng(seed)
     num_classes = 10 if name == "cifar10" else 100
-    folder, train_files, test_files, label_key = {
-        "cifar10": (
-            "cifar-10-batches-py",
-            [f"data_batch_{i}" for i in range(1, 6)],
-            ["test_batch"],
-            "labels",
-        ),
-        "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
-    }[name]
+    folder, train_files, test_files, label_key = LAYOUTS[name]
     (root / folder).mkdir(parents=True, exist_ok=True)
     written: dict[str, list] = {"train": [], "test": []}
     for split, files in (("train", train_files), ("test", test_files)):

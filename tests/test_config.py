@@ -53,6 +53,7 @@ def test_experiment_overrides_groups():
         ("schedule.name=linear", "schedule.name='linear' is invalid: allowed: step, cosine"),
         ("trainer.label_smoothing=1", "trainer.label_smoothing=1.0 is invalid"),
         ("trainer.device=tpu", "trainer.device='tpu' is invalid"),
+        ("trainer.device=cuda:99", "trainer.device='cuda:99' is invalid"),
         ("data.augment.crop=zoom", "data.augment.crop='zoom' is invalid"),
     ],
 )

@@ -57,13 +57,13 @@ def load_cifar(
             raise DataError(
                 f"{name} not found in {root / folder} and the download failed "
                 f"({type(e).__name__}: {e}); set data.root to the folder that contains "
-                f"{folder}/ (for example data.root=../shared/data)"
+                f"{folder}/ (for example data.root=/data)"
             ) from None
         missing = [f for f in files if not f.is_file()]
     if missing:
         raise DataError(
             f"{name} not found: {missing[0]} is missing; set data.root to the folder that "
-            f"contains {folder}/ (for example data.root=../shared/data)"
+            f"contains {folder}/ (for example data.root=/data)"
             + ("" if download else ", or data.download=true to fetch it")
         )
     parts = [_read_batch(f, label_key) for f in files]
