@@ -22,18 +22,32 @@ def _fail(error: BaseException) -> None:
     sys.exit(2)
 
 
+def print_summary(cfg: DictConfig) -> None:
+    from resnet_train.models.build import build_model
+    from resnet_train.models.summary import format_summary, summarize
+
+    print(format_summary(cfg.model.name, summarize(build_model(cfg), cfg.data.image_size)))
+
+
 class ValidateOnStart(Callback):
     """Check a single run's config before Hydra creates its output directory, so a typo leaves
-    nothing behind. (Each job of a multirun is checked again when it starts.)"""
+    nothing behind. (Each job of a multirun is checked again when it starts.) A summary needs no
+    directory either: it is printed here and the command ends."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             validate(config)
+            if config.task == "summary":
+                print_summary(config)
+                sys.exit(0)
         except UserError as e:
             _fail(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.on_run_start(config)
+        try:
+            validate(config)
+        except UserError as e:
+            _fail(e)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://resnet_train.configs", config_name="train")
@@ -42,6 +56,9 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         validate(cfg)
+        if cfg.task == "summary":
+            print_summary(cfg)
+            return None
         metrics = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (UserError, FloatingPointError) as e:
         _fail(e)

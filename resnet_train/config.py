@@ -25,8 +25,19 @@ class ModelConfig:
     stem: str | None = None
     # null takes the data set's number of classes.
     num_classes: int | None = None
+    # "A" (zero-padding identity), "B" (1x1 projection where the shape changes), "none" (a
+    # plain network); null keeps the model's own (A for the CIFAR ResNets, B for the rest).
+    shortcut: str | None = None
     # Goyal et al. 2017: zero gamma in the last BN of each residual branch.
     zero_init_residual: bool = False
+    # Bottlenecks: false puts the stride on the 3x3 conv (ResNet v1.5, torchvision), true on the
+    # first 1x1 (v1, the 2015 paper).
+    stride_in_1x1: bool = False
+    # Dropout between the convs of each block (wide ResNets use 0.3); 0 = none.
+    dropout: float = 0.0
+    # A weights file to start from: torchvision's .pth or a resnet-train checkpoint. A classifier
+    # of another number of classes is replaced (fine-tuning).
+    weights: str | None = None
 
 
 @dataclass
@@ -101,6 +112,8 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
+    # "train", or "summary": print the model's parameters, MACs and stage shapes, and stop.
+    task: str = "train"
     # A checkpoint file (last.pt or best.pt of an earlier run) to continue from.
     resume: str | None = None
 
@@ -114,6 +127,8 @@ STEMS = ("cifar", "imagenet")
 CROPS = ("pad", "random_resized", "none")
 OPTIMIZERS = ("sgd",)
 SCHEDULES = ("step", "cosine", "constant")
+SHORTCUTS = ("A", "B", "none")
+TASKS = ("train", "summary")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -130,9 +145,13 @@ def validate(cfg: DictConfig) -> None:
     from resnet_train.models import list_models  # models import torch; keep config light
 
     m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer
+    _one_of("task", cfg.task, TASKS)
     _one_of("model.name", m.name, list_models())
     if m.stem is not None:
         _one_of("model.stem", m.stem, STEMS)
+    if m.shortcut is not None:
+        _one_of("model.shortcut", m.shortcut, SHORTCUTS)
+    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
     if m.num_classes is not None:
         _check(m.num_classes >= 1, "model.num_classes", m.num_classes, "must be >= 1")
 

@@ -1,38 +1,38 @@
-"""The networks: paper parameter counts, torchvision parity, stems and input sizes."""
+"""The model zoo: paper parameter counts, torchvision parity, variants, sizes, summaries."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from resnet_train import create_model, list_models
-from resnet_train.engine.trainer import build_model
-from tests.conftest import compose_config
+from resnet_train.errors import CheckpointError
+from resnet_train.models.build import build_model
+from resnet_train.models.resnet import PreActBlock
+from resnet_train.models.summary import summarize
+from tests.conftest import REPO, compose_config, run_cli
+
+TORCHVISION = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+    "wide_resnet101_2", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+]  # fmt: skip
 
 
-def n_params(model: torch.nn.Module) -> int:
+def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# He et al. 2015, Table 6 (CIFAR-10, shortcut option A).
-@pytest.mark.parametrize(
-    ("name", "millions"),
-    [
-        ("resnet20", "0.27"),
-        ("resnet32", "0.46"),
-        ("resnet44", "0.66"),
-        ("resnet56", "0.85"),
-        ("resnet110", "1.7"),
-        ("resnet1202", "19.4"),
-    ],
-)
-def test_cifar_parameter_counts_match_the_paper(name, millions):
-    decimals = len(millions.split(".")[1])
-    assert f"{n_params(create_model(name)) / 1e6:.{decimals}f}" == millions
+def rounded(count: int, given: str) -> bool:
+    """Whether `count` parameters, in millions, round to the paper's figure `given`."""
+    decimals = len(given.split(".")[1])
+    return f"{count / 1e6:.{decimals}f}" == given
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+@pytest.mark.parametrize("name", TORCHVISION)
 def test_imagenet_models_load_torchvision_weights_and_agree(name):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)(weights=None).eval()
@@ -44,41 +44,108 @@ def test_imagenet_models_load_torchvision_weights_and_agree(name):
         assert (ours(x) - reference(x)).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
-@pytest.mark.parametrize("size", [32, 64, 100, 224])
-def test_any_input_size_gives_logits(stem, size):
-    model = create_model("resnet18", num_classes=7, stem=stem).eval()
+# He et al. 2015, Table 6 (CIFAR-10, option A); He et al. 2016 (pre-activation, 1.7M each);
+# Zagoruyko & Komodakis 2016 (WRN-28-10 36.5M; WRN-16-8 11.0M).
+@pytest.mark.parametrize(
+    ("name", "millions"),
+    [("resnet20", "0.27"), ("resnet32", "0.46"), ("resnet44", "0.66"), ("resnet56", "0.85"),
+     ("resnet110", "1.7"), ("resnet1202", "19.4"), ("preact_resnet110", "1.7"),
+     ("preact_resnet164", "1.7"), ("wrn28_10", "36.5"), ("wrn16_8", "11.0")],
+)  # fmt: skip
+def test_cifar_parameter_counts_match_the_papers(name, millions):
+    assert rounded(n_params(create_model(name)), millions)
+
+
+@pytest.mark.parametrize(
+    ("name", "millions"), [("resnext29_8x64d", "34.4"), ("resnext29_16x64d", "68.1")]
+)
+def test_cifar_resnext_parameter_counts_match_the_paper(name, millions):
+    # Xie et al. 2017, Table 7. Its figures are the weights of convs and the classifier; BN's
+    # affine parameters (57k and 100k) are left out (68,155,210 with them would read 68.2M).
+    model = create_model(name)
+    bn = sum(n_params(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert rounded(n_params(model) - bn, millions)
+
+
+def test_bottleneck_stride_placement_v1_and_v1_5():
+    v15 = create_model("resnet50")
+    v1 = create_model("resnet50", stride_in_1x1=True)
+    assert v15.layer2[0].conv1.stride == (1, 1) and v15.layer2[0].conv2.stride == (2, 2)
+    assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+    assert n_params(v1) == n_params(v15)
+    x = torch.randn(1, 3, 64, 64)
+    v1.load_state_dict(v15.state_dict())
+    v1.eval(), v15.eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, size, size)).shape == (1, 7)
+        assert v1(x).shape == v15(x).shape and not torch.allclose(v1(x), v15(x))
+    cfg = compose_config("model=resnet50", "data=imagenet", "model.stride_in_1x1=true")
+    assert build_model(cfg).layer3[0].conv1.stride == (2, 2)
 
 
-def test_cifar_stem_keeps_resolution_and_imagenet_stem_quarters_it():
-    cifar = create_model("resnet18", stem="cifar")
-    imagenet = create_model("resnet18", stem="imagenet")
-    x = torch.randn(1, 3, 32, 32)
-    stem_out = lambda m: m.maxpool(m.relu(m.bn1(m.conv1(x))))  # noqa: E731
-    assert stem_out(cifar).shape[-1] == 32
-    assert stem_out(imagenet).shape[-1] == 8
-    assert cifar.conv1.kernel_size == (3, 3) and imagenet.conv1.kernel_size == (7, 7)
+def test_cifar_resnet_shortcut_a_is_parameter_free_and_b_projects():
+    a = create_model("resnet56")
+    assert [len(stage) for stage in a.stages()] == [9, 9, 9]
+    assert [stage[0].conv1.out_channels for stage in a.stages()] == [16, 32, 64]
+    assert all(n_params(s[0].downsample or nn.Identity()) == 0 for s in a.stages())
+    b = create_model("resnet56", shortcut="B")
+    assert isinstance(b.layer2[0].downsample[0], nn.Conv2d) and b.layer1[0].downsample is None
+    assert n_params(b) - n_params(a) == (16 * 32 + 2 * 32) + (32 * 64 + 2 * 64)
+    x = torch.randn(2, 3, 32, 32)
+    assert a(x).shape == b(x).shape == (2, 10)
 
 
-def test_resnet18_on_cifar10_takes_the_cifar_stem_unless_overridden():
-    model = build_model(compose_config("model=resnet18", "data=cifar10"))
-    assert model.conv1.kernel_size == (3, 3) and model.fc.out_features == 10
-    model = build_model(compose_config("model=resnet18", "data=cifar10", "model.stem=imagenet"))
-    assert model.conv1.kernel_size == (7, 7)
-    model = build_model(compose_config("model=resnet18", "data=imagenet"))
-    assert model.conv1.kernel_size == (7, 7) and model.fc.out_features == 1000
-
-
-def test_cifar_resnet_has_three_stages_of_16_32_64_and_parameter_free_shortcuts():
-    model = create_model("resnet56")
-    assert [len(stage) for stage in model.stages()] == [9, 9, 9]
-    assert [stage[0].conv1.out_channels for stage in model.stages()] == [16, 32, 64]
+def test_plain_networks_have_no_shortcuts():
+    plain = create_model("plain20")
+    resnet = create_model("resnet20")
+    assert n_params(plain) == n_params(resnet)
     assert all(
-        n_params(stage[0].downsample or torch.nn.Identity()) == 0 for stage in model.stages()
+        not block.residual and block.downsample is None
+        for stage in plain.stages()
+        for block in stage
     )
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    plain.load_state_dict(resnet.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    plain.eval(), resnet.eval()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x), resnet(x))
+    same = build_model(compose_config("model=resnet56", "data=cifar10", "model.shortcut=none"))
+    assert same.state_dict().keys() == create_model("plain56").state_dict().keys()
+    assert not any(block.residual for stage in same.stages() for block in stage)
+
+
+def test_preact_blocks_run_bn_relu_conv_and_end_with_bn_relu():
+    model = create_model("preact_resnet110").eval()
+    block = model.layer2[1]
+    assert isinstance(block, PreActBlock)
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        manual = block.conv1(torch.relu(block.bn1(x)))
+        manual = block.conv2(torch.relu(block.bn2(manual))) + x
+        assert torch.allclose(block(x), manual, atol=1e-6)
+    assert model.bn1 is None and isinstance(model.final_bn, nn.BatchNorm2d)
+    assert model.final_bn.num_features == 64
+    assert create_model("preact_resnet164").final_bn.num_features == 256
+    assert create_model("preact_resnet18").final_bn.num_features == 512
+
+
+def test_wide_resnet_dropout_sits_between_the_convs():
+    model = create_model("wrn16_8", dropout=0.3)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == 6 and all(d.p == 0.3 for d in dropouts)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert not any(isinstance(m, nn.Dropout) for m in create_model("wrn16_8").modules())
+
+
+def test_convolutions_get_he_fan_out_init():
+    torch.manual_seed(0)
+    conv = create_model("resnet50").layer4[0].conv2  # 512 -> 512, 3x3
+    expected = math.sqrt(2.0 / (conv.out_channels * 9))
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.02)
 
 
 def test_zero_init_residual_zeroes_the_last_bn_of_each_branch():
@@ -86,9 +153,96 @@ def test_zero_init_residual_zeroes_the_last_bn_of_each_branch():
     assert all(block.bn3.weight.abs().sum() == 0 for stage in model.stages() for block in stage)
     model = create_model("resnet20", zero_init_residual=True)
     assert all(block.bn2.weight.abs().sum() == 0 for stage in model.stages() for block in stage)
+    assert create_model("resnet20").layer1[0].bn2.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet20", "preact_resnet18"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("size", [32, 64, 100, 224, 256])
+def test_any_input_size_gives_logits(name, stem, size):
+    model = create_model(name, num_classes=7, stem=stem).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 7)
+
+
+def test_cifar_stem_keeps_resolution_and_imagenet_stem_quarters_it():
+    x = torch.randn(1, 3, 32, 32)
+    assert create_model("resnet18", stem="cifar").forward_stem(x).shape[-1] == 32
+    assert create_model("resnet18", stem="imagenet").forward_stem(x).shape[-1] == 8
+
+
+def test_the_stem_and_classes_follow_the_data_unless_set():
+    model = build_model(compose_config("model=resnet18", "data=cifar10"))
+    assert model.conv1.kernel_size == (3, 3) and model.fc.out_features == 10
+    model = build_model(compose_config("model=resnet18", "data=cifar10", "model.stem=imagenet"))
+    assert model.conv1.kernel_size == (7, 7)
+    model = build_model(compose_config("model=resnet18", "data=imagenet"))
+    assert model.conv1.kernel_size == (7, 7) and model.fc.out_features == 1000
+    model = build_model(compose_config("model=resnet56", "data=cifar100"))
+    assert model.fc.out_features == 100
+
+
+def test_every_model_has_a_config_that_builds():
+    names = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+    assert names == list_models()
+    x = torch.randn(1, 3, 32, 32)
+    for name in names:
+        model = build_model(compose_config(f"model={name}", "data=cifar10")).eval()
+        with torch.no_grad():
+            assert model(x).shape == (1, 10), name
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "low", "high"),
+    [("resnet50", 224, 4.0e9, 4.2e9), ("resnet18", 224, 1.75e9, 1.85e9),
+     ("resnet20", 32, 40e6, 42e6)],
+)  # fmt: skip
+def test_summary_counts_multiply_accumulates(name, size, low, high):
+    summary = summarize(create_model(name), size)
+    assert low <= summary.macs <= high
+    assert summary.parameters == n_params(create_model(name))
+
+
+def test_summary_task_prints_shapes_and_writes_nothing(tmp_path):
+    result = run_cli("task=summary", "model=resnet50", "data=imagenet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "parameters   25,557,032" in out and "(4.09 G) at 224x224" in out
+    assert "layer4   (1, 2048, 7, 7)" in out and "fc       (1, 1000)" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchvision_weights_file_loads_and_fine_tunes(tmp_path):
+    reference = torchvision.models.resnet18(weights=None).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    same = create_model("resnet18", weights=path).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(same(x), reference(x))
+    tuned = create_model("resnet18", num_classes=10, weights=path)
+    assert tuned.fc.out_features == 10
+    assert torch.equal(tuned.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    # On 32 px data the model takes the CIFAR stem, which an ImageNet file does not fit.
+    cfg = compose_config("model=resnet18", "data=synthetic", f"model.weights={path}")
+    with pytest.raises(CheckpointError, match="shapes differ: conv1.weight.*model.stem=imagenet"):
+        build_model(cfg)
+    cfg = compose_config(
+        "model=resnet18", "data=synthetic", f"model.weights={path}", "model.stem=imagenet"
+    )
+    assert torch.equal(build_model(cfg).conv1.weight, reference.conv1.weight.data)
+
+
+def test_weights_of_another_model_are_refused_with_the_keys(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"does not fit this model \(unexpected: layer1.2"):
+        create_model("resnet18", weights=path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        create_model("resnet18", weights=tmp_path / "missing.pth")
 
 
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="model 'resnet19' is unknown: allowed: .*resnet18"):
         create_model("resnet19")
-    assert {"resnet18", "resnet50", "resnet20", "resnet110"} <= set(list_models())
+    assert isinstance(create_model("resnet50", num_classes=1000), nn.Module)

@@ -27,7 +27,7 @@ from resnet_train.engine.checkpoint import (
 )
 from resnet_train.errors import CheckpointError, RunDirError
 from resnet_train.logging import log, progress_bar, tensorboard_writer
-from resnet_train.models import create_model
+from resnet_train.models.build import build_model
 from resnet_train.optim import build_optimizer, build_scheduler
 
 # Tqdm's loss/accuracy figures are read from the device every this many steps, not every step.
@@ -56,19 +56,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_model(cfg: DictConfig) -> nn.Module:
-    """The model of cfg.model for the data of cfg.data (stem and classes follow the data unless
-    set: images of 64 px or less get the CIFAR stem)."""
-    stem = cfg.model.stem or ("cifar" if cfg.data.image_size <= 64 else "imagenet")
-    num_classes = cfg.model.num_classes or cfg.data.num_classes
-    return create_model(
-        cfg.model.name,
-        num_classes=num_classes,
-        stem=stem,
-        zero_init_residual=cfg.model.zero_init_residual,
-    )
 
 
 def train_one_epoch(

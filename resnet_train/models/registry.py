@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
@@ -18,8 +19,15 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; keyword arguments go to its factory (num_classes, stem, ...)."""
+def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Module:
+    """Build a registered model. Keyword options are the model config's: num_classes, stem
+    ("cifar" | "imagenet"), shortcut ("A" | "B" | "none"), zero_init_residual, stride_in_1x1,
+    dropout; weights loads a state-dict file (torchvision's, or a resnet-train checkpoint)."""
     if name not in _MODELS:
         raise ValueError(f"model {name!r} is unknown: allowed: {', '.join(list_models())}")
-    return _MODELS[name](**kwargs)
+    model = _MODELS[name](**kwargs)
+    if weights is not None:
+        from resnet_train.models.weights import load_weights
+
+        load_weights(model, weights)
+    return model

@@ -1,10 +1,11 @@
-"""ResNets (He et al. 2015, "Deep Residual Learning for Image Recognition").
+"""ResNets: He et al. 2015 ("Deep Residual Learning"), He et al. 2016 ("Identity Mappings"),
+Zagoruyko & Komodakis 2016 (wide), Xie et al. 2017 (ResNeXt), and plain nets without shortcuts.
 
-One ``ResNet`` class covers both families of the paper: the ImageNet networks (four stages of
-64-512 channels behind a 7x7/2 conv and a max-pool) and the CIFAR networks of section 4.2 (three
-stages of 16/32/64 channels behind a 3x3 conv, 6n+2 layers). State-dict names follow torchvision
-(``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``): they are a public
-interface, people load weight files by them.
+One ``ResNet`` class builds them all from a block type, the blocks per stage and the stage widths:
+the ImageNet networks (four stages of 64-512 channels behind a 7x7/2 conv and a max-pool) and the
+CIFAR networks (three stages behind a 3x3 conv). State-dict names follow torchvision (``conv1``,
+``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``): they are a public interface,
+people load weight files by them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SHORTCUTS = ("A", "B", "none")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -25,8 +28,8 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class PadShortcut(nn.Module):
-    """Shortcut option A of the paper: parameter-free, a strided identity whose extra channels
-    are zeros. Used by the CIFAR networks, whose parameter counts (Table 6) assume it."""
+    """Shortcut option A of He et al. 2015: parameter-free, a strided identity whose extra
+    channels are zeros. The CIFAR networks' parameter counts (Table 6) assume it."""
 
     def __init__(self, stride: int, out_planes: int) -> None:
         super().__init__()
@@ -44,7 +47,10 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 convs, each followed by BN (post-activation, the 2015 paper)."""
+
     expansion = 1
+    preact = False
 
     def __init__(
         self,
@@ -54,6 +60,10 @@ class BasicBlock(nn.Module):
         downsample: nn.Module | None = None,
         groups: int = 1,
         base_width: int = 64,
+        *,
+        residual: bool = True,
+        dropout: float = 0.0,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -61,22 +71,28 @@ class BasicBlock(nn.Module):
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.dropout(self.relu(self.bn1(self.conv1(x))))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand. The stride sits on the 3x3 conv (ResNet v1.5, torchvision's
-    choice), which is about 0.5% more accurate on ImageNet than the paper's stride on the 1x1."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand, post-activation.
+
+    The stride sits on the 3x3 conv (ResNet v1.5, torchvision's default, about 0.5% better top-1
+    on ImageNet); ``stride_in_1x1=True`` puts it on the first 1x1 as in the 2015 paper (v1)."""
 
     expansion = 4
+    preact = False
 
     def __init__(
         self,
@@ -86,30 +102,129 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         groups: int = 1,
         base_width: int = 64,
+        *,
+        residual: bool = True,
+        dropout: float = 0.0,
+        stride_in_1x1: bool = False,
     ) -> None:
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
-        self.conv1 = conv1x1(inplanes, width)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = conv1x1(inplanes, width, stride_1x1)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = conv3x3(width, width, stride, groups)
+        self.conv2 = conv3x3(width, width, stride_3x3, groups)
         self.bn2 = nn.BatchNorm2d(width)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv3 = conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.dropout(self.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        if self.residual:
+            out = out + (x if self.downsample is None else self.downsample(x))
+        return self.relu(out)
 
 
-Block = type[BasicBlock] | type[Bottleneck]
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv twice (He et al. 2016): the shortcut path stays a clean identity. With
+    dropout between the convs this is the block of wide ResNets (Zagoruyko & Komodakis 2016)."""
+
+    expansion = 1
+    preact = True
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        *,
+        residual: bool = True,
+        dropout: float = 0.0,
+        stride_in_1x1: bool = False,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("PreActBlock supports only groups=1 and base_width=64")
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(planes, planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        # A projection shortcut takes the pre-activated input, as in the paper's code.
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(self.relu(self.bn2(out))))
+        return out + shortcut if self.residual else out
+
+
+class PreActBottleneck(nn.Module):
+    """BN-ReLU-1x1, BN-ReLU-3x3, BN-ReLU-1x1 (He et al. 2016, ResNet-164 and -1001)."""
+
+    expansion = 4
+    preact = True
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        *,
+        residual: bool = True,
+        dropout: float = 0.0,
+        stride_in_1x1: bool = False,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (base_width / 64.0)) * groups
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.conv1 = conv1x1(inplanes, width, stride_1x1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride_3x3, groups)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(out)
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        out = self.conv3(self.dropout(self.relu(self.bn3(out))))
+        return out + shortcut if self.residual else out
+
+
+Block = type[BasicBlock] | type[Bottleneck] | type[PreActBlock] | type[PreActBottleneck]
 
 
 class ResNet(nn.Module):
+    """Stem, stages of residual blocks (the first of each stage but the first halves the
+    resolution), global average pooling, a linear classifier.
+
+    stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) or "cifar" (3x3/1 conv, no pooling).
+    shortcut: "A" (zero-padding identity), "B" (1x1 projection where the shape changes), or
+    "none" (a plain network). Pre-activation blocks end the network with BN-ReLU.
+    """
+
     def __init__(
         self,
         block: Block,
@@ -121,40 +236,51 @@ class ResNet(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         zero_init_residual: bool = False,
+        stride_in_1x1: bool = False,
+        dropout: float = 0.0,
+        stem_width: int | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != len(widths):
             raise ValueError(f"layers {list(layers)} and widths {list(widths)} differ in length")
-        if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut={shortcut!r} is invalid: allowed: A, B")
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut={shortcut!r} is invalid: allowed: {', '.join(SHORTCUTS)}")
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem={stem!r} is invalid: allowed: cifar, imagenet")
         self.block = block
         self.shortcut = shortcut
         self.groups = groups
         self.base_width = width_per_group
-        self.inplanes = widths[0]
+        self.block_options = {
+            "residual": shortcut != "none",
+            "dropout": dropout,
+            "stride_in_1x1": stride_in_1x1,
+        }
+        self.inplanes = stem_width or widths[0]
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, self.inplanes, 7, stride=2, padding=3, bias=False)
             self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        elif stem == "cifar":
+        else:
             self.conv1 = conv3x3(3, self.inplanes)
             self.maxpool = nn.Identity()
-        else:
-            raise ValueError(f"stem={stem!r} is invalid: allowed: cifar, imagenet")
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        # Pre-activation networks have no BN-ReLU in the stem: each block starts with its own
+        # (He et al. 2016's code, where the first block's BN-ReLU serves the stem).
+        self.bn1 = None if block.preact else nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
 
         for i, (planes, blocks) in enumerate(zip(widths, layers, strict=True)):
-            setattr(
-                self, f"layer{i + 1}", self._make_layer(planes, blocks, stride=1 if i == 0 else 2)
-            )
+            stage = self._make_layer(planes, blocks, stride=1 if i == 0 else 2)
+            setattr(self, f"layer{i + 1}", stage)
         self.num_stages = len(layers)
+        out_features = widths[-1] * block.expansion
+        self.final_bn = nn.BatchNorm2d(out_features) if block.preact else None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
+        self.fc = nn.Linear(out_features, num_classes)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                # He et al. 2015 ("Delving Deep into Rectifiers"), fan-out as in the paper's code.
+                # He et al. 2015 ("Delving Deep into Rectifiers"), fan-out as in torchvision.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
@@ -162,28 +288,45 @@ class ResNet(nn.Module):
         if zero_init_residual:
             # Goyal et al. 2017: each residual branch starts as zero, so each block starts as an
             # identity; improves ImageNet top-1 by 0.2-0.3% and eases large-batch training.
+            # Pre-activation blocks end in a conv, not a BN, and are left as they are.
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
                 elif isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
+    def _shortcut(self, stride: int, out_planes: int) -> nn.Module | None:
+        if self.shortcut == "none" or (stride == 1 and self.inplanes == out_planes):
+            return None
+        if self.shortcut == "A":
+            return PadShortcut(stride, out_planes)
+        if self.block.preact:  # the pre-activation papers project with a bare 1x1 conv
+            return conv1x1(self.inplanes, out_planes, stride)
+        return nn.Sequential(conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes))
+
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         out_planes = planes * self.block.expansion
-        downsample: nn.Module | None = None
-        if stride != 1 or self.inplanes != out_planes:
-            if self.shortcut == "A":
-                downsample = PadShortcut(stride, out_planes)
-            else:
-                downsample = nn.Sequential(
-                    conv1x1(self.inplanes, out_planes, stride), nn.BatchNorm2d(out_planes)
-                )
+        downsample = self._shortcut(stride, out_planes)
         layers = [
-            self.block(self.inplanes, planes, stride, downsample, self.groups, self.base_width)
+            self.block(
+                self.inplanes,
+                planes,
+                stride,
+                downsample,
+                self.groups,
+                self.base_width,
+                **self.block_options,
+            )
         ]
         self.inplanes = out_planes
         layers += [
-            self.block(self.inplanes, planes, groups=self.groups, base_width=self.base_width)
+            self.block(
+                self.inplanes,
+                planes,
+                groups=self.groups,
+                base_width=self.base_width,
+                **self.block_options,
+            )
             for _ in range(1, blocks)
         ]
         return nn.Sequential(*layers)
@@ -191,8 +334,16 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.bn1 is not None:
+            x = self.relu(self.bn1(x))
+        return self.maxpool(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.forward_stem(x)
         for stage in self.stages():
             x = stage(x)
+        if self.final_bn is not None:
+            x = self.relu(self.final_bn(x))
         return self.fc(torch.flatten(self.avgpool(x), 1))
