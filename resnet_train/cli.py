@@ -1,24 +1,32 @@
-"""The `resnet-train` command: compose the config with Hydra, validate it, train."""
+"""The `resnet-train` command: compose the config with Hydra, validate it, train.
+
+A single run is composed and checked here first, before Hydra starts, so that any bad input (an
+unknown key or group option, a wrong type, a value out of range) ends the command with one line
+that names the key, the value and what is allowed, and nothing is written. `task=summary` ends
+here too. Multiruns go straight to Hydra, which checks each job's config as it starts.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from hydra.errors import MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from resnet_train.config import register_configs, validate
+from resnet_train.config import TrainConfig, register_configs, validate
 from resnet_train.errors import UserError
 
+CONFIG_MODULE = "resnet_train.configs"
 register_configs()
 
 
-def _fail(error: BaseException) -> None:
-    print(f"resnet-train: error: {error}", file=sys.stderr)
+def _fail(message: object) -> None:
+    print(f"resnet-train: error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -29,28 +37,48 @@ def print_summary(cfg: DictConfig) -> None:
     print(format_summary(cfg.model.name, summarize(build_model(cfg), cfg.data.image_size)))
 
 
-class ValidateOnStart(Callback):
-    """Check a single run's config before Hydra creates its output directory, so a typo leaves
-    nothing behind. (Each job of a multirun is checked again when it starts.) A summary needs no
-    directory either: it is printed here and the command ends."""
+def describe_composition_error(error: Exception) -> str:
+    """One line for Hydra's multi-line composition errors: the key, the value, what is allowed."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, MissingConfigException) and cause.options:
+            choice = (cause.missing_cfg_file or "").replace("/", "=", 1)
+            return f"{choice} is invalid: allowed: {', '.join(cause.options)}"
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+            parent, _, key = str(cause.full_key).rpartition(".")
+            node = OmegaConf.structured(TrainConfig)
+            node = OmegaConf.select(node, parent) if parent else node
+            allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+            where = parent or "the top level"
+            return f"{cause.full_key} is not a config key: allowed in {where}: {allowed}"
+        if isinstance(cause, ValidationError) and cause.full_key:
+            value = f"={cause.value}" if getattr(cause, "value", None) is not None else ""
+            return f"{cause.full_key}{value} is invalid: {str(cause.msg).splitlines()[0]}"
+        cause = cause.__cause__
+    return str(error).strip().splitlines()[0]
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            validate(config)
-            if config.task == "summary":
-                print_summary(config)
-                sys.exit(0)
-        except UserError as e:
-            _fail(e)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            validate(config)
-        except UserError as e:
-            _fail(e)
+def precheck(args: list[str]) -> None:
+    """Compose and validate a single run's config (args are all key=value overrides) and make
+    sure its data is there, so that a run directory is made only for a run that can start."""
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose("train", overrides=args)
+    except Exception as e:  # Hydra's composition errors come in several types
+        _fail(describe_composition_error(e))
+    try:
+        validate(cfg)
+        if cfg.task == "summary":
+            print_summary(cfg)
+            sys.exit(0)
+        from resnet_train.data import check_data
+
+        check_data(cfg.data)
+    except UserError as e:
+        _fail(e)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://resnet_train.configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train(cfg: DictConfig) -> float | None:
     from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
 
@@ -68,6 +96,10 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
+    if not any(arg.startswith("-") for arg in args):
+        precheck(args)
     train()
 
 

@@ -144,6 +144,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range or unknown."""
     from resnet_train.models import list_models  # models import torch; keep config light
 
+    _reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig), "")
     m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer
     _one_of("task", cfg.task, TASKS)
     _one_of("model.name", m.name, list_models())
@@ -206,6 +207,19 @@ def validate(cfg: DictConfig) -> None:
         t.device,
         "allowed: auto, cpu, or a cuda:N or mps device this machine has",
     )
+
+
+def _reject_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str) -> None:
+    """Keys added with Hydra's `+key=value` get past the schema's struct flag; refuse them too."""
+    for key in cfg.keys():
+        if key not in schema:
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"{prefix}{key} is not a config key: allowed in {where}: "
+                + ", ".join(str(k) for k in schema.keys())
+            )
+        if isinstance(cfg[key], DictConfig) and isinstance(schema[key], DictConfig):
+            _reject_unknown_keys(cfg[key], schema[key], f"{prefix}{key}.")
 
 
 def _is_device(name: str) -> bool:

@@ -100,20 +100,26 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
     [
         ("optim.lr=-1", "optim.lr=-1.0 is invalid: must be > 0"),
         ("data.valid_ratio=1.5", "data.valid_ratio=1.5 is invalid: must be in [0, 1)"),
-        ("model=resnet19", "resnet19"),
-        ("model.name=resnet19", "model.name='resnet19' is invalid"),
-        ("model.depht=18", "depht"),
-        ("optim.lr=abc", "abc"),
+        ("model=resnet19", "model=resnet19 is invalid: allowed: plain110, plain18"),
+        ("model.name=resnet19", "model.name='resnet19' is invalid: allowed: plain110"),
+        (
+            "model.depht=18",
+            "model.depht is not a config key: allowed in model: name, stem, num_classes",
+        ),
+        ("+trainer.epoch=3", "trainer.epoch is not a config key: allowed in trainer: epochs"),
+        ("optim.lr=abc", "optim.lr=abc is invalid: Value 'abc' of type 'str' could not be"),
+        ("trainer.epochs=1.5", "trainer.epochs=1.5 is invalid"),
+        ("data.root=nowhere", "cifar10 not found: nowhere/cifar-10-batches-py/data_batch_1"),
     ],
 )
-def test_cli_bad_override_fails_fast_and_writes_nothing(tmp_path, override, expected):
-    result = run_cli(*SMOKE, override, "hydra.run.dir=run", cwd=tmp_path)
-    assert result.returncode != 0
+def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):
+    data = [] if override.startswith("data.root") else SMOKE
+    result = run_cli(*data, "data.download=false", override, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"resnet-train: error: {result.stderr[21:].strip()}"]
     assert expected in result.stderr
-    assert "Traceback" not in result.stderr
     # Nothing was written: no run directory, so no checkpoint.
-    assert not (tmp_path / "run").exists()
-    assert list(Path(tmp_path).rglob("*.pt")) == []
+    assert list(Path(tmp_path).iterdir()) == []
 
 
 def test_cli_config_errors_are_one_line(tmp_path):

@@ -1,3 +1,3 @@
-from resnet_train.data.loaders import Loaders, build_loaders
+from resnet_train.data.loaders import Loaders, build_loaders, check_data
 
-__all__ = ["Loaders", "build_loaders"]
+__all__ = ["Loaders", "build_loaders", "check_data"]

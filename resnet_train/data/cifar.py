@@ -42,11 +42,9 @@ def _download(name: str, root: Path) -> None:
     cls(str(root), train=True, download=True)
 
 
-def load_cifar(
-    name: str, root: str | Path, train: bool, download: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images as uint8 (N, 32, 32, 3) and labels as int64 (N,)."""
-    folder, train_files, test_files, label_key = LAYOUTS[name]
+def cifar_files(name: str, root: str | Path, train: bool, download: bool) -> list[Path]:
+    """The batch files of one split, downloaded first when missing and `download` is true."""
+    folder, train_files, test_files, _ = LAYOUTS[name]
     root = Path(root).expanduser()
     files = [root / folder / f for f in (train_files if train else test_files)]
     missing = [f for f in files if not f.is_file()]
@@ -66,5 +64,13 @@ def load_cifar(
             f"contains {folder}/ (for example data.root=/data)"
             + ("" if download else ", or data.download=true to fetch it")
         )
-    parts = [_read_batch(f, label_key) for f in files]
+    return files
+
+
+def load_cifar(
+    name: str, root: str | Path, train: bool, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images as uint8 (N, 32, 32, 3) and labels as int64 (N,)."""
+    label_key = LAYOUTS[name][3]
+    parts = [_read_batch(f, label_key) for f in cifar_files(name, root, train, download)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from resnet_train.config import DataConfig
-from resnet_train.data.cifar import load_cifar
+from resnet_train.data.cifar import cifar_files, load_cifar
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
 from resnet_train.data.transforms import build_transform
@@ -78,18 +78,30 @@ def _read_sets(cfg: DataConfig, seed: int) -> tuple[Any, np.ndarray, Any, np.nda
     )
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Make sure the data set's files are there (downloading what may be downloaded) before a
+    run directory is made; raise DataError naming what is missing."""
+    if cfg.name in ("cifar10", "cifar100"):
+        cifar_files(cfg.name, cfg.root, train=True, download=cfg.download)
+        cifar_files(cfg.name, cfg.root, train=False, download=False)
+    elif cfg.name == "imagenet":
+        root = Path(cfg.root).expanduser()
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                raise DataError(
+                    f"{root / split} is missing: data=imagenet reads class folders under "
+                    f"{root}/train and {root}/val; set data.root to the folder that holds them"
+                )
+
+
 def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarray]:
     from torchvision.datasets import ImageFolder
 
+    check_data(cfg)
     root = Path(cfg.root).expanduser()
     sets = []
     for split in ("train", "val"):
         folder = root / split
-        if not folder.is_dir():
-            raise DataError(
-                f"{folder} is missing: data=imagenet reads class folders under {root}/train and "
-                f"{root}/val; set data.root to the folder that holds them"
-            )
         try:
             sets.append(ImageFolder(str(folder)))
         except (FileNotFoundError, OSError) as e:
