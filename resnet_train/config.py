@@ -47,6 +47,23 @@ class AugmentConfig:
     crop: str = "pad"
     padding: int = 4
     hflip: bool = True
+    # Policies of torchvision's transforms v2, each off by default (at most one of the three):
+    # AutoAugment (Cubuk et al. 2019) with the "cifar10", "imagenet" or "svhn" policy;
+    # RandAugment (Cubuk et al. 2020); TrivialAugmentWide (Muller & Hutter 2021).
+    autoaugment: str | None = None
+    randaugment: bool = False
+    randaugment_num_ops: int = 2
+    randaugment_magnitude: int = 9
+    trivialaugment: bool = False
+    # Random erasing (Zhong et al. 2020): probability per image; 0 = off.
+    random_erasing: float = 0.0
+    # Cutout (DeVries & Taylor 2017): a square of this many pixels set to zero after
+    # normalisation (the data set's mean), centred anywhere in the image; 0 = off.
+    cutout: int = 0
+    # MixUp (Zhang et al. 2018) and CutMix (Yun et al. 2019) on each batch, with mixed labels;
+    # alpha of the Beta distribution, 0 = off. With both on, each batch uses one at random.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
 
 
 @dataclass
@@ -75,21 +92,67 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # "sgd" (momentum, Nesterov) or "adamw" (Loshchilov & Hutter 2019).
     name: str = "sgd"
+    # The learning rate; with lr_scaling=linear, the rate for reference_batch images per step.
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
     weight_decay: float = 5e-4
+    # Decay BatchNorm weights and all biases too; off by default (they have no scale to shrink).
+    decay_norm_and_bias: bool = False
+    # "none", or "linear": lr * global batch / reference_batch (Goyal et al. 2017).
+    lr_scaling: str = "none"
+    reference_batch: int = 256
 
 
 @dataclass
 class ScheduleConfig:
-    # "step": multiply the lr by gamma every step_size epochs; "cosine": anneal to min_lr over
-    # trainer.epochs; "constant".
+    # constant | step | multistep | cosine | cosine_restarts | onecycle (torch's schedulers).
     name: str = "cosine"
+    # "epoch": step the schedule once per epoch; "step": once per optimizer step. Every length
+    # below (step_size, milestones, restart_period, warmup) counts these units.
+    interval: str = "epoch"
+    # step: multiply by gamma every step_size; multistep: at each milestone.
     step_size: int = 30
     gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)
+    # cosine, cosine_restarts: the floor of the learning rate.
     min_lr: float = 0.0
+    # cosine_restarts (SGDR, Loshchilov & Hutter 2017): first period, and its growth per restart.
+    restart_period: int = 10
+    restart_mult: int = 1
+    # onecycle (Smith & Topin 2019): the share of the run spent rising to optim.lr, which is
+    # reached from optim.lr / div_factor and left for optim.lr / div_factor / final_div_factor.
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+    # Linear warm-up in front of any schedule but onecycle: this many units, from
+    # warmup_start_factor * lr to lr (Goyal et al. 2017 use 5 epochs).
+    warmup: int = 0
+    warmup_start_factor: float = 0.1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    # The validation metric that picks best.pt and, with patience set, stops the run.
+    monitor: str = "valid/acc"
+    mode: str = "max"
+    # Stop after this many epochs without an improvement larger than min_delta; null = never.
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    # Exponential moving average of the weights (and BN buffers), updated every optimizer step;
+    # null = off. 0.999 to 0.9999 are common.
+    decay: float | None = None
+    # Which weights best.pt (and the test) use: "best" (the better of raw and EMA on the
+    # validation set), "ema" or "raw".
+    select: str = "best"
 
 
 @dataclass
@@ -97,9 +160,22 @@ class TrainerConfig:
     epochs: int = 30
     # "auto" picks CUDA when present, else the CPU; or any torch device string ("cpu", "cuda:1").
     device: str = "auto"
+    # fp32 | fp16 (autocast + gradient scaler) | bf16 (autocast, no scaler; works on the CPU too).
+    precision: str = "fp32"
     label_smoothing: float = 0.0
-    # Train-loss points to TensorBoard every this many optimizer steps.
+    # Clip gradients by global L2 norm or by value, both null = off (after unscaling under fp16).
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    # Sum gradients over this many micro-batches per optimizer step (the loss is divided by it).
+    accumulate_steps: int = 1
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    # Deterministic algorithms (bit-identical reruns on the CPU), at some cost in speed.
+    deterministic: bool = False
+    # Train loss, lr and gradient norm to TensorBoard every this many optimizer steps.
     log_every_steps: int = 50
+    # Per-layer gradient norms to TensorBoard every this many optimizer steps; 0 = off.
+    grad_norm_every_steps: int = 0
     # tqdm bars: null shows them only on a terminal.
     progress: bool | None = None
 
@@ -125,8 +201,12 @@ def register_configs() -> None:
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
 STEMS = ("cifar", "imagenet")
 CROPS = ("pad", "random_resized", "none")
-OPTIMIZERS = ("sgd",)
-SCHEDULES = ("step", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "step", "multistep", "cosine", "cosine_restarts", "onecycle")
+INTERVALS = ("epoch", "step")
+PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
+MONITORS = ("valid/acc", "valid/loss")
 SHORTCUTS = ("A", "B", "none")
 TASKS = ("train", "summary")
 
@@ -140,67 +220,133 @@ def _one_of(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
     _check(value in choices, key, value, "allowed: " + ", ".join(choices))
 
 
+def _at_least(key: str, value: Any, low: float) -> None:
+    _check(value >= low, key, value, f"must be >= {low}")
+
+
+def _within(key: str, value: Any, interval: str) -> None:
+    """interval like "[0, 1)": brackets say whether each end is allowed."""
+    low, high = (float(v) for v in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    _check(above and below, key, value, f"must be in {interval}")
+
+
+def _positive(key: str, value: Any) -> None:
+    _check(value > 0, key, value, "must be > 0")
+
+
+def _optional(key: str, value: Any, check, *args) -> None:
+    if value is not None:
+        check(key, value, *args)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range or unknown."""
     from resnet_train.models import list_models  # models import torch; keep config light
 
     _reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig), "")
-    m, d, o, s, t = cfg.model, cfg.data, cfg.optim, cfg.schedule, cfg.trainer
+    m, d, a, o = cfg.model, cfg.data, cfg.data.augment, cfg.optim
+    s, t, es, ema = cfg.schedule, cfg.trainer, cfg.trainer.early_stopping, cfg.trainer.ema
     _one_of("task", cfg.task, TASKS)
     _one_of("model.name", m.name, list_models())
-    if m.stem is not None:
-        _one_of("model.stem", m.stem, STEMS)
-    if m.shortcut is not None:
-        _one_of("model.shortcut", m.shortcut, SHORTCUTS)
-    _check(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
-    if m.num_classes is not None:
-        _check(m.num_classes >= 1, "model.num_classes", m.num_classes, "must be >= 1")
+    _optional("model.stem", m.stem, _one_of, STEMS)
+    _optional("model.shortcut", m.shortcut, _one_of, SHORTCUTS)
+    _optional("model.num_classes", m.num_classes, _at_least, 1)
+    _within("model.dropout", m.dropout, "[0, 1)")
 
     _one_of("data.name", d.name, DATASETS)
-    _check(d.num_classes >= 1, "data.num_classes", d.num_classes, "must be >= 1")
-    _check(d.image_size >= 8, "data.image_size", d.image_size, "must be >= 8")
-    _check(d.eval_resize >= 0, "data.eval_resize", d.eval_resize, "must be >= 0")
+    _at_least("data.num_classes", d.num_classes, 1)
+    _at_least("data.image_size", d.image_size, 8)
+    _at_least("data.eval_resize", d.eval_resize, 0)
     _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
-    _check(
-        len(d.std) == 3 and all(v > 0 for v in d.std),
-        "data.std",
-        list(d.std),
-        "must hold 3 values > 0",
-    )
-    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _check(0 <= d.valid_ratio < 1, "data.valid_ratio", d.valid_ratio, "must be in [0, 1)")
-    for key in ("train_size", "test_size"):
-        value = d[key]
-        if value is not None:
-            _check(value >= 1, f"data.{key}", value, "must be >= 1 or null")
-    _one_of("data.augment.crop", d.augment.crop, CROPS)
-    _check(d.augment.padding >= 0, "data.augment.padding", d.augment.padding, "must be >= 0")
+    _check(len(d.std) == 3 and min(d.std) > 0, "data.std", list(d.std), "must hold 3 values > 0")
+    _at_least("data.batch_size", d.batch_size, 1)
+    _at_least("data.num_workers", d.num_workers, 0)
+    _within("data.valid_ratio", d.valid_ratio, "[0, 1)")
+    _optional("data.train_size", d.train_size, _at_least, 1)
+    _optional("data.test_size", d.test_size, _at_least, 1)
+    _one_of("data.augment.crop", a.crop, CROPS)
+    _at_least("data.augment.padding", a.padding, 0)
+    _optional("data.augment.autoaugment", a.autoaugment, _one_of, AUTOAUGMENT_POLICIES)
+    policies = [k for k in ("autoaugment", "randaugment", "trivialaugment") if a[k]]
+    if len(policies) > 1:
+        raise ConfigError(
+            f"data.augment.{policies[1]}={a[policies[1]]!r} is invalid: only one of "
+            f"autoaugment, randaugment, trivialaugment at a time ({policies[0]} is on)"
+        )
+    _at_least("data.augment.randaugment_num_ops", a.randaugment_num_ops, 1)
+    _within("data.augment.randaugment_magnitude", a.randaugment_magnitude, "[0, 30]")
+    _within("data.augment.random_erasing", a.random_erasing, "[0, 1]")
+    _within("data.augment.cutout", a.cutout, f"[0, {d.image_size}]")
+    _at_least("data.augment.mixup_alpha", a.mixup_alpha, 0)
+    _at_least("data.augment.cutmix_alpha", a.cutmix_alpha, 0)
 
     _one_of("optim.name", o.name, OPTIMIZERS)
-    _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
-    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _positive("optim.lr", o.lr)
+    _within("optim.momentum", o.momentum, "[0, 1)")
     _check(
         not o.nesterov or o.momentum > 0,
         "optim.nesterov",
         o.nesterov,
         "Nesterov needs optim.momentum > 0",
     )
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        "optim.betas",
+        list(o.betas),
+        "must be two values in [0, 1)",
+    )
+    _positive("optim.eps", o.eps)
+    _at_least("optim.weight_decay", o.weight_decay, 0)
+    _one_of("optim.lr_scaling", o.lr_scaling, ("none", "linear"))
+    _at_least("optim.reference_batch", o.reference_batch, 1)
 
     _one_of("schedule.name", s.name, SCHEDULES)
-    _check(s.step_size >= 1, "schedule.step_size", s.step_size, "must be >= 1")
-    _check(0 < s.gamma <= 1, "schedule.gamma", s.gamma, "must be in (0, 1]")
-    _check(0 <= s.min_lr < o.lr, "schedule.min_lr", s.min_lr, f"must be in [0, optim.lr={o.lr})")
-
-    _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
+    _one_of("schedule.interval", s.interval, INTERVALS)
+    _at_least("schedule.step_size", s.step_size, 1)
+    _within("schedule.gamma", s.gamma, "(0, 1]")
     _check(
-        0 <= t.label_smoothing < 1,
-        "trainer.label_smoothing",
-        t.label_smoothing,
-        "must be in [0, 1)",
+        list(s.milestones) == sorted(set(s.milestones)) and min(s.milestones, default=1) >= 1,
+        "schedule.milestones",
+        list(s.milestones),
+        "must be increasing numbers >= 1",
     )
-    _check(t.log_every_steps >= 1, "trainer.log_every_steps", t.log_every_steps, "must be >= 1")
+    _check(
+        s.name != "multistep" or len(s.milestones) > 0,
+        "schedule.milestones",
+        list(s.milestones),
+        "schedule=multistep needs at least one milestone",
+    )
+    _within("schedule.min_lr", s.min_lr, f"[0, {o.lr})")
+    _at_least("schedule.restart_period", s.restart_period, 1)
+    _at_least("schedule.restart_mult", s.restart_mult, 1)
+    _within("schedule.pct_start", s.pct_start, "(0, 1)")
+    _positive("schedule.div_factor", s.div_factor)
+    _positive("schedule.final_div_factor", s.final_div_factor)
+    _at_least("schedule.warmup", s.warmup, 0)
+    _check(
+        s.name != "onecycle" or s.warmup == 0,
+        "schedule.warmup",
+        s.warmup,
+        "onecycle has its own warm-up (schedule.pct_start); set schedule.warmup=0",
+    )
+    _within("schedule.warmup_start_factor", s.warmup_start_factor, "(0, 1]")
+
+    _at_least("trainer.epochs", t.epochs, 1)
+    _one_of("trainer.precision", t.precision, PRECISIONS)
+    _within("trainer.label_smoothing", t.label_smoothing, "[0, 1)")
+    _optional("trainer.clip_grad_norm", t.clip_grad_norm, _positive)
+    _optional("trainer.clip_grad_value", t.clip_grad_value, _positive)
+    _at_least("trainer.accumulate_steps", t.accumulate_steps, 1)
+    _one_of("trainer.early_stopping.monitor", es.monitor, MONITORS)
+    _one_of("trainer.early_stopping.mode", es.mode, ("max", "min"))
+    _optional("trainer.early_stopping.patience", es.patience, _at_least, 1)
+    _at_least("trainer.early_stopping.min_delta", es.min_delta, 0)
+    _optional("trainer.ema.decay", ema.decay, _within, "(0, 1)")
+    _one_of("trainer.ema.select", ema.select, ("best", "ema", "raw"))
+    _at_least("trainer.log_every_steps", t.log_every_steps, 1)
+    _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
     _check(
         _is_device(t.device),
         "trainer.device",

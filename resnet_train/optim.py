@@ -1,33 +1,95 @@
-"""Optimizers and learning-rate schedules from the config."""
+"""Optimizers and learning-rate schedules from the config (torch's own schedulers, composed)."""
 
 from __future__ import annotations
 
 from torch import nn
-from torch.optim import SGD, Optimizer
-from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, LRScheduler, StepLR
+from torch.optim import SGD, AdamW, Optimizer
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
+    LinearLR,
+    LRScheduler,
+    MultiStepLR,
+    OneCycleLR,
+    SequentialLR,
+    StepLR,
+)
 
 from resnet_train.config import OptimConfig, ScheduleConfig
 from resnet_train.errors import ConfigError
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:
+def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """optim.lr, scaled by global_batch / reference_batch when lr_scaling=linear."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * global_batch / cfg.reference_batch
+    return cfg.lr
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list:
+    """Two groups: weights that decay, and norm weights and biases (1-D tensors) that do not."""
+    if decay_norm_and_bias or weight_decay == 0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> Optimizer:
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
-        return SGD(
-            model.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )
-    raise ConfigError(f"optim.name={cfg.name!r} is invalid: allowed: sgd")
+        return SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                   weight_decay=cfg.weight_decay)  # fmt: skip
+    if cfg.name == "adamw":
+        return AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                     weight_decay=cfg.weight_decay)  # fmt: skip
+    raise ConfigError(f"optim.name={cfg.name!r} is invalid: allowed: sgd, adamw")
 
 
-def build_scheduler(cfg: ScheduleConfig, optimizer: Optimizer, epochs: int) -> LRScheduler:
-    """A schedule stepped once per epoch."""
-    if cfg.name == "step":
-        return StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.name == "cosine":
-        return CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+def build_scheduler(
+    cfg: ScheduleConfig, optimizer: Optimizer, epochs: int, steps_per_epoch: int
+) -> LRScheduler:
+    """The schedule, stepped once per schedule.interval (epoch or optimizer step); its lengths
+    count the same units. A linear warm-up of schedule.warmup units goes in front."""
+    total = epochs * (steps_per_epoch if cfg.interval == "step" else 1)
+    main_length = max(total - cfg.warmup, 1)
     if cfg.name == "constant":
-        return LambdaLR(optimizer, lambda epoch: 1.0)
-    raise ConfigError(f"schedule.name={cfg.name!r} is invalid: allowed: step, cosine, constant")
+        main: LRScheduler = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    elif cfg.name == "step" and cfg.warmup == 0:
+        main = StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    elif cfg.name in ("step", "multistep"):
+        # Milestones count from the start of the run, warm-up included (Goyal et al. 2017 warm
+        # up for 5 epochs and still divide at epochs 30, 60 and 80).
+        given = (
+            cfg.milestones
+            if cfg.name == "multistep"
+            else range(cfg.step_size, total, cfg.step_size)
+        )
+        milestones = [m - cfg.warmup for m in given if m > cfg.warmup]
+        main = MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
+    elif cfg.name == "cosine":
+        main = CosineAnnealingLR(optimizer, T_max=main_length, eta_min=cfg.min_lr)
+    elif cfg.name == "cosine_restarts":
+        main = CosineAnnealingWarmRestarts(
+            optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr
+        )
+    elif cfg.name == "onecycle":
+        main = OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total,
+            pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor,
+            final_div_factor=cfg.final_div_factor,
+        )
+    else:
+        raise ConfigError(f"schedule.name={cfg.name!r} is invalid")
+    if cfg.warmup == 0:
+        return main
+    warmup = LinearLR(
+        optimizer, start_factor=cfg.warmup_start_factor, end_factor=1.0, total_iters=cfg.warmup
+    )
+    return SequentialLR(optimizer, [warmup, main], milestones=[cfg.warmup])

@@ -50,7 +50,7 @@ def test_experiment_overrides_groups():
         ("data.batch_size=0", "data.batch_size=0 is invalid"),
         ("model.name=resnet19", "model.name='resnet19' is invalid: allowed: "),
         ("model.stem=vgg", "model.stem='vgg' is invalid: allowed: cifar, imagenet"),
-        ("schedule.name=linear", "schedule.name='linear' is invalid: allowed: step, cosine"),
+        ("schedule.name=linear", "schedule.name='linear' is invalid: allowed: constant, step"),
         ("trainer.label_smoothing=1", "trainer.label_smoothing=1.0 is invalid"),
         ("trainer.device=tpu", "trainer.device='tpu' is invalid"),
         ("trainer.device=cuda:99", "trainer.device='cuda:99' is invalid"),
