@@ -134,8 +134,8 @@ def test_cli_help_lists_groups_and_options(tmp_path):
     assert result.returncode == 0
     for line in (
         "data: cifar10, cifar100, imagenet, synthetic",
-        "schedule: constant, cosine, step",
-        "optim: sgd",
+        "schedule: constant, cosine, cosine_restarts, multistep, onecycle, step",
+        "optim: adamw, sgd",
     ):
         assert line in result.stdout
     assert "resnet18" in result.stdout and "resnet110" in result.stdout

@@ -1,0 +1,153 @@
+"""Optimizers and schedules: parameter groups, lr scaling, and every schedule against torch's own
+schedulers at every step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.optim import SGD, lr_scheduler
+
+from resnet_train import create_model
+from resnet_train.engine.trainer import fit
+from resnet_train.optim import build_optimizer, build_scheduler, effective_lr
+from tests.conftest import SMOKE, compose_config, run_cli
+from tests.test_train import scalars
+
+
+def test_norm_weights_and_biases_skip_weight_decay_by_default():
+    model = create_model("resnet20")
+    cfg = compose_config("optim=sgd", "optim.weight_decay=5e-4").optim
+    optimizer = build_optimizer(cfg, model, cfg.lr)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decay["params"])  # conv and fc weights
+    bn = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+    }
+    assert bn <= {id(p) for p in no_decay["params"]}
+    assert id(model.fc.bias) in {id(p) for p in no_decay["params"]}
+    everything = compose_config("optim.decay_norm_and_bias=true").optim
+    (group,) = build_optimizer(everything, model, everything.lr).param_groups
+    assert group["weight_decay"] == everything.weight_decay
+
+
+def test_adamw_takes_its_settings():
+    cfg = compose_config("optim=adamw", "optim.betas=[0.8,0.99]", "optim.eps=1e-6").optim
+    optimizer = build_optimizer(cfg, create_model("resnet20"), cfg.lr)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
+        1e-3,
+        (0.8, 0.99),
+        1e-6,
+        0.05,
+    )
+
+
+def test_linear_lr_scaling_uses_the_global_batch(tmp_path):
+    cfg = compose_config("optim.lr_scaling=linear", "optim.lr=0.1").optim
+    assert effective_lr(cfg, 1024) == pytest.approx(0.4)
+    assert effective_lr(compose_config("optim.lr=0.1").optim, 1024) == 0.1
+    result = run_cli(*SMOKE, "data.train_size=64", "optim.lr_scaling=linear", "optim.lr=0.1",
+                     "data.batch_size=16", "trainer.accumulate_steps=2", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "global batch 32 (16 x 2 accumulation steps), learning rate 0.0125 " in result.stdout
+    assert "(optim.lr 0.1 x 32/256)" in result.stdout
+
+
+def _lrs(scheduler, optimizer, n: int) -> list[float]:
+    values = []
+    for _ in range(n):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def _fresh(lr: float = 0.1) -> SGD:
+    return SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9)
+
+
+# (overrides, epochs, steps per epoch, the same schedule built directly from torch's classes)
+CASES = {
+    "step per epoch": (
+        ["schedule=step", "schedule.step_size=3", "schedule.gamma=0.5"], 10, 4,
+        lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
+    ),
+    "step per step": (
+        ["schedule=step", "schedule.interval=step", "schedule.step_size=7"], 5, 4,
+        lambda o: lr_scheduler.StepLR(o, step_size=7, gamma=0.1),
+    ),
+    "multistep": (
+        ["schedule=multistep", "schedule.milestones=[3,7]", "schedule.gamma=0.2"], 10, 4,
+        lambda o: lr_scheduler.MultiStepLR(o, milestones=[3, 7], gamma=0.2),
+    ),
+    "cosine per step": (
+        ["schedule=cosine", "schedule.interval=step", "schedule.min_lr=0.001"], 6, 5,
+        lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=30, eta_min=0.001),
+    ),
+    "cosine restarts": (
+        ["schedule=cosine_restarts", "schedule.restart_period=3", "schedule.restart_mult=2"], 12, 3,
+        lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3, T_mult=2),
+    ),
+    "onecycle": (
+        ["schedule=onecycle"], 4, 10,
+        lambda o: lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=40),
+    ),
+    "warm-up + cosine": (
+        ["schedule=cosine", "schedule.interval=step", "schedule.warmup=5",
+         "schedule.warmup_start_factor=0.2"], 5, 6,
+        lambda o: lr_scheduler.SequentialLR(o, [
+            lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=5),
+            lr_scheduler.CosineAnnealingLR(o, T_max=25)], milestones=[5]),
+    ),
+    "warm-up + multistep": (
+        ["schedule=multistep", "schedule.warmup=2", "schedule.milestones=[5,8]"], 10, 3,
+        lambda o: lr_scheduler.SequentialLR(o, [
+            lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=2),
+            lr_scheduler.MultiStepLR(o, milestones=[3, 6])], milestones=[2]),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_schedules_equal_torchs_own_at_every_step(case):
+    overrides, epochs, steps_per_epoch, reference = CASES[case]
+    cfg = compose_config(*overrides, "optim.lr=0.1")
+    ours_opt, ref_opt = _fresh(), _fresh()
+    ours = build_scheduler(cfg.schedule, ours_opt, epochs, steps_per_epoch)
+    n = epochs * (steps_per_epoch if cfg.schedule.interval == "step" else 1)
+    assert _lrs(ours, ours_opt, n) == pytest.approx(_lrs(reference(ref_opt), ref_opt, n))
+
+
+def test_goyal_warm_up_keeps_absolute_milestones():
+    cfg = compose_config(
+        "schedule=multistep",
+        "schedule.warmup=5",
+        "schedule.milestones=[30,60,80]",
+        "schedule.warmup_start_factor=0.1",
+        "optim.lr=0.1",
+    )
+    optimizer = _fresh()
+    lrs = _lrs(build_scheduler(cfg.schedule, optimizer, 90, 1), optimizer, 90)
+    assert lrs[0] == pytest.approx(0.01) and lrs[5] == pytest.approx(0.1)
+    assert lrs[29] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
+    assert lrs[60] == pytest.approx(0.001) and lrs[80] == pytest.approx(0.0001)
+
+
+def test_training_logs_the_per_step_onecycle_rate_torch_would_give(tmp_path):
+    cfg = compose_config(*SMOKE, "data.train_size=160", "trainer.epochs=2", "schedule=onecycle",
+                         "optim.lr=0.2")  # fmt: skip
+    fit(cfg, tmp_path)
+    logged = [value for _, value in scalars(tmp_path)["lr"]]
+    steps = len(logged)
+    assert steps == 2 * math.ceil(144 / 32)  # 144 training images after the 10% split
+    optimizer = _fresh(0.2)
+    reference = lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=steps)
+    assert logged == pytest.approx(_lrs(reference, optimizer, steps), rel=1e-6)
