@@ -94,6 +94,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_criterion(label_smoothing: float) -> nn.Module:
+    """Training loss: cross-entropy on int labels, or on the soft labels of MixUp / CutMix, with
+    label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution."""
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -271,7 +277,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.schedule, optimizer, tc.epochs, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
-        criterion=nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing),
+        criterion=build_criterion(tc.label_smoothing),
         device=device,
         cfg=tc,
         step_schedule_per_batch=cfg.schedule.interval == "step",

@@ -1,0 +1,407 @@
+"""The training recipe's knobs, each checked for what it promises: label smoothing, mixed
+precision, clipping, accumulation, early stopping, augmentation, EMA, determinism, diagnostics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms import v2
+
+from resnet_train.config import AugmentConfig, DataConfig, TrainerConfig
+from resnet_train.data.transforms import Cutout, build_batch_mixer, build_transform
+from resnet_train.engine.checkpoint import load_checkpoint
+from resnet_train.engine.trainer import DTYPES, Training, build_criterion, fit, train_one_epoch
+from tests.conftest import SMOKE, compose_config, run_cli
+from tests.test_train import scalars
+
+# --- the building blocks, on a network without batch statistics ---------------------------------
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+
+
+def toy_data(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
+
+
+class Writer:
+    """Collects what the trainer sends to TensorBoard."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.setdefault(tag, []).append((step, float(value)))
+
+
+def make_training(model: nn.Module, lr: float = 0.1, writer=None, **trainer) -> Training:
+    cfg = TrainerConfig(device="cpu", progress=False, **trainer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    return Training(
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
+        scaler=torch.amp.GradScaler("cpu", enabled=cfg.precision == "fp16"),
+        criterion=build_criterion(cfg.label_smoothing),
+        device=torch.device("cpu"),
+        cfg=cfg,
+        step_schedule_per_batch=True,
+        writer=writer,
+    )
+
+
+def grads_at_each_step(t: Training) -> list[list[torch.Tensor]]:
+    """The gradients as the optimizer's step() sees them, one list per step."""
+    seen: list[list[torch.Tensor]] = []
+    t.optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.detach().clone() for p in t.model.parameters()])
+    )
+    return seen
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+
+def test_label_smoothing_mixes_each_target_with_the_uniform_distribution():
+    logits, targets = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    log_p = logits.log_softmax(1)
+    nll, uniform = -log_p.gather(1, targets[:, None]).squeeze(1), -log_p.mean(1)
+    expected = (0.9 * nll + 0.1 * uniform).mean().item()
+    assert build_criterion(0.1)(logits, targets).item() == pytest.approx(expected, rel=1e-6)
+    assert build_criterion(0.0)(logits, targets).item() == pytest.approx(nll.mean().item())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_computes_in_half_and_keeps_fp32_weights_on_the_cpu(precision):
+    model = tiny_net()
+    dtypes = []
+    model[-1].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
+    t = make_training(model, lr=0.05, precision=precision)
+    stats = train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), precision)
+    assert set(dtypes) == {DTYPES[precision]}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert math.isfinite(stats.loss)
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert t.scaler.is_enabled() == (precision == "fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clipping_by_norm_bounds_the_true_gradient_and_logs_its_norm(precision):
+    limit = 1e-3  # far below any gradient norm of this net at initialisation
+    writer = Writer()
+    t = make_training(
+        tiny_net(), precision=precision, clip_grad_norm=limit, log_every_steps=1, writer=writer
+    )
+    grads = grads_at_each_step(t)
+    train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "clip")
+    # Under fp16 the optimizer sees unscaled gradients of norm `limit`, not limit / scale.
+    assert [total_norm(g) for g in grads] == pytest.approx([limit] * 4, rel=1e-3)
+    logged = writer.scalars["train/grad_norm"]
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert all(limit * 10 < norm < 1e3 for _, norm in logged)  # the norm before clipping
+
+
+def test_clipping_by_value_caps_every_gradient_element():
+    t = make_training(tiny_net(), clip_grad_value=1e-4)
+    grads = grads_at_each_step(t)
+    train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "clip")
+    assert len(grads) == 4
+    for step in grads:
+        assert max(g.abs().max().item() for g in step) == pytest.approx(1e-4)
+
+
+def run_batches(sizes: list[int], k: int, precision: str = "fp32") -> Training:
+    """Train tiny_net for one epoch on batches of these sizes, in order, with k-step
+    accumulation."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    batches = [list(range(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
+    t = make_training(tiny_net(), lr=0.1, accumulate_steps=k, precision=precision)
+    train_one_epoch(t, DataLoader(toy_data(sum(sizes)), batch_sampler=batches), "acc")
+    return t
+
+
+# bf16: about one bf16 rounding step (2**-8) at the weights' scale (~0.2).
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-6), ("bf16", 1e-3)])
+def test_k_micro_batches_give_the_weights_of_one_batch(precision, tolerance):
+    # 10 micro-batches of 8 with k=4: groups of 4, 4 and a last, partial group of 2, which
+    # must step as one batch of 16.
+    whole = run_batches([32, 32, 16], k=1, precision=precision)
+    micro = run_batches([8] * 10, k=4, precision=precision)
+    assert whole.global_step == micro.global_step == 3
+    # The per-step schedule stepped once per optimizer step, not per micro-batch.
+    assert micro.scheduler.last_epoch == 3
+    assert micro.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    diff = max(
+        (a - b).abs().max().item()
+        for a, b in zip(whole.model.parameters(), micro.model.parameters(), strict=True)
+    )
+    assert diff <= tolerance
+    if precision == "fp32":
+        fewer = run_batches([8] * 10, k=5)  # groups of 40: other weights
+        assert any(
+            not torch.allclose(a, b, atol=1e-4)
+            for a, b in zip(whole.model.parameters(), fewer.model.parameters(), strict=True)
+        )
+
+
+class FakeDDP(nn.Module):
+    """Stands in for DistributedDataParallel: records whether each forward-backward ran inside
+    no_sync() (no gradient all-reduce)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.syncing = True
+        self.synced: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.synced.append(self.syncing)
+        return self.module(x)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncing = False
+        try:
+            yield
+        finally:
+            self.syncing = True
+
+
+def test_only_the_last_micro_batch_of_a_group_all_reduces():
+    model = FakeDDP(tiny_net())
+    t = make_training(model, accumulate_steps=3)
+    train_one_epoch(t, DataLoader(toy_data(56), batch_size=8), "ddp")  # 7 micro-batches
+    assert model.synced == [False, False, True, False, False, True, True]
+    assert t.global_step == 3
+
+
+def test_ema_averages_the_weights_once_per_optimizer_step():
+    model, decay = tiny_net(), 0.9
+    t = make_training(model, accumulate_steps=2)
+    t.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    manual: list[torch.Tensor] = []
+
+    def average(*_):
+        now = [p.detach().clone() for p in model.parameters()]
+        manual[:] = (
+            now
+            if not manual
+            else [decay * m + (1 - decay) * p for m, p in zip(manual, now, strict=True)]
+        )
+
+    t.optimizer.register_step_post_hook(average)
+    train_one_epoch(t, DataLoader(toy_data(96), batch_size=16), "ema")  # 6 micro-batches
+    assert int(t.ema.n_averaged) == 3
+    for expected, ema in zip(manual, t.ema.module.parameters(), strict=True):
+        torch.testing.assert_close(ema, expected, rtol=0, atol=1e-6)
+    assert any(not torch.equal(e, p) for e, p in zip(manual, model.parameters(), strict=True))
+
+
+# --- augmentation ---------------------------------------------------------------------------------
+
+
+def uint8_image(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g)
+
+
+def plain_transform(**augment) -> v2.Compose:
+    """The training transform with crop and flip off, so only the knob under test acts."""
+    cfg = DataConfig(augment=AugmentConfig(crop="none", hflip=False, **augment))
+    return build_transform(cfg, train=True)
+
+
+@pytest.mark.parametrize(
+    ("augment", "kind"),
+    [
+        ({"autoaugment": "cifar10"}, v2.AutoAugment),
+        ({"autoaugment": "imagenet"}, v2.AutoAugment),
+        ({"randaugment": True}, v2.RandAugment),
+        ({"trivialaugment": True}, v2.TrivialAugmentWide),
+    ],
+)
+def test_augmentation_policies_change_images(augment, kind):
+    image, baseline = uint8_image(), plain_transform()(uint8_image())
+    transform = plain_transform(**augment)
+    assert any(isinstance(step, kind) for step in transform.transforms)
+    outputs = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        outputs.append(transform(image))
+    assert all(out.shape == baseline.shape and out.dtype == torch.float32 for out in outputs)
+    assert sum(not torch.equal(out, baseline) for out in outputs) >= 4
+    if "autoaugment" in augment:
+        assert transform.transforms[0].policy.value == augment["autoaugment"]
+
+
+def zero_box(image: torch.Tensor) -> tuple[int, int, int]:
+    """(height, width, zero count) of the bounding box of the all-channel zero pixels."""
+    mask = (image == 0).all(0)
+    rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+    height = int(rows.max() - rows.min() + 1) if len(rows) else 0
+    width = int(cols.max() - cols.min() + 1) if len(cols) else 0
+    return height, width, int(mask.sum())
+
+
+def test_cutout_zeroes_one_square_after_normalisation():
+    transform = plain_transform(cutout=8)
+    assert isinstance(transform.transforms[-1], Cutout)
+    assert zero_box(plain_transform()(uint8_image()))[2] == 0
+    boxes = []
+    for seed in range(30):
+        torch.manual_seed(seed)
+        height, width, zeros = zero_box(transform(uint8_image()))
+        assert zeros == height * width and 0 < height <= 8 and 0 < width <= 8
+        boxes.append((height, width))
+    assert (8, 8) in boxes  # whole squares away from the border
+    assert any(box != (8, 8) for box in boxes)  # clipped at the border, as in the paper
+
+
+def test_random_erasing_erases_a_rectangle_with_the_given_probability():
+    transform = plain_transform(random_erasing=1.0)
+    torch.manual_seed(0)
+    height, width, zeros = zero_box(transform(uint8_image()))
+    assert zeros == height * width > 0
+    torch.manual_seed(0)
+    assert zero_box(plain_transform(random_erasing=0.0)(uint8_image()))[2] == 0
+
+
+def test_mixup_mixes_images_and_labels_by_the_same_weight():
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.arange(8)  # distinct, so each row's weight can be read off its label
+    mixer = build_batch_mixer(AugmentConfig(mixup_alpha=0.4), num_classes=10)
+    torch.manual_seed(0)
+    mixed, soft = mixer(images, labels)
+    assert soft.shape == (8, 10)
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    lam = soft[0, 0].item()
+    assert 0 < lam < 1
+    partner = labels.roll(1)
+    torch.testing.assert_close(soft[torch.arange(8), partner], torch.full((8,), 1 - lam))
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.roll(1, 0))
+
+
+def test_cutmix_label_weights_equal_the_pasted_area():
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.arange(8)
+    mixer = build_batch_mixer(AugmentConfig(cutmix_alpha=1.0), num_classes=10)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        mixed, soft = mixer(images, labels)
+        kept = (mixed == images).all(1).float().mean((1, 2))  # share of own pixels per image
+        pasted = (mixed == images.roll(1, 0)).all(1)
+        assert torch.equal((mixed == images).all(1) | pasted, torch.ones_like(pasted))
+        torch.testing.assert_close(soft[torch.arange(8), labels], kept)
+    assert build_batch_mixer(AugmentConfig(), 10) is None
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+
+
+def test_the_knobs_together_train_in_bf16_and_log_gradient_norms(tmp_path):
+    cfg = compose_config(
+        *SMOKE,
+        "data.train_size=128",
+        "trainer.precision=bf16",
+        "trainer.label_smoothing=0.1",
+        "trainer.clip_grad_norm=5.0",
+        "trainer.accumulate_steps=2",
+        "data.augment.mixup_alpha=0.2",
+        "data.augment.cutmix_alpha=1.0",
+        "data.augment.trivialaugment=true",
+        "data.augment.cutout=8",
+        "trainer.log_every_steps=1",
+        "trainer.grad_norm_every_steps=1",
+    )
+    metrics = fit(cfg, tmp_path)
+    assert math.isfinite(metrics["train"]["loss"]) and math.isfinite(metrics["test"]["loss"])
+    tags = scalars(tmp_path)
+    steps = math.ceil(math.ceil(115 / 32) / 2)  # 115 training images after the 10% split
+    assert [step for step, _ in tags["train/grad_norm"]] == list(range(1, steps + 1))
+    assert [step for step, _ in tags["grad_norm/conv1.weight"]] == list(range(1, steps + 1))
+    assert "grad_norm/fc.weight" in tags and "grad_norm/bn1.weight" not in tags
+
+
+def test_early_stopping_stops_after_patience_epochs_and_keeps_the_best(tmp_path, caplog):
+    cfg = compose_config(
+        *SMOKE,
+        "data.train_size=128",
+        "trainer.epochs=10",
+        "trainer.early_stopping.patience=2",
+        "trainer.early_stopping.min_delta=100",  # no epoch can beat the first by 100 points
+    )
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        metrics = fit(cfg, tmp_path)
+    assert metrics["epochs_run"] == 3 and metrics["epochs_total"] == 10
+    reasons = [r.message for r in caplog.records if r.message.startswith("early stopping")]
+    assert reasons == [metrics["stopped_early"]]
+    assert "valid/acc has not improved by more than 100.0 for 2 epochs" in reasons[0]
+    accs = [acc for _, acc in scalars(tmp_path)["valid/acc"]]
+    assert len(accs) == 3
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == accs.index(max(accs)) + 1
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+
+
+def test_ema_weights_can_be_selected_for_best_pt(tmp_path):
+    cfg = compose_config(*SMOKE, "trainer.ema.decay=0.9", "trainer.ema.select=ema")
+    metrics = fit(cfg, tmp_path)
+    assert metrics["selected_weights"] == "ema"
+    tags = scalars(tmp_path)
+    assert "valid_ema/acc" in tags and "valid/acc" in tags
+    best, last = load_checkpoint(tmp_path / "best.pt"), load_checkpoint(tmp_path / "last.pt")
+    assert best["weights"] == "ema" and last["weights"] == "raw"
+    for key, value in best["model"].items():
+        assert torch.equal(value, last["ema"][f"module.{key}"])
+    assert not torch.equal(best["model"]["conv1.weight"], last["model"]["conv1.weight"])
+
+
+def test_deterministic_runs_with_workers_are_bit_identical(tmp_path):
+    def run(name: str, seed: int) -> dict:
+        cfg = compose_config(
+            *SMOKE,
+            "data.train_size=96",
+            "data.num_workers=2",
+            "trainer.deterministic=true",
+            f"seed={seed}",
+        )
+        fit(cfg, tmp_path / name)
+        return load_checkpoint(tmp_path / name / "last.pt")
+
+    first, second, other = run("a", 0), run("b", 0), run("c", 1)
+    for key, value in first["model"].items():
+        assert torch.equal(value, second["model"][key]), key
+    for state_a, state_b in zip(
+        first["optimizer"]["state"].values(), second["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
+    assert not torch.equal(first["model"]["conv1.weight"], other["model"]["conv1.weight"])
+
+
+def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path):
+    result = run_cli(*SMOKE, "optim.lr=1e30", "hydra.run.dir=run", cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2
+    assert len(lines) == 1 and lines[0].startswith("resnet-train: error: the training loss is ")
+    assert " at step " in lines[0] and "the step was not applied" in lines[0]
+    assert not (tmp_path / "run" / "last.pt").exists()
