@@ -151,3 +151,52 @@ def test_training_logs_the_per_step_onecycle_rate_torch_would_give(tmp_path):
     optimizer = _fresh(0.2)
     reference = lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=steps)
     assert logged == pytest.approx(_lrs(reference, optimizer, steps), rel=1e-6)
+
+
+RECIPES = [
+    "cifar10_resnet_paper",
+    "cifar10_resnet18",
+    "cifar10_resnet18_cosine",
+    "cifar10_resnet56",
+    "imagenet_resnet50",
+    "imagenet_resnet50_modern",
+    "cifar10_cpu",
+    "smoke",
+]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_composes_validates_and_names_its_source(name):
+    from resnet_train.config import validate
+    from tests.conftest import REPO
+
+    validate(compose_config(f"experiment={name}", "trainer.device=cpu"))
+    text = (REPO / "configs" / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert f"resnet-train experiment={name}" in text  # how to run it
+
+
+def test_paper_recipe_divides_the_lr_at_32k_and_48k_iterations_and_ends_near_64k():
+    cfg = compose_config("experiment=cifar10_resnet_paper", "model=resnet110")
+    assert cfg.model.name == "resnet110" and cfg.optim.decay_norm_and_bias
+    steps_per_epoch = math.ceil(45_000 / cfg.data.batch_size)  # 352
+    total = cfg.trainer.epochs * steps_per_epoch
+    assert 64_000 <= total < 64_000 + steps_per_epoch
+    optimizer = _fresh(cfg.optim.lr)
+    lrs = _lrs(build_scheduler(cfg.schedule, optimizer, cfg.trainer.epochs, steps_per_epoch),
+               optimizer, total)  # fmt: skip
+    assert lrs[31_999] == pytest.approx(0.1) and lrs[32_000] == pytest.approx(0.01)
+    assert lrs[47_999] == pytest.approx(0.01) and lrs[48_000] == pytest.approx(0.001)
+
+
+def test_imagenet_recipes_scale_the_lr_with_the_global_batch():
+    v1 = compose_config("experiment=imagenet_resnet50")
+    assert effective_lr(v1.optim, 256) == pytest.approx(0.1)
+    assert effective_lr(v1.optim, 8 * 32) == pytest.approx(0.1)
+    modern = compose_config("experiment=imagenet_resnet50_modern")
+    assert effective_lr(modern.optim, 1024) == pytest.approx(0.5)  # torchvision's 0.5 at 1024
+    optimizer = _fresh(0.5)
+    lrs = _lrs(build_scheduler(modern.schedule, optimizer, 600, 1), optimizer, 600)
+    assert lrs[0] == pytest.approx(0.005) and lrs[5] == pytest.approx(0.5)
+    assert lrs[-1] < 1e-4
+    assert modern.trainer.label_smoothing == 0.1 and modern.trainer.ema.decay == 0.99997
