@@ -15,7 +15,7 @@ import hydra
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from resnet_train.config import TrainConfig, register_configs, validate
@@ -59,11 +59,17 @@ def describe_composition_error(error: Exception) -> str:
 
 
 def precheck(args: list[str]) -> None:
-    """Compose and validate a single run's config (args are all key=value overrides) and make
-    sure its data is there, so that a run directory is made only for a run that can start."""
+    """Compose and validate a single run's config (args are all key=value overrides), make sure
+    its data is there and that its run directory may be used (a new run must not land on an old
+    one; a resumed one must fit its checkpoint), so that Hydra writes into a run directory only
+    for a run that can start."""
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = compose("train", overrides=args)
+            cfg = compose("train", overrides=args, return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            run_dir = Path(str(cfg.hydra.run.dir))
+            with open_dict(cfg):
+                del cfg["hydra"]
     except Exception as e:  # Hydra's composition errors come in several types
         _fail(describe_composition_error(e))
     try:
@@ -74,12 +80,26 @@ def precheck(args: list[str]) -> None:
         from resnet_train.data import check_data
 
         check_data(cfg.data)
+        _check_run_dir(cfg, run_dir)
     except UserError as e:
         _fail(e)
 
 
+def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
+
+    if cfg.resume is None and not any((run_dir / n).exists() for n in CHECKPOINT_NAMES):
+        return
+    from resnet_train.engine.resume import check_config, find_resume
+
+    point = find_resume(cfg, run_dir)
+    if point is not None:
+        check_config(point, cfg)
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train(cfg: DictConfig) -> float | None:
+    from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
 
     try:
@@ -90,6 +110,8 @@ def train(cfg: DictConfig) -> float | None:
         metrics = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
     except (UserError, FloatingPointError) as e:
         _fail(e)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)  # fit() has logged where the checkpoint is
     # The return value is what Hydra sweepers (Optuna, Ax) optimise.
     valid = metrics.get("valid")
     return valid["acc"] if valid else None

@@ -8,6 +8,7 @@ runs before any data is touched.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,6 +177,10 @@ class TrainerConfig:
     log_every_steps: int = 50
     # Per-layer gradient norms to TensorBoard every this many optimizer steps; 0 = off.
     grad_norm_every_steps: int = 0
+    # Also save last.pt every this many optimizer steps, mid-epoch (0 = at epoch ends only).
+    checkpoint_every_steps: int = 0
+    # After a stop signal under SLURM (SLURM_JOB_ID set), put the job back in the queue.
+    requeue: bool = True
     # tqdm bars: null shows them only on a terminal.
     progress: bool | None = None
 
@@ -190,12 +195,31 @@ class TrainConfig:
     seed: int = 0
     # "train", or "summary": print the model's parameters, MACs and stage shapes, and stop.
     task: str = "train"
-    # A checkpoint file (last.pt or best.pt of an earlier run) to continue from.
+    # The run's directory is outputs/<name>; null names it after the command line's overrides.
+    name: str | None = None
+    # "auto": continue the run in this run's directory from its newest readable checkpoint (or
+    # start it when it has none); or a checkpoint file (last.pt of an earlier run); null: a new
+    # run, refused if the directory already holds one.
     resume: str | None = None
+
+
+def run_name(name: str | None, overrides: str) -> str:
+    """A run's directory name: `name` when given, else its overrides ("data-cifar10+seed-1"),
+    made safe as one folder name; "default" when there are none."""
+    if name:
+        return name
+    if not overrides:
+        return "default"
+    safe = overrides.replace("/", "_").replace("\\", "_")
+    if len(safe) > 200:  # file systems cap a name at 255 bytes
+        safe = f"{safe[:180]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
+    return safe
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
 
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
@@ -347,6 +371,14 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.ema.select", ema.select, ("best", "ema", "raw"))
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
     _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
+    _at_least("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
+    if cfg.name is not None:
+        _check(
+            bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
+            "name",
+            cfg.name,
+            "a non-empty folder name without '/'",
+        )
     _check(
         _is_device(t.device),
         "trainer.device",

@@ -21,5 +21,7 @@ def progress_bar(total_images: int, desc: str, enabled: bool | None) -> tqdm:
     )
 
 
-def tensorboard_writer(run_dir: Path) -> SummaryWriter:
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+def tensorboard_writer(run_dir: Path, purge_step: int | None = None) -> SummaryWriter:
+    """Every scalar is logged against the optimizer step. purge_step (a resumed run's first
+    step) hides the events a killed run wrote at or after it, so no step appears twice."""
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)

@@ -182,13 +182,15 @@ def test_resume_from_a_bad_file_or_another_model_fails_in_one_line(tmp_path):
     result = run_cli(
         *SMOKE,
         "model=resnet32",
+        "data.train_size=64",
         f"resume={tmp_path / 'run2' / 'last.pt'}",
         "trainer.epochs=2",
         "hydra.run.dir=run3",
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "holds a resnet20 model, not model.name=resnet32" in result.stderr
+    assert "was made with another config: model.name: 'resnet20' -> 'resnet32'." in result.stderr
+    assert not (tmp_path / "run3").exists()  # refused before Hydra made the directory
 
 
 def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
@@ -196,7 +198,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     digest = sha256(tmp_path / "run" / "last.pt")
     result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2
-    assert "already holds last.pt, best.pt" in result.stderr
+    assert "run directory run already holds last.pt: continue it with resume=auto" in result.stderr
     assert sha256(tmp_path / "run" / "last.pt") == digest
 
 
@@ -210,8 +212,12 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
-    assert [p.name for p in jobs] == ["0", "1"]
+    # Each job's directory is named after its overrides, as a single run's is.
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == [
+        "data.train_size-64+data-synthetic+model-resnet20+optim.lr-0.05",
+        "data.train_size-64+data-synthetic+model-resnet20+optim.lr-0.1",
+    ]
     lrs = []
     for job in jobs:
         assert (job / "last.pt").is_file() and (job / "metrics.json").is_file()
@@ -222,8 +228,11 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
 def test_default_run_directory_is_under_outputs(tmp_path):
     result = run_cli(*SMOKE, "data.train_size=64", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    runs = list((tmp_path / "outputs").glob("*/*_resnet20_synthetic"))
-    assert len(runs) == 1 and (runs[0] / "metrics.json").is_file()
+    # Named after the overrides, leaving out those that may change on resume (epochs, device).
+    run = tmp_path / "outputs" / "data.train_size-64+data-synthetic+model-resnet20"
+    assert (run / "metrics.json").is_file() and (run / "last.pt").is_file()
+    assert run_cli("name=mine", *SMOKE, "data.train_size=64", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "outputs" / "mine" / "metrics.json").is_file()
 
 
 @pytest.mark.slow

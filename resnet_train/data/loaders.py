@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from resnet_train.config import DataConfig
 from resnet_train.data.cifar import cifar_files, load_cifar
+from resnet_train.data.sampler import EpochSampler
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
 from resnet_train.data.transforms import build_transform
@@ -44,7 +46,15 @@ class TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """`i` is a position, or (position, seed) from EpochSampler: then the transform draws its
+        randomness from that seed alone, and the caller's random state is left as it was."""
+        if isinstance(i, tuple):
+            i, seed = i
+            image, label = self.base[int(self.indices[i])]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), label
         image, label = self.base[int(self.indices[i])]
         return self.transform(image), label
 
@@ -120,12 +130,17 @@ def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarr
     return train, np.asarray(train.targets), val, np.asarray(val.targets)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     # Each worker's torch seed is base_seed + worker_id (set by the DataLoader from its
-    # generator); numpy and random follow it so any augmentation drawing from them is seeded too.
+    # generator); numpy and random follow it, for any transform that draws from them. The
+    # training images themselves are seeded per sample (EpochSampler).
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    # SLURM's preemption signal (sbatch --signal=USR1@90) reaches every process of the job; the
+    # main process saves a checkpoint on it, and the workers must not die of it meanwhile.
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _loader(
@@ -136,11 +151,11 @@ def _loader(
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed) if train else None,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=reused and cfg.num_workers > 0,  # the test set is read once
-        worker_init_fn=_seed_worker,
+        worker_init_fn=_init_worker,
         generator=generator,
     )
 

@@ -11,27 +11,64 @@ import torch
 
 from resnet_train.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The training states of a run directory, newest first: the latest, and the one it replaced.
+# (best.pt holds the selected weights for evaluation; runs continue from these two.)
+CHECKPOINT_NAMES = ("last.pt", "previous.pt")
 REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "config")
 
 
-def _replace_atomically(path: Path, write) -> None:
+TMP_SUFFIX = ".tmp"
+
+
+def _replace_atomically(path: Path, write, keep_previous: Path | None = None) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
-    a failed or killed save leaves the previous file intact and no temporary file behind."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    a failed save leaves the previous file intact and no temporary file behind (a killed one
+    leaves a temporary file that remove_temporaries() clears at the next start). With
+    keep_previous, the file being replaced is first renamed to it, so that one readable
+    checkpoint exists at every moment."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    _replace_atomically(Path(path), lambda f: torch.save(state, f))
+def _sync_directory(folder: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files of saves that were killed midway."""
+    stale = [p for p in folder.glob(f".*.pt.*{TMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def save_checkpoint(
+    state: dict[str, Any], path: str | Path, keep_previous: str | Path | None = None
+) -> None:
+    previous = Path(keep_previous) if keep_previous is not None else None
+    _replace_atomically(Path(path), lambda f: torch.save(state, f), previous)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
@@ -50,6 +87,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle errors, foreign formats: all unreadable

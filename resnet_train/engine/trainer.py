@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,28 @@ from resnet_train.engine.checkpoint import (
     FORMAT_VERSION,
     copy_checkpoint,
     load_checkpoint,
+    remove_temporaries,
     save_checkpoint,
 )
 from resnet_train.engine.early_stopping import Monitor
-from resnet_train.errors import CheckpointError, RunDirError
+from resnet_train.engine.preemption import Preempted, StopSignals, requeue_slurm_job
+from resnet_train.engine.resume import (
+    ResumePoint,
+    capture_rng,
+    check_config,
+    find_resume,
+    restore_rng,
+)
+from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer
 from resnet_train.models.build import build_model
 from resnet_train.optim import build_optimizer, build_scheduler, effective_lr
 
 # Tqdm's loss/accuracy figures are read from the device every this many steps, not every step.
 BAR_REFRESH_STEPS = 10
+# Under fp16 the gradient scaler skips steps whose gradients overflow and lowers its scale; this
+# many skipped in a row means the gradients are not finite at any scale: the run stops.
+MAX_SKIPPED_STEPS = 20
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -56,6 +69,47 @@ class EpochStats:
 
 
 @dataclass
+class EpochSums:
+    """Running sums over an epoch's training batches; a mid-epoch checkpoint keeps them, so the
+    epoch's figures come out the same after a resume."""
+
+    loss: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochSums:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss.detach().cpu(),
+            "correct": self.correct.detach().cpu(),
+            "seen": self.seen,
+            "batches": self.batches,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> EpochSums:
+        return cls(
+            state["loss"].to(device),
+            state["correct"].to(device),
+            state["seen"],
+            state["batches"],
+            state["seconds"],
+        )
+
+    def stats(self) -> EpochStats:
+        n = max(self.seen, 1)
+        return EpochStats(
+            self.loss.item() / n, 100 * self.correct.item() / n, self.seen, self.seconds
+        )
+
+
+@dataclass
 class Training:
     """What an optimizer step reads and changes."""
 
@@ -71,6 +125,11 @@ class Training:
     mixer: Any = None
     writer: Any = None
     global_step: int = 0
+    # The current epoch's running sums; train_one_epoch continues from them.
+    sums: EpochSums | None = None
+    # Called after every optimizer step (checkpoints, stop signals).
+    on_step: Callable[[], None] | None = None
+    skipped_in_a_row: int = 0
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -112,33 +171,54 @@ def _log_grad_norms(t: Training) -> None:
             t.writer.add_scalar(f"grad_norm/{name}", p.grad.norm().item(), t.global_step)
 
 
-def _optimizer_step(t: Training, log_now: bool) -> None:
-    """Unscale (fp16), clip, step the optimizer, the scaler, the EMA and a per-step schedule."""
+def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: str) -> None:
+    """Unscale (fp16), clip, check, step the optimizer, the scaler, the EMA and a per-step
+    schedule. In fp32 and bf16 a non-finite loss or gradient stops the run before the step is
+    applied; in fp16 the scaler skips such steps, and MAX_SKIPPED_STEPS in a row stop it."""
     cfg = t.cfg
     params = [p for p in t.model.parameters() if p.grad is not None]
-    layer_norms_now = (
-        cfg.grad_norm_every_steps and (t.global_step + 1) % cfg.grad_norm_every_steps == 0
-    )
-    if cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now:
-        t.scaler.unscale_(t.optimizer)  # clipping and norms see the true gradients
-    grad_norm = None
+    step = t.global_step + 1
+    layer_norms_now = cfg.grad_norm_every_steps and step % cfg.grad_norm_every_steps == 0
+    fp16 = t.scaler.is_enabled()
+    if not fp16 or cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now:
+        t.scaler.unscale_(t.optimizer)  # clipping, norms and checks see the true gradients
     if cfg.clip_grad_value:
         torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
+    grad_norm = None
     if cfg.clip_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-    elif log_now:
+    elif log_now or not fp16:
         grad_norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
         )
-    t.global_step += 1
+    if not fp16 and not bool(torch.isfinite(group_loss) & torch.isfinite(grad_norm)):
+        what = (
+            f"the training loss is {group_loss.item()}"
+            if not torch.isfinite(group_loss)
+            else f"the gradient norm is {grad_norm.item()}"
+        )
+        raise NonFiniteLossError(
+            f"{what} at step {step} ({desc}); the step was not applied and the last "
+            "checkpoint is untouched"
+        )
+    t.global_step = step
     if t.writer is not None:
         if log_now and grad_norm is not None:
-            t.writer.add_scalar("train/grad_norm", grad_norm.item(), t.global_step)
+            t.writer.add_scalar("train/grad_norm", grad_norm.item(), step)
         if layer_norms_now:
             _log_grad_norms(t)
-        t.writer.add_scalar("lr", t.optimizer.param_groups[0]["lr"], t.global_step)
+        t.writer.add_scalar("lr", t.optimizer.param_groups[0]["lr"], step)
+    scale = t.scaler.get_scale() if fp16 else None
     t.scaler.step(t.optimizer)
     t.scaler.update()
+    if fp16:
+        t.skipped_in_a_row = t.skipped_in_a_row + 1 if t.scaler.get_scale() < scale else 0
+        if t.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            raise NonFiniteLossError(
+                f"the fp16 gradient scaler skipped {t.skipped_in_a_row} steps in a row up to "
+                f"step {step} ({desc}): the gradients are not finite at any scale; the last "
+                "checkpoint is untouched"
+            )
     t.optimizer.zero_grad(set_to_none=True)
     if t.ema is not None:
         t.ema.update_parameters(t.model)
@@ -147,19 +227,22 @@ def _optimizer_step(t: Training, log_now: bool) -> None:
 
 
 def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
-    """One pass over loader. With accumulate_steps=k, gradients of k micro-batches are summed
-    (each loss divided by the group's size) before one optimizer step; an epoch whose batch
-    count is not a multiple of k steps on its last, smaller group too."""
+    """A pass over loader, continuing the epoch's running sums t.sums (a resumed epoch's loader
+    starts at batch t.sums.batches). With accumulate_steps=k, the gradients of k micro-batches are
+    summed (each loss divided by the group's size) before one optimizer step; an epoch whose
+    batch count is not a multiple of k steps on its last, smaller group too."""
     model, cfg = t.model, t.cfg
     model.train()
-    k, n_batches = cfg.accumulate_steps, len(loader)
-    # Sums stay on the device; they are read back only every BAR_REFRESH_STEPS and at the end.
-    loss_sum = torch.zeros((), device=t.device)
-    correct = torch.zeros((), device=t.device, dtype=torch.long)
-    seen = 0
-    start = time.perf_counter()
+    if t.sums is None:
+        t.sums = EpochSums.zeros(t.device)
+    sums = t.sums
+    k, first = cfg.accumulate_steps, sums.batches
+    n_batches = first + len(loader)
+    start, seconds_before = time.perf_counter(), sums.seconds
     bar = progress_bar(len(loader.dataset), desc, cfg.progress)
-    for i, (images, targets) in enumerate(loader):
+    bar.update(sums.seen)
+    group_loss = torch.zeros((), device=t.device)
+    for i, (images, targets) in enumerate(loader, start=first):
         images = images.to(t.device, non_blocking=True)
         targets = targets.to(t.device, non_blocking=True)
         group_start = i - i % k
@@ -176,31 +259,32 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
             with autocast(t.device, cfg.precision):
                 outputs = model(images)
                 loss = t.criterion(outputs, labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the training loss is {loss.item()} at step {t.global_step + 1} ({desc}); "
-                    "the step was not applied and the last checkpoint is untouched"
-                )
             t.scaler.scale(loss / group_size).backward()
+        loss = loss.detach().float()
+        group_loss += loss / group_size
+        batch = targets.shape[0]
+        sums.seen += batch
+        sums.batches = i + 1
+        sums.loss += loss * batch
+        sums.correct += (outputs.detach().argmax(1) == targets).sum()
+        bar.update(batch)
         if last_in_group:
             log_now = (t.global_step + 1) % cfg.log_every_steps == 0
-            _optimizer_step(t, log_now)
+            _optimizer_step(t, log_now, group_loss, desc)
             if log_now and t.writer is not None:
-                t.writer.add_scalar("train/loss_step", loss.item(), t.global_step)
-
-        batch = targets.shape[0]
-        seen += batch
-        loss_sum += loss.detach().float() * batch
-        correct += (outputs.detach().argmax(1) == targets).sum()
-        bar.update(batch)
-        if not bar.disable and ((i + 1) % BAR_REFRESH_STEPS == 0 or i in (0, n_batches - 1)):
+                t.writer.add_scalar("train/loss_step", group_loss.item(), t.global_step)
+            group_loss = torch.zeros((), device=t.device)
+            sums.seconds = seconds_before + time.perf_counter() - start
+            if t.on_step is not None:
+                t.on_step()
+        if not bar.disable and ((i + 1) % BAR_REFRESH_STEPS == 0 or i in (first, n_batches - 1)):
             bar.set_postfix(
-                loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100 * correct.item() / seen:.1f}%"
+                loss=f"{sums.loss.item() / sums.seen:.3f}",
+                acc=f"{100 * sums.correct.item() / sums.seen:.1f}%",
             )
     bar.close()
-    seconds = time.perf_counter() - start
-    n = max(seen, 1)
-    return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds)
+    sums.seconds = seconds_before + time.perf_counter() - start
+    return sums.stats()
 
 
 @torch.no_grad()
@@ -240,29 +324,116 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _check_run_dir(run_dir: Path, resume: str | None) -> None:
-    """Refuse to train into a directory that already holds another run's checkpoints."""
-    existing = [p.name for p in (run_dir / "last.pt", run_dir / "best.pt") if p.exists()]
-    if existing and resume is None:
-        raise RunDirError(
-            f"run directory {run_dir} already holds {', '.join(existing)}; choose another "
-            f"hydra.run.dir, or continue it with resume={run_dir / 'last.pt'}"
-        )
-
-
 def _metric(stats: EpochStats, name: str) -> float:
     return stats.acc if name.endswith("acc") else stats.loss
 
 
+class _Run:
+    """One fit(): the training state, the monitor, and the checkpoints they make."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, t: Training, monitor: Monitor) -> None:
+        self.cfg, self.run_dir, self.t, self.monitor = cfg, run_dir, t, monitor
+        self.epoch = 0  # epochs completed
+        self.best_valid: dict[str, Any] | None = None
+        self.signals: StopSignals | None = None
+
+    def state(self, mid_epoch: bool) -> dict[str, Any]:
+        t = self.t
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": t.model.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(),
+            "ema": t.ema.state_dict() if t.ema is not None else None,
+            "monitor": self.monitor.state_dict(),
+            "epoch": self.epoch,
+            # Mid-epoch: the batches of epoch `epoch + 1` already trained on, and their sums.
+            "batch_in_epoch": t.sums.batches if mid_epoch else 0,
+            "epoch_sums": t.sums.state_dict() if mid_epoch else None,
+            "global_step": t.global_step,
+            "skipped_in_a_row": t.skipped_in_a_row,
+            "rng": capture_rng(),
+            "best_valid": self.best_valid,
+            "weights": "raw",
+            "config": to_dict(self.cfg),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save_last(self, mid_epoch: bool) -> None:
+        save_checkpoint(
+            self.state(mid_epoch), self.run_dir / "last.pt", self.run_dir / "previous.pt"
+        )
+
+    def after_step(self) -> None:
+        every = self.cfg.trainer.checkpoint_every_steps
+        signum = self.signals.received if self.signals is not None else None
+        if signum is not None or (every and self.t.global_step % every == 0):
+            self.save_last(mid_epoch=True)
+        if signum is not None:
+            raise Preempted(signum, self.t.global_step, str(self.run_dir / "last.pt"))
+
+    def restore(self, point: ResumePoint) -> int:
+        """Load a checkpoint's state; return the batch of its epoch to continue from."""
+        state, t = point.state, self.t
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{point.path} has checkpoint format {state.get('format_version')}, this "
+                f"version reads format {FORMAT_VERSION}"
+            )
+        check_config(point, self.cfg)
+        try:
+            t.model.load_state_dict(state["model"])
+            t.optimizer.load_state_dict(state["optimizer"])
+            t.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):
+                t.scaler.load_state_dict(state["scaler"])
+            if t.ema is not None and state.get("ema"):
+                t.ema.load_state_dict(state["ema"])
+            self.monitor.load_state_dict(state["monitor"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{point.path} does not fit this run's model or optimizer: {first}"
+            ) from None
+        self.epoch = state["epoch"]
+        self.best_valid = state.get("best_valid")
+        t.global_step = state["global_step"]
+        t.skipped_in_a_row = state.get("skipped_in_a_row", 0)
+        if state.get("epoch_sums"):
+            t.sums = EpochSums.from_state(state["epoch_sums"], t.device)
+        restore_rng(state["rng"])
+        return state.get("batch_in_epoch", 0)
+
+
+def _finished(point: ResumePoint, cfg: DictConfig) -> bool:
+    state = point.state
+    monitor = Monitor(**{k: state["monitor"][k] for k in ("metric", "mode")})
+    monitor.load_state_dict(state["monitor"])
+    monitor.patience = cfg.trainer.early_stopping.patience
+    return state["epoch"] >= cfg.trainer.epochs or monitor.should_stop
+
+
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train cfg's model on cfg's data; write checkpoints, TensorBoard logs and metrics.json in
-    run_dir; return the metrics."""
+    run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted."""
     wall_start = time.perf_counter()
     tc = cfg.trainer
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _check_run_dir(run_dir, cfg.resume)
-    resume_state = load_checkpoint(cfg.resume) if cfg.resume else None
+    for stale in remove_temporaries(run_dir):
+        log.info("removed %s, left by a save that was killed midway", stale)
+    point = find_resume(cfg, run_dir)
+    if point is not None and _finished(point, cfg):
+        done = run_dir / "metrics.json"
+        if cfg.resume == "auto" and done.is_file() and point.path.parent == run_dir:
+            log.info("resume=auto: %s already finished; nothing to do", run_dir)
+            return json.loads(done.read_text())
+        if cfg.resume != "auto":
+            raise CheckpointError(
+                f"resume={cfg.resume} already finished epoch {point.state['epoch']} of "
+                f"trainer.epochs={tc.epochs}; raise trainer.epochs to train further"
+            )
 
     seed_everything(cfg.seed, tc.deterministic)
     device = resolve_device(tc.device)
@@ -288,16 +459,21 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema.decay), use_buffers=True
         )
     es = tc.early_stopping
-    monitor = Monitor(es.monitor, es.mode, es.patience, es.min_delta)
+    run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta))
+    monitor = run.monitor
 
-    start_epoch = 0
-    if resume_state is not None:
-        _restore(resume_state, cfg, t, monitor)
-        start_epoch = resume_state["epoch"]
-        previous_best = Path(cfg.resume).expanduser().parent / "best.pt"
-        if monitor.best_epoch and previous_best.is_file() and not (run_dir / "best.pt").exists():
-            copy_checkpoint(previous_best, run_dir / "best.pt")
-        log.info("resumed from %s after epoch %d", cfg.resume, start_epoch)
+    start_batch = 0
+    if point is not None:
+        start_batch = run.restore(point)
+        if point.path.parent != run_dir:  # resume=PATH from another directory
+            previous_best = point.path.parent / "best.pt"
+            if monitor.best_epoch and previous_best.is_file():
+                copy_checkpoint(previous_best, run_dir / "best.pt")
+        where = f", batch {start_batch} of epoch {run.epoch + 1}" if start_batch else ""
+        log.info(
+            "resumed from %s: %d epochs done, step %d%s",
+            point.path, run.epoch, t.global_step, where,
+        )  # fmt: skip
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -323,77 +499,80 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         )
     log.info("run directory: %s", run_dir)
 
-    t.writer = tensorboard_writer(run_dir)
+    # A resumed run appends to the same event files; steps after its checkpoint are dropped.
+    t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1 if point else None)
+    t.on_step = run.after_step
     epochs = tc.epochs
     throughputs = []
     train_stats = None
     epochs_run = 0
-    stop_reason = None
+    stop_reason = monitor.reason() if point is not None and monitor.should_stop else None
     try:
-        for epoch in range(start_epoch, epochs):
-            tag = f"epoch {epoch + 1}/{epochs}"
-            lr_now = optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
-            if not t.step_schedule_per_batch:
-                t.scheduler.step()
-            epochs_run += 1
-            throughputs.append(train_stats.images_per_s)
-            line = (
-                f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
-                f"{train_stats.images_per_s:.0f} img/s {train_stats.seconds:.1f} s"
-            )
-            w, e = t.writer, epoch + 1
-            w.add_scalar("train/loss", train_stats.loss, e)
-            w.add_scalar("train/acc", train_stats.acc, e)
-            w.add_scalar("train/images_per_s", train_stats.images_per_s, e)
-            w.add_scalar("train/epoch_time_s", train_stats.seconds, e)
-
-            improved, selected_weights, best_valid = False, "raw", None
-            if loaders.valid is not None:
-                results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
-                                           f"{tag} valid", tc.progress)}  # fmt: skip
-                if t.ema is not None:
-                    results["ema"] = evaluate(t.ema.module, loaders.valid, device, tc.precision,
-                                              f"{tag} valid (EMA)", tc.progress)  # fmt: skip
-                for name, stats in results.items():
-                    prefix = "valid" if name == "raw" else "valid_ema"
-                    w.add_scalar(f"{prefix}/loss", stats.loss, e)
-                    w.add_scalar(f"{prefix}/acc", stats.acc, e)
-                    line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
-                selected_weights = _select(results, tc.ema.select, monitor)
-                chosen = results[selected_weights]
-                best_valid = {"loss": chosen.loss, "acc": chosen.acc, "weights": selected_weights}
-                improved = monitor.update(_metric(chosen, monitor.metric), e)
-            log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
-
-            state = {
-                "format_version": FORMAT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": t.scheduler.state_dict(),
-                "scaler": t.scaler.state_dict(),
-                "ema": t.ema.state_dict() if t.ema is not None else None,
-                "monitor": monitor.state_dict(),
-                "epoch": e,
-                "global_step": t.global_step,
-                "best_valid": best_valid,
-                "weights": "raw",
-                "config": to_dict(cfg),
-                "torch_version": str(torch.__version__),
-            }
-            save_checkpoint(state, run_dir / "last.pt")
-            if improved and selected_weights == "ema":
-                ema_weights = t.ema.module.state_dict()
-                save_checkpoint(
-                    {**state, "model": ema_weights, "weights": "ema"}, run_dir / "best.pt"
+        with StopSignals() as signals:
+            run.signals = signals
+            for epoch in range(run.epoch, epochs):
+                if stop_reason:
+                    break
+                tag = f"epoch {epoch + 1}/{epochs}"
+                lr_now = optimizer.param_groups[0]["lr"]
+                batch_size = cfg.data.batch_size
+                loaders.train.sampler.set_epoch(epoch, start=start_batch * batch_size)
+                if not start_batch:
+                    t.sums = EpochSums.zeros(device)
+                start_batch = 0
+                train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
+                if not t.step_schedule_per_batch:
+                    t.scheduler.step()
+                epochs_run += 1
+                throughputs.append(train_stats.images_per_s)
+                line = (
+                    f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
+                    f"{train_stats.images_per_s:.0f} img/s {train_stats.seconds:.1f} s"
                 )
-            elif improved:
-                copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
-            w.flush()
-            if monitor.should_stop:
-                stop_reason = monitor.reason()
-                log.info("%s", stop_reason)
-                break
+                w, e, step = t.writer, epoch + 1, t.global_step
+                w.add_scalar("epoch", e, step)
+                w.add_scalar("train/loss", train_stats.loss, step)
+                w.add_scalar("train/acc", train_stats.acc, step)
+                w.add_scalar("train/images_per_s", train_stats.images_per_s, step)
+                w.add_scalar("train/epoch_time_s", train_stats.seconds, step)
+
+                improved, selected_weights = False, "raw"
+                if loaders.valid is not None:
+                    results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
+                                               f"{tag} valid", tc.progress)}  # fmt: skip
+                    if t.ema is not None:
+                        results["ema"] = evaluate(t.ema.module, loaders.valid, device,
+                                                  tc.precision, f"{tag} valid (EMA)",
+                                                  tc.progress)  # fmt: skip
+                    for name, stats in results.items():
+                        prefix = "valid" if name == "raw" else "valid_ema"
+                        w.add_scalar(f"{prefix}/loss", stats.loss, step)
+                        w.add_scalar(f"{prefix}/acc", stats.acc, step)
+                        line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
+                    selected_weights = _select(results, tc.ema.select, monitor)
+                    chosen = results[selected_weights]
+                    run.best_valid = {
+                        "loss": chosen.loss,
+                        "acc": chosen.acc,
+                        "weights": selected_weights,
+                    }
+                    improved = monitor.update(_metric(chosen, monitor.metric), e)
+                log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
+
+                run.epoch = e
+                run.save_last(mid_epoch=False)
+                if improved and selected_weights == "ema":
+                    state = run.state(mid_epoch=False)
+                    state.update(model=t.ema.module.state_dict(), weights="ema")
+                    save_checkpoint(state, run_dir / "best.pt")
+                elif improved:
+                    copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+                w.flush()
+                if monitor.should_stop:
+                    stop_reason = monitor.reason()
+                    log.info("%s", stop_reason)
+                if signals.received is not None:
+                    raise Preempted(signals.received, t.global_step, str(run_dir / "last.pt"))
 
         # The test set is read once, at the end, with the selected weights.
         selected = "best.pt" if loaders.valid is not None else "last.pt"
@@ -404,8 +583,13 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
             test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
         )  # fmt: skip
-        t.writer.add_scalar("test/loss", test_stats.loss, final["epoch"])
-        t.writer.add_scalar("test/acc", test_stats.acc, final["epoch"])
+        t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
+        t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
+    except Preempted as stop:
+        log.info("%s", stop)
+        if tc.requeue:
+            requeue_slurm_job()
+        raise
     finally:
         t.writer.close()
 
@@ -414,6 +598,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "data": cfg.data.name,
         "epochs_run": epochs_run,
         "epochs_total": epochs,
+        "epochs_done": run.epoch,
+        "global_step": t.global_step,
         "stopped_early": stop_reason,
         "selected_checkpoint": selected,
         "selected_epoch": final["epoch"],
@@ -436,32 +622,3 @@ def _select(results: dict[str, EpochStats], select: str, monitor: Monitor) -> st
         return "ema"
     raw, ema = (_metric(results[k], monitor.metric) for k in ("raw", "ema"))
     return "ema" if monitor.better(ema, raw) else "raw"
-
-
-def _restore(state: dict[str, Any], cfg: DictConfig, t: Training, monitor: Monitor) -> None:
-    saved_model = state["config"].get("model", {}).get("name")
-    if saved_model != cfg.model.name:
-        raise CheckpointError(
-            f"resume={cfg.resume} holds a {saved_model} model, not model.name={cfg.model.name}"
-        )
-    try:
-        t.model.load_state_dict(state["model"])
-        t.optimizer.load_state_dict(state["optimizer"])
-        t.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            t.scaler.load_state_dict(state["scaler"])
-        if t.ema is not None and state.get("ema"):
-            t.ema.load_state_dict(state["ema"])
-        if state.get("monitor"):
-            monitor.load_state_dict(state["monitor"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(
-            f"resume={cfg.resume} does not fit this run's model or optimizer: {first}"
-        ) from None
-    t.global_step = state.get("global_step", 0)
-    if state["epoch"] >= cfg.trainer.epochs:
-        raise CheckpointError(
-            f"resume={cfg.resume} already finished epoch {state['epoch']} of trainer.epochs="
-            f"{cfg.trainer.epochs}; raise trainer.epochs to train further"
-        )

@@ -1,0 +1,69 @@
+"""Stopping on request: SIGTERM or SIGUSR1 finishes the current optimizer step, saves a
+checkpoint and exits with PREEMPTED_EXIT_CODE; under SLURM the job can requeue itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from types import FrameType
+
+from resnet_train.logging import log
+
+# EX_TEMPFAIL of sysexits.h: "temporary failure, try again": distinct from success (0), a crash
+# (1) and bad input (2).
+PREEMPTED_EXIT_CODE = 75
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {name} after step {step}; the run continues from {checkpoint} with "
+            "the same command and resume=auto"
+        )
+
+
+class StopSignals:
+    """While active, remember the first SIGTERM / SIGUSR1 instead of dying of it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue (rank 0 only), so that it starts again by itself and
+    continues with resume=auto."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or int(os.environ.get("RANK", "0")) != 0:
+        return
+    if shutil.which("scontrol") is None:
+        log.warning("SLURM job %s: scontrol not found; the job was not requeued", job)
+        return
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode == 0:
+        log.info("SLURM job %s requeued", job)
+    else:
+        log.warning("SLURM job %s: scontrol requeue failed: %s", job, result.stderr.strip())

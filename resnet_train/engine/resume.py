@@ -1,0 +1,158 @@
+"""Which checkpoint a run continues from, whether its config may continue it, and the random
+state that makes the continuation exact."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from resnet_train.config import to_dict
+from resnet_train.engine.checkpoint import CHECKPOINT_NAMES, load_checkpoint
+from resnet_train.errors import CheckpointError, RunDirError
+from resnet_train.logging import log
+
+# Keys that may differ between a checkpoint and the run that continues it: where the data is, the
+# device, what is logged and when, how long to train. Any other difference is refused.
+MAY_CHANGE = (
+    "resume",
+    "name",
+    "task",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "trainer.epochs",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.log_every_steps",
+    "trainer.grad_norm_every_steps",
+    "trainer.checkpoint_every_steps",
+    "trainer.requeue",
+    "trainer.early_stopping.patience",
+)
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    state: dict[str, Any]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key whose value differs."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [
+        (key, old.get(key, missing), new.get(key, missing))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
+def check_config(point: ResumePoint, cfg: DictConfig) -> None:
+    """Refuse a checkpoint made with another model, data, optimizer or recipe, naming every
+    changed key; say which allowed keys changed."""
+    changes = config_changes(point.state["config"], to_dict(cfg))
+    refused = [c for c in changes if c[0] not in MAY_CHANGE]
+
+    def show(items: list[tuple[str, Any, Any]]) -> str:
+        return "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in items)
+
+    if refused:
+        raise CheckpointError(
+            f"{point.path} was made with another config: {show(refused)}. Only these keys may "
+            f"change on resume: {', '.join(MAY_CHANGE)}"
+        )
+    allowed = [c for c in changes if c[0] not in ("resume", "name", "task")]
+    if allowed:
+        log.info("resuming with changed settings: %s", show(allowed))
+
+
+def _valid_checkpoints(run_dir: Path) -> tuple[list[ResumePoint], list[str]]:
+    points, problems = [], []
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            points.append(ResumePoint(path, load_checkpoint(path)))
+        except CheckpointError as e:
+            problems.append(str(e))
+    return points, problems
+
+
+def _position(state: dict[str, Any]) -> tuple[int, int]:
+    return state.get("global_step", 0), state["epoch"]
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
+    """The checkpoint this run continues from, or None for a new run.
+
+    resume=null: a new run; a directory that already holds checkpoints is refused.
+    resume=auto: the newest readable checkpoint of run_dir (bad ones are reported); none at all
+    starts a new run; checkpoints that are all unreadable are an error, never a silent restart.
+    resume=PATH: that file.
+    """
+    existing = [name for name in CHECKPOINT_NAMES if (run_dir / name).exists()]
+    if cfg.resume is None:
+        if existing:
+            raise RunDirError(
+                f"run directory {run_dir} already holds {', '.join(existing)}: continue it with "
+                "resume=auto, or start another run with name=NEW_NAME"
+            )
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume).expanduser()
+        return ResumePoint(path, load_checkpoint(path))
+    points, problems = _valid_checkpoints(run_dir)
+    for problem in problems:
+        log.warning("resume=auto: skipping %s", problem)
+    if not points:
+        if problems:
+            raise CheckpointError(
+                f"resume=auto: no readable checkpoint in {run_dir} ({'; '.join(problems)}); "
+                "the run was not restarted from scratch"
+            )
+        log.info("resume=auto: no checkpoint in %s yet; starting a new run", run_dir)
+        return None
+    return max(points, key=lambda p: _position(p.state))
+
+
+# --- random state --------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, numpy, torch CPU and CUDA generator states, in types torch.load(weights_only=True)
+    reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
