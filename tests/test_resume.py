@@ -1,0 +1,290 @@
+"""Checkpoints you can trust: runs killed anywhere continue bit for bit, in place; bad files and
+changed configs are refused in one line; sweeps pick up where they stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_train.engine import checkpoint as checkpoint_module
+from resnet_train.engine.checkpoint import load_checkpoint
+from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE
+from resnet_train.engine.trainer import NonFiniteLossError, fit
+from tests.conftest import SMOKE, compose_config, run_cli
+from tests.test_train import scalars, sha256
+
+# Random crops, flips, Cutout and MixUp in a 3-epoch run of 29 steps an epoch: every source of
+# randomness a resume must reproduce.
+RUN = [
+    "model=resnet20",
+    "data=synthetic",
+    "data.train_size=512",
+    "data.batch_size=16",
+    "data.augment.cutout=8",
+    "data.augment.mixup_alpha=0.2",
+    "trainer.epochs=3",
+    "trainer.device=cpu",
+    "trainer.log_every_steps=1",
+    "name=run",
+]
+
+
+def start(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "resnet_train", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, path: Path, ready, timeout: float = 240) -> dict:
+    """Poll `path` (always whole: it is renamed into place) until ready(state) holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the run ended before the checkpoint: {proc.stdout.read()}"
+        if path.exists():
+            try:
+                state = torch.load(path, weights_only=True)
+            except Exception:  # replaced between exists() and load(): try again
+                state = None
+            if state is not None and ready(state):
+                return state
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The same run, uninterrupted."""
+    cwd = tmp_path_factory.mktemp("reference")
+    result = run_cli(*RUN, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "outputs" / "run"
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    ours, theirs = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert ours["epoch"] == theirs["epoch"] == 3
+    assert ours["global_step"] == theirs["global_step"] == 87
+    for part in ("model", "ema"):
+        assert (ours[part] is None) == (theirs[part] is None)
+    for key, value in theirs["model"].items():  # parameters and BN buffers
+        assert torch.equal(ours["model"][key], value), key
+    for index, state in theirs["optimizer"]["state"].items():
+        assert torch.equal(ours["optimizer"]["state"][index]["momentum_buffer"],
+                           state["momentum_buffer"])  # fmt: skip
+    assert ours["scheduler"] == theirs["scheduler"]
+    assert ours["monitor"] == theirs["monitor"]
+    # The same loss at every step, each step once in the (appended) TensorBoard log.
+    steps, expected = scalars(run)["train/loss_step"], scalars(reference)["train/loss_step"]
+    assert [s for s, _ in steps] == list(range(1, 88))
+    assert steps == expected
+    assert scalars(run)["valid/acc"] == scalars(reference)["valid/acc"]
+    best, best_ref = load_checkpoint(run / "best.pt"), load_checkpoint(reference / "best.pt")
+    assert best["epoch"] == best_ref["epoch"]
+    assert all(torch.equal(best["model"][k], v) for k, v in best_ref["model"].items())
+    metrics, metrics_ref = (json.loads((d / "metrics.json").read_text()) for d in (run, reference))
+    assert metrics["test"] == metrics_ref["test"] and metrics["valid"] == metrics_ref["valid"]
+
+
+def test_killed_mid_epoch_resumes_bit_identical(tmp_path, reference):
+    proc = start(tmp_path, *RUN, "trainer.checkpoint_every_steps=5")
+    last = tmp_path / "outputs" / "run" / "last.pt"
+    state = wait_for_checkpoint(proc, last, lambda s: s["epoch"] == 1 and s["batch_in_epoch"] > 0)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "outputs" / "run" / "metrics.json").exists()
+    assert state["epoch_sums"]["batches"] == state["batch_in_epoch"]
+    result = run_cli(*RUN, "trainer.checkpoint_every_steps=5", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "batch" in result.stdout
+    assert_same_run(tmp_path / "outputs" / "run", reference)
+
+
+def test_killed_after_an_epoch_with_data_workers_resumes_bit_identical(tmp_path, reference):
+    proc = start(tmp_path, *RUN, "data.num_workers=2")
+    last = tmp_path / "outputs" / "run" / "last.pt"
+    wait_for_checkpoint(proc, last, lambda s: s["epoch"] == 1)
+    proc.kill()
+    proc.wait()
+    result = run_cli(*RUN, "data.num_workers=2", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from" in result.stdout and "1 epochs done" in result.stdout
+    assert_same_run(tmp_path / "outputs" / "run", reference)
+
+
+def test_sigterm_saves_exits_75_and_requeues_under_slurm(tmp_path, reference):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = start(tmp_path, *RUN, "data.num_workers=2", env=env)
+    last = tmp_path / "outputs" / "run" / "last.pt"
+    wait_for_checkpoint(proc, last, lambda s: s["epoch"] == 1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE == 75, output
+    assert "stopped by SIGTERM after step" in output and "resume=auto" in output
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    state = load_checkpoint(last)
+    assert state["epoch"] >= 1 and not (tmp_path / "outputs" / "run" / "metrics.json").exists()
+    result = run_cli(*RUN, "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path / "outputs" / "run", reference)
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_a_save_that_fails_halfway_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint_module.save_checkpoint({"step": 1}, path)
+    before = sha256(path)
+
+    def half_then_fail(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_module.save_checkpoint({"step": 2}, path, tmp_path / "previous.pt")
+    assert sha256(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_start_removes(tmp_path):
+    cfg = compose_config(*SMOKE, "data.train_size=64")
+    fit(cfg, tmp_path)
+    stale = tmp_path / ".last.pt.12345.tmp"
+    stale.write_bytes(b"half")
+    fit(compose_config(*SMOKE, "data.train_size=64", "trainer.epochs=2", "resume=auto"), tmp_path)
+    assert not stale.exists()
+
+
+def test_resume_auto_skips_a_truncated_last_pt_for_the_previous_one(tmp_path):
+    common = [*SMOKE, "data.train_size=128", "trainer.epochs=2", "trainer.log_every_steps=1"]
+    reference = fit(compose_config(*common), tmp_path / "reference")
+    run = tmp_path / "run"
+    fit(compose_config(*common), run)
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    (run / "metrics.json").unlink()
+    assert load_checkpoint(run / "previous.pt")["epoch"] == 1
+    again = fit(compose_config(*common, "resume=auto"), run)  # epoch 2 again, from previous.pt
+    assert again["epochs_run"] == 1
+    assert again["test"] == reference["test"]
+    ours, theirs = load_checkpoint(last), load_checkpoint(tmp_path / "reference" / "last.pt")
+    assert all(torch.equal(ours["model"][k], v) for k, v in theirs["model"].items())
+
+
+def test_unreadable_checkpoints_never_restart_a_run_from_scratch(tmp_path):
+    assert run_cli(*SMOKE, "data.train_size=64", "name=run", cwd=tmp_path).returncode == 0
+    run = tmp_path / "outputs" / "run"
+    (run / "last.pt").write_bytes(b"")
+    (run / "previous.pt").write_bytes(b"")  # (a one-epoch run has none; make it bad too)
+    result = run_cli(*SMOKE, "data.train_size=64", "name=run", "resume=auto", cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("resnet-train:")]
+    assert result.returncode == 2 and len(lines) == 1
+    assert f"resume=auto: no readable checkpoint in {Path('outputs/run')}" in lines[0]
+    assert "last.pt is empty (0 bytes)" in lines[0] and "the run was not restarted" in lines[0]
+    assert (run / "last.pt").stat().st_size == 0  # nothing overwritten
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    result = run_cli(*SMOKE, f"resume={foreign}", "name=other", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"checkpoint {foreign} is not a resnet-train checkpoint" in result.stderr
+
+
+def test_changed_config_is_refused_with_a_diff_and_allowed_changes_are_said(tmp_path):
+    assert run_cli(*SMOKE, "data.train_size=64", "name=run", cwd=tmp_path).returncode == 0
+    result = run_cli(*SMOKE, "data.train_size=64", "name=run", "resume=auto", "optim.lr=0.3",
+                     "model.zero_init_residual=true", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert (
+        "was made with another config: model.zero_init_residual: False -> True; "
+        "optim.lr: 0.1 -> 0.3. Only these keys may change on resume:" in result.stderr
+    )
+    result = run_cli(*SMOKE, "data.train_size=64", "name=run", "resume=auto",
+                     "trainer.epochs=2", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "resuming with changed settings: trainer.epochs: 1 -> 2" in result.stdout
+    assert load_checkpoint(tmp_path / "outputs" / "run" / "last.pt")["epoch"] == 2
+
+
+def test_best_checkpoint_and_early_stopping_state_survive_a_resume(tmp_path):
+    common = [*SMOKE, "data.train_size=128", "trainer.epochs=5",
+              "trainer.early_stopping.patience=2"]  # fmt: skip
+    proc_dir = tmp_path / "run"
+    fit(compose_config(*common[:-1], "trainer.epochs=1"), proc_dir)
+    # Pretend epoch 1 scored a validation accuracy no later epoch can reach, one bad epoch ago.
+    state = load_checkpoint(proc_dir / "last.pt")
+    state["monitor"].update(best=101.0, best_epoch=1, reference=101.0, bad_epochs=1)
+    torch.save(state, proc_dir / "last.pt")
+    best_before = sha256(proc_dir / "best.pt")
+    (proc_dir / "metrics.json").unlink()
+    metrics = fit(compose_config(*common, "resume=auto"), proc_dir)
+    # Epoch 2 was worse than the remembered best: best.pt is untouched, and the patience counter
+    # went on from 1, so the run stopped after epoch 2 of 5.
+    assert sha256(proc_dir / "best.pt") == best_before
+    assert metrics["epochs_done"] == 2 and metrics["selected_epoch"] == 1
+    assert "for 2 epochs (best 101.0000 at epoch 1)" in metrics["stopped_early"]
+
+
+def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path):
+    cfg = compose_config(*SMOKE, "trainer.precision=fp16", "optim.lr=1e30", "trainer.epochs=3")
+    with pytest.raises(NonFiniteLossError, match=r"skipped 20 steps in a row up to step \d+ "
+                       r"\(epoch 2/3 train\)"):  # fmt: skip
+        fit(cfg, tmp_path)
+    # Epoch 1 (15 steps) ended before the 20th skip: its checkpoint is the last one.
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_sweep_relaunched_runs_only_what_is_left(tmp_path):
+    sweep = ["-m", *SMOKE[:2], "trainer.device=cpu", "data.train_size=256", "trainer.epochs=2",
+             "seed=0,1", "name=sw"]  # fmt: skip
+    proc = start(tmp_path, *sweep)
+    first = (
+        tmp_path
+        / "outputs"
+        / "multirun"
+        / "sw"
+        / "data.train_size-256+data-synthetic+model-resnet20+seed-0"
+    )
+    second = first.with_name(first.name.replace("seed-0", "seed-1"))
+    deadline = time.monotonic() + 240
+    while not second.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert (first / "metrics.json").is_file() and not (second / "metrics.json").exists()
+    done = {name: sha256(first / name) for name in ("last.pt", "metrics.json")}
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_train", *sweep, "resume=auto"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {name: sha256(first / name) for name in done} == done  # not run again
+    assert f"resume=auto: {first} already finished; nothing to do" in result.stdout
+    assert json.loads((second / "metrics.json").read_text())["epochs_done"] == 2
+    assert sorted(p.name for p in first.parent.iterdir() if p.is_dir()) == [first.name, second.name]
