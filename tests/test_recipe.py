@@ -17,7 +17,14 @@ from torchvision.transforms import v2
 from resnet_train.config import AugmentConfig, DataConfig, TrainerConfig
 from resnet_train.data.transforms import Cutout, build_batch_mixer, build_transform
 from resnet_train.engine.checkpoint import load_checkpoint
-from resnet_train.engine.trainer import DTYPES, Training, build_criterion, fit, train_one_epoch
+from resnet_train.engine.trainer import (
+    DTYPES,
+    NonFiniteLossError,
+    Training,
+    build_criterion,
+    fit,
+    train_one_epoch,
+)
 from tests.conftest import SMOKE, compose_config, run_cli
 from tests.test_train import scalars
 
@@ -405,3 +412,14 @@ def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("resnet-train: error: the training loss is ")
     assert " at step " in lines[0] and "the step was not applied" in lines[0]
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_non_finite_gradient_stops_before_the_step_is_applied():
+    model = tiny_net()
+    model[0].weight.register_hook(lambda grad: grad * float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    t = make_training(model)
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is (inf|nan) at step 1 "):
+        train_one_epoch(t, DataLoader(toy_data(32), batch_size=16), "inf")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert t.global_step == 0
