@@ -81,6 +81,11 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
     std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
     batch_size: int = 128
+    # "tensor": the whole set as one uint8 tensor on the training device, augmented a batch at a
+    # time (crop, flip, Cutout; CIFAR's default); "torch": a DataLoader with per-image
+    # torchvision transforms and worker processes (needed for the policies, random erasing,
+    # RandomResizedCrop and ImageFolder data).
+    loader: str = "torch"
     num_workers: int = 2
     # Share of the training set held out (stratified per class) for validation and model selection.
     valid_ratio: float = 0.1
@@ -177,6 +182,8 @@ class TrainerConfig:
     log_every_steps: int = 50
     # Per-layer gradient norms to TensorBoard every this many optimizer steps; 0 = off.
     grad_norm_every_steps: int = 0
+    # Channels-last memory format for the model and the images; null = on for CUDA only.
+    channels_last: bool | None = None
     # Also save last.pt every this many optimizer steps, mid-epoch (0 = at epoch ends only).
     checkpoint_every_steps: int = 0
     # After a stop signal under SLURM (SLURM_JOB_ID set), put the job back in the queue.
@@ -305,6 +312,27 @@ def validate(cfg: DictConfig) -> None:
     _within("data.augment.cutout", a.cutout, f"[0, {d.image_size}]")
     _at_least("data.augment.mixup_alpha", a.mixup_alpha, 0)
     _at_least("data.augment.cutmix_alpha", a.cutmix_alpha, 0)
+    _one_of("data.loader", d.loader, ("tensor", "torch"))
+    if d.loader == "tensor":
+        _check(
+            d.name != "imagenet",
+            "data.loader",
+            d.loader,
+            "data=imagenet reads image files: use data.loader=torch",
+        )
+        only_torch = {
+            "crop": a.crop == "random_resized",
+            "autoaugment": a.autoaugment is not None,
+            "randaugment": a.randaugment,
+            "trivialaugment": a.trivialaugment,
+            "random_erasing": a.random_erasing > 0,
+        }
+        for key, used in only_torch.items():
+            if used:
+                raise ConfigError(
+                    f"data.augment.{key}={a[key]} needs data.loader=torch: the tensor path "
+                    "does crop with padding, flip and Cutout (MixUp and CutMix work on both)"
+                )
 
     _one_of("optim.name", o.name, OPTIMIZERS)
     _positive("optim.lr", o.lr)

@@ -107,18 +107,22 @@ def test_synthetic_data_is_made_from_the_seed():
     assert a_images.shape == (64, 32, 32, 3) and np.bincount(a_labels).tolist() == [7] * 4 + [6] * 6
 
 
-def test_cifar_loaders_split_valid_from_train_and_keep_test_whole(cifar10_root):
+@pytest.mark.parametrize("loader", ["torch", "tensor"])
+def test_cifar_loaders_split_valid_from_train_and_keep_test_whole(cifar10_root, loader):
     root, written = cifar10_root
-    cfg = compose_config(
-        "data=cifar10", f"data.root={root}", "data.num_workers=0", "data.batch_size=16"
-    )
+    cfg = compose_config("data=cifar10", f"data.root={root}", "data.num_workers=0",
+                         "data.batch_size=16", f"data.loader={loader}")  # fmt: skip
     loaders = build_loaders(cfg.data, seed=0, device=CPU)
     n_train = len(written["train"][1])
     assert len(loaders.train.dataset) + len(loaders.valid.dataset) == n_train
     assert len(loaders.valid.dataset) == 20  # 10% of 200, 2 per class
     assert len(loaders.test.dataset) == len(written["test"][1])
-    train_idx = set(loaders.train.dataset.indices.tolist())
-    assert not train_idx & set(loaders.valid.dataset.indices.tolist())
+    if loader == "torch":
+        train_idx = set(loaders.train.dataset.indices.tolist())
+        assert not train_idx & set(loaders.valid.dataset.indices.tolist())
+    # Together, one epoch of training and the validation set hold every training label once.
+    seen = torch.cat([y for _, y in loaders.train] + [y for _, y in loaders.valid])
+    assert np.bincount(seen.numpy()).tolist() == np.bincount(written["train"][1]).tolist()
     images, labels = next(iter(loaders.train))
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.float32
     # Test images are normalised with the data set's mean and std and not augmented.

@@ -17,6 +17,7 @@ from resnet_train.data.cifar import cifar_files, load_cifar
 from resnet_train.data.sampler import EpochSampler
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
+from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.data.transforms import build_transform
 from resnet_train.errors import DataError
 
@@ -166,7 +167,35 @@ def _loader(
     )
 
 
-def build_loaders(cfg: DataConfig, seed: int, device: torch.device) -> Loaders:
+def _tensor_loaders(
+    cfg: DataConfig,
+    seed: int,
+    device: torch.device,
+    train_base: ArrayImages,
+    test_base: ArrayImages,
+    fit_idx: np.ndarray,
+    valid_idx: np.ndarray,
+    test_idx: np.ndarray,
+    channels_last: bool,
+) -> Loaders:
+    def part(base: ArrayImages, idx: np.ndarray, train: bool) -> TensorLoader:
+        images = base.images[torch.from_numpy(idx)].contiguous().to(device)
+        labels = torch.from_numpy(np.asarray(base.targets)[idx]).long().to(device)
+        return TensorLoader(images, labels, cfg.batch_size, seed, train, cfg.augment,
+                            list(cfg.mean), list(cfg.std), channels_last)  # fmt: skip
+
+    valid = part(train_base, valid_idx, False) if len(valid_idx) else None
+    return Loaders(
+        train=part(train_base, fit_idx, True),
+        valid=valid,
+        test=part(test_base, test_idx, False),
+        num_classes=cfg.num_classes,
+    )
+
+
+def build_loaders(
+    cfg: DataConfig, seed: int, device: torch.device, channels_last: bool = False
+) -> Loaders:
     train_base, train_labels, test_base, test_labels = _read_sets(cfg, seed)
     if train_labels.max() >= cfg.num_classes or test_labels.max() >= cfg.num_classes:
         raise DataError(
@@ -183,6 +212,9 @@ def build_loaders(cfg: DataConfig, seed: int, device: torch.device) -> Loaders:
     fit_part, valid_part = stratified_split(train_labels[train_idx], cfg.valid_ratio, seed)
     fit_idx, valid_idx = train_idx[fit_part], train_idx[valid_part]
 
+    if cfg.loader == "tensor":
+        return _tensor_loaders(cfg, seed, device, train_base, test_base, fit_idx, valid_idx,
+                               test_idx, channels_last)  # fmt: skip
     train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
     train = _loader(TransformedSubset(train_base, fit_idx, train_tf), cfg, seed, device, True, True)
     valid = None

@@ -130,6 +130,7 @@ class Training:
     # Called after every optimizer step (checkpoints, stop signals).
     on_step: Callable[[], None] | None = None
     skipped_in_a_row: int = 0
+    memory_format: torch.memory_format = torch.contiguous_format
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -188,9 +189,8 @@ def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: 
     if cfg.clip_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
     elif log_now or not fp16:
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(p.grad) for p in params])
-        )
+        grads = [p.grad for p in params]
+        grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if not fp16 and not bool(torch.isfinite(group_loss) & torch.isfinite(grad_norm)):
         what = (
             f"the training loss is {group_loss.item()}"
@@ -243,7 +243,7 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
     bar.update(sums.seen)
     group_loss = torch.zeros((), device=t.device)
     for i, (images, targets) in enumerate(loader, start=first):
-        images = images.to(t.device, non_blocking=True)
+        images = images.to(t.device, non_blocking=True, memory_format=t.memory_format)
         targets = targets.to(t.device, non_blocking=True)
         group_start = i - i % k
         group_size = min(k, n_batches - group_start)
@@ -437,8 +437,10 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     seed_everything(cfg.seed, tc.deterministic)
     device = resolve_device(tc.device)
-    loaders = build_loaders(cfg.data, cfg.seed, device)
-    model = build_model(cfg).to(device)
+    channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loaders = build_loaders(cfg.data, cfg.seed, device, channels_last)
+    model = build_model(cfg).to(device, memory_format=memory_format)
     global_batch = cfg.data.batch_size * tc.accumulate_steps
     lr = effective_lr(cfg.optim, global_batch)
     optimizer = build_optimizer(cfg.optim, model, lr)
@@ -453,6 +455,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         cfg=tc,
         step_schedule_per_batch=cfg.schedule.interval == "step",
         mixer=build_batch_mixer(cfg.data.augment, loaders.num_classes),
+        memory_format=memory_format,
     )
     if tc.ema.decay is not None:
         t.ema = AveragedModel(

@@ -1,0 +1,223 @@
+"""Where the time goes: the trainer's training step against a bare hand-written loop, and the
+tensor data path against the DataLoader + PIL path, side by side in one process.
+
+    python scripts/benchmark.py [--model resnet20] [--batch 128] [--steps 10] [--repeats 5]
+                                [--precision fp32] [--device cpu] [--no-write]
+
+Prints the figures (medians over the repeats, interleaved so both sides see the same machine
+state) and their ratios, and appends a row to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from resnet_train import create_model
+from resnet_train.config import AugmentConfig, TrainerConfig
+from resnet_train.data.tensor_loader import TensorLoader
+from resnet_train.engine.trainer import Training, autocast, build_criterion, train_one_epoch
+
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Batches:
+    """A fixed list of device batches, iterated like a loader."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+        self.dataset = range(sum(len(y) for _, y in batches))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainer_epoch(t: Training, batches: Batches) -> float:
+    sync(t.device)
+    start = time.perf_counter()
+    t.sums = None
+    train_one_epoch(t, batches, "benchmark")
+    sync(t.device)
+    return time.perf_counter() - start
+
+
+def bare_epoch(model, optimizer, criterion, batches: Batches, device, precision) -> float:
+    """What a hand-written loop does per step, and nothing else."""
+    model.train()
+    sync(device)
+    start = time.perf_counter()
+    for images, targets in batches:
+        with autocast(device, precision):
+            loss = criterion(model(images), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+class PilCifar(Dataset):
+    """torchvision's CIFAR10 way: a PIL image per item, per-image transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+        self.transform = T.Compose(
+            [
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def data_epoch(loader, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    for images, _ in loader:
+        images.to(device, non_blocking=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-images", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    channels_last = device.type == "cuda"
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+
+    # (a) and (b): the same model weights, batches, precision and memory format.
+    batches = Batches([
+        (torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=memory),
+         torch.randint(0, 10, (args.batch,), generator=g).to(device))
+        for _ in range(args.steps)
+    ])  # fmt: skip
+    base = create_model(args.model, num_classes=10, stem="cifar").to(device, memory_format=memory)
+    bare_model = create_model(args.model, num_classes=10, stem="cifar").to(
+        device, memory_format=memory
+    )
+    bare_model.load_state_dict(base.state_dict())
+    cfg = TrainerConfig(device=args.device, precision=args.precision, progress=False,
+                        log_every_steps=10**9)  # fmt: skip
+    opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    t = Training(
+        model=base, optimizer=opt,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+        scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
+        criterion=build_criterion(0.0), device=device, cfg=cfg, memory_format=memory,
+    )  # fmt: skip
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    criterion = nn.CrossEntropyLoss()
+    trainer_epoch(t, batches)  # warm-up, both sides
+    bare_epoch(bare_model, bare_opt, criterion, batches, device, args.precision)
+    trainer_s, bare_s = [], []
+    for _ in range(args.repeats):
+        trainer_s.append(trainer_epoch(t, batches))
+        bare_s.append(bare_epoch(bare_model, bare_opt, criterion, batches, device, args.precision))
+    n_images = args.batch * args.steps
+    trainer_ips = n_images / statistics.median(trainer_s)
+    bare_ips = n_images / statistics.median(bare_s)
+
+    # (c) the data paths alone, with the same augmentation (crop with padding 4 + flip).
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (args.data_images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.data_images)
+    tensor = TensorLoader(
+        torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(device),
+        torch.from_numpy(labels).to(device), args.batch, 0, True, AugmentConfig(), MEAN, STD,
+        channels_last,
+    )  # fmt: skip
+    pil = DataLoader(PilCifar(pixels, labels), batch_size=args.batch, shuffle=True,
+                     num_workers=args.workers, persistent_workers=args.workers > 0,
+                     pin_memory=device.type == "cuda")  # fmt: skip
+    data_epoch(tensor, device)
+    data_epoch(pil, device)  # starts the workers
+    tensor_s, pil_s = [], []
+    for epoch in range(max(5, args.repeats)):
+        tensor.set_epoch(epoch)
+        tensor_s.append(data_epoch(tensor, device))
+        pil_s.append(data_epoch(pil, device))
+    tensor_ips = args.data_images / statistics.median(tensor_s)
+    pil_ips = args.data_images / statistics.median(pil_s)
+    data_share = (1 / tensor_ips) / (1 / trainer_ips)  # data time per image / step time
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    rows = [
+        ("trainer step", f"{trainer_ips:,.0f} img/s"),
+        ("bare loop", f"{bare_ips:,.0f} img/s"),
+        ("trainer / bare", f"{trainer_ips / bare_ips:.3f}"),
+        ("tensor data path", f"{tensor_ips:,.0f} img/s"),
+        (f"DataLoader+PIL, {args.workers} workers", f"{pil_ips:,.0f} img/s"),
+        ("tensor / PIL", f"{tensor_ips / pil_ips:.1f}x"),
+        ("tensor path share of step time", f"{100 * data_share:.2f}%"),
+    ]
+    print(f"{args.model}, batch {args.batch}, {args.precision}, {device}, {machine}, "
+          f"torch {torch.__version__}")  # fmt: skip
+    for name, value in rows:
+        print(f"  {name:34s} {value}")
+    if not args.no_write:
+        path = REPO / "BENCHMARKS.md"
+        if not path.exists():
+            path.write_text(
+                "# Benchmarks\n\nRows appended by `scripts/benchmark.py` (medians over repeats; "
+                "each row's command says what was compared).\n\n| date | command | machine | "
+                "torch | trainer img/s | bare img/s | trainer/bare | tensor data img/s | "
+                "PIL data img/s | tensor/PIL | data share of step |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+            )
+        command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
+        with path.open("a") as f:
+            f.write(
+                f"| {datetime.date.today()} | `{command.strip()}` | {machine} "
+                f"| {torch.__version__} "
+                f"| {trainer_ips:,.0f} | {bare_ips:,.0f} | {trainer_ips / bare_ips:.3f} "
+                f"| {tensor_ips:,.0f} | {pil_ips:,.0f} | {tensor_ips / pil_ips:.1f}x "
+                f"| {100 * data_share:.2f}% |\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
