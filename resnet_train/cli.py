@@ -8,6 +8,7 @@ here too. Multiruns go straight to Hydra, which checks each job's config as it s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -117,11 +118,18 @@ def train(cfg: DictConfig) -> float | None:
     return valid["acc"] if valid else None
 
 
+# Under torchrun, the processes other than rank 0 share rank 0's run directory and write nothing
+# there: no .hydra/ record, no log file (their warnings and errors still reach the console).
+QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+
+
 def main() -> None:
     args = sys.argv[1:]
     # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
     if not any(arg.startswith("-") for arg in args):
         precheck(args)
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.argv += QUIET_RANK_OVERRIDES
     train()
 
 

@@ -86,7 +86,13 @@ class DataConfig:
     # torchvision transforms and worker processes (needed for the policies, random erasing,
     # RandomResizedCrop and ImageFolder data).
     loader: str = "torch"
-    num_workers: int = 2
+    # DataLoader worker processes (data.loader=torch); null: one per CPU this process may use,
+    # at most 16.
+    num_workers: int | None = 2
+    # ImageFolder data: "torchvision" decodes with torchvision.io in the workers (faster than
+    # "pil"); "gpu": the workers only read files, the main process decodes each batch on the CUDA
+    # device (nvJPEG) and transforms it there.
+    decoder: str = "torchvision"
     # Share of the training set held out (stratified per class) for validation and model selection.
     valid_ratio: float = 0.1
     # Synthetic data: how many images to make. Real data: null = all, or a seeded, stratified
@@ -182,8 +188,13 @@ class TrainerConfig:
     log_every_steps: int = 50
     # Per-layer gradient norms to TensorBoard every this many optimizer steps; 0 = off.
     grad_norm_every_steps: int = 0
+    # torch.compile the training forward pass; its first step (the compilation) is left out of
+    # the epoch time and images/s.
+    compile: bool = False
     # Channels-last memory format for the model and the images; null = on for CUDA only.
     channels_last: bool | None = None
+    # Under torchrun: batch-norm statistics over the global batch (SyncBatchNorm; CUDA only).
+    sync_batchnorm: bool = False
     # Also save last.pt every this many optimizer steps, mid-epoch (0 = at epoch ends only).
     checkpoint_every_steps: int = 0
     # After a stop signal under SLURM (SLURM_JOB_ID set), put the job back in the queue.
@@ -293,7 +304,8 @@ def validate(cfg: DictConfig) -> None:
     _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
     _check(len(d.std) == 3 and min(d.std) > 0, "data.std", list(d.std), "must hold 3 values > 0")
     _at_least("data.batch_size", d.batch_size, 1)
-    _at_least("data.num_workers", d.num_workers, 0)
+    _optional("data.num_workers", d.num_workers, _at_least, 0)
+    _one_of("data.decoder", d.decoder, ("torchvision", "pil", "gpu"))
     _within("data.valid_ratio", d.valid_ratio, "[0, 1)")
     _optional("data.train_size", d.train_size, _at_least, 1)
     _optional("data.test_size", d.test_size, _at_least, 1)
@@ -413,6 +425,23 @@ def validate(cfg: DictConfig) -> None:
         t.device,
         "allowed: auto, cpu, or a cuda:N or mps device this machine has",
     )
+    _check(
+        not t.sync_batchnorm or t.device != "cpu",
+        "trainer.sync_batchnorm",
+        t.sync_batchnorm,
+        "SyncBatchNorm runs on CUDA devices only; use false on the CPU",
+    )
+    if d.decoder == "gpu":
+        import torch
+
+        device = "cuda" if t.device == "auto" and torch.cuda.is_available() else t.device
+        _check(
+            d.name == "imagenet" and device.startswith("cuda"),
+            "data.decoder",
+            d.decoder,
+            "decodes image files (data=imagenet) on a CUDA trainer.device; "
+            "use torchvision on the CPU",
+        )
 
 
 def _reject_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str) -> None:

@@ -39,13 +39,17 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> Optimizer:
+    """SGD or AdamW over the parameter groups. On the CPU and CUDA they are torch's fused
+    implementations: one kernel for all parameters, and a step that a non-finite gradient can
+    cancel on the device (the trainer sets `found_inf`), without waiting for the device."""
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if cfg.name == "sgd":
         return SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                   weight_decay=cfg.weight_decay)  # fmt: skip
+                   weight_decay=cfg.weight_decay, fused=fused)  # fmt: skip
     if cfg.name == "adamw":
         return AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                     weight_decay=cfg.weight_decay)  # fmt: skip
+                     weight_decay=cfg.weight_decay, fused=fused)  # fmt: skip
     raise ConfigError(f"optim.name={cfg.name!r} is invalid: allowed: sgd, adamw")
 
 
@@ -77,11 +81,15 @@ def build_scheduler(
             optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr
         )
     elif cfg.name == "onecycle":
+        # OneCycleLR ends its rising phase at step pct_start x total - 1 and divides by that
+        # length: at exactly one step (4 steps, pct_start 0.25) it divides by zero. That phase
+        # is the peak alone; a shade less than one step says the same and divides safely.
+        pct_start = cfg.pct_start if cfg.pct_start * total != 1 else 0.999 / total
         main = OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
             total_steps=total,
-            pct_start=cfg.pct_start,
+            pct_start=pct_start,
             div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor,
         )

@@ -3,6 +3,9 @@ tensor data path against the DataLoader + PIL path, side by side in one process.
 
     python scripts/benchmark.py [--model resnet20] [--batch 128] [--steps 10] [--repeats 5]
                                 [--precision fp32] [--device cpu] [--no-write]
+    # ResNet-50 on ImageNet-shaped synthetic batches, as on a GPU box:
+    python scripts/benchmark.py --model resnet50 --image-size 224 --classes 1000 --batch 256 \
+        --precision bf16 --device cuda --compile --skip-data
 
 Prints the figures (medians over the repeats, interleaved so both sides see the same machine
 state) and their ratios, and appends a row to BENCHMARKS.md.
@@ -66,7 +69,7 @@ def trainer_epoch(t: Training, batches: Batches) -> float:
 
 def bare_epoch(model, optimizer, criterion, batches: Batches, device, precision) -> float:
     """What a hand-written loop does per step, and nothing else."""
-    model.train()
+    model.train()  # (a compiled module forwards train() to the model it wraps)
     sync(device)
     start = time.perf_counter()
     for images, targets in batches:
@@ -119,6 +122,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-images", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--skip-data", action="store_true", help="time the training step only")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -126,61 +133,74 @@ def main() -> None:
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
+    size = args.image_size
+    stem = "cifar" if size <= 64 else "imagenet"
 
     # (a) and (b): the same model weights, batches, precision and memory format.
     batches = Batches([
-        (torch.randn(args.batch, 3, 32, 32, generator=g).to(device, memory_format=memory),
-         torch.randint(0, 10, (args.batch,), generator=g).to(device))
+        (torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory),
+         torch.randint(0, args.classes, (args.batch,), generator=g).to(device))
         for _ in range(args.steps)
     ])  # fmt: skip
-    base = create_model(args.model, num_classes=10, stem="cifar").to(device, memory_format=memory)
-    bare_model = create_model(args.model, num_classes=10, stem="cifar").to(
-        device, memory_format=memory
-    )
+    base = create_model(args.model, num_classes=args.classes, stem=stem)
+    base = base.to(device, memory_format=memory)
+    bare_model = create_model(args.model, num_classes=args.classes, stem=stem)
+    bare_model = bare_model.to(device, memory_format=memory)
     bare_model.load_state_dict(base.state_dict())
     cfg = TrainerConfig(device=args.device, precision=args.precision, progress=False,
                         log_every_steps=10**9)  # fmt: skip
-    opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    # Both sides use the optimizer the trainer builds: torch's fused SGD.
+    opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
     t = Training(
         model=base, optimizer=opt,
         scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
         scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
         criterion=build_criterion(0.0), device=device, cfg=cfg, memory_format=memory,
     )  # fmt: skip
-    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    bare_opt = torch.optim.SGD(
+        bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True
+    )
+    bare_forward = bare_model
+    if args.compile:
+        t.forward, t.compiled = torch.compile(base), True
+        bare_forward = torch.compile(bare_model)
     criterion = nn.CrossEntropyLoss()
-    trainer_epoch(t, batches)  # warm-up, both sides
-    bare_epoch(bare_model, bare_opt, criterion, batches, device, args.precision)
+    trainer_epoch(t, batches)  # warm-up (and compilation), both sides
+    bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision)
     trainer_s, bare_s = [], []
     for _ in range(args.repeats):
         trainer_s.append(trainer_epoch(t, batches))
-        bare_s.append(bare_epoch(bare_model, bare_opt, criterion, batches, device, args.precision))
+        bare_s.append(
+            bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision)
+        )
     n_images = args.batch * args.steps
     trainer_ips = n_images / statistics.median(trainer_s)
     bare_ips = n_images / statistics.median(bare_s)
 
-    # (c) the data paths alone, with the same augmentation (crop with padding 4 + flip).
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (args.data_images, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.data_images)
-    tensor = TensorLoader(
-        torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(device),
-        torch.from_numpy(labels).to(device), args.batch, 0, True, AugmentConfig(), MEAN, STD,
-        channels_last,
-    )  # fmt: skip
-    pil = DataLoader(PilCifar(pixels, labels), batch_size=args.batch, shuffle=True,
-                     num_workers=args.workers, persistent_workers=args.workers > 0,
-                     pin_memory=device.type == "cuda")  # fmt: skip
-    data_epoch(tensor, device)
-    data_epoch(pil, device)  # starts the workers
-    tensor_s, pil_s = [], []
-    for epoch in range(max(5, args.repeats)):
-        tensor.set_epoch(epoch)
-        tensor_s.append(data_epoch(tensor, device))
-        pil_s.append(data_epoch(pil, device))
-    tensor_ips = args.data_images / statistics.median(tensor_s)
-    pil_ips = args.data_images / statistics.median(pil_s)
-    data_share = (1 / tensor_ips) / (1 / trainer_ips)  # data time per image / step time
+    tensor_ips = pil_ips = data_share = None
+    if not args.skip_data:
+        # (c) the data paths alone, with the same augmentation (crop with padding 4 + flip).
+        rng = np.random.default_rng(0)
+        pixels = rng.integers(0, 256, (args.data_images, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, args.data_images)
+        tensor = TensorLoader(
+            torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(device),
+            torch.from_numpy(labels).to(device), args.batch, 0, True, AugmentConfig(), MEAN, STD,
+            channels_last,
+        )  # fmt: skip
+        pil = DataLoader(PilCifar(pixels, labels), batch_size=args.batch, shuffle=True,
+                         num_workers=args.workers, persistent_workers=args.workers > 0,
+                         pin_memory=device.type == "cuda")  # fmt: skip
+        data_epoch(tensor, device)
+        data_epoch(pil, device)  # starts the workers
+        tensor_s, pil_s = [], []
+        for epoch in range(max(5, args.repeats)):
+            tensor.set_epoch(epoch)
+            tensor_s.append(data_epoch(tensor, device))
+            pil_s.append(data_epoch(pil, device))
+        tensor_ips = args.data_images / statistics.median(tensor_s)
+        pil_ips = args.data_images / statistics.median(pil_s)
+        data_share = (1 / tensor_ips) / (1 / trainer_ips)  # data time per image / step time
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     if device.type == "cuda":
@@ -189,13 +209,20 @@ def main() -> None:
         ("trainer step", f"{trainer_ips:,.0f} img/s"),
         ("bare loop", f"{bare_ips:,.0f} img/s"),
         ("trainer / bare", f"{trainer_ips / bare_ips:.3f}"),
-        ("tensor data path", f"{tensor_ips:,.0f} img/s"),
-        (f"DataLoader+PIL, {args.workers} workers", f"{pil_ips:,.0f} img/s"),
-        ("tensor / PIL", f"{tensor_ips / pil_ips:.1f}x"),
-        ("tensor path share of step time", f"{100 * data_share:.2f}%"),
     ]
-    print(f"{args.model}, batch {args.batch}, {args.precision}, {device}, {machine}, "
-          f"torch {torch.__version__}")  # fmt: skip
+    data = ["-"] * 4
+    if tensor_ips is not None:
+        data = [f"{tensor_ips:,.0f}", f"{pil_ips:,.0f}", f"{tensor_ips / pil_ips:.1f}x",
+                f"{100 * data_share:.2f}%"]  # fmt: skip
+        rows += [
+            ("tensor data path", f"{tensor_ips:,.0f} img/s"),
+            (f"DataLoader+PIL, {args.workers} workers", f"{pil_ips:,.0f} img/s"),
+            ("tensor / PIL", f"{tensor_ips / pil_ips:.1f}x"),
+            ("tensor path share of step time", f"{100 * data_share:.2f}%"),
+        ]
+    compiled = "compiled, " if args.compile else ""
+    print(f"{args.model}, batch {args.batch}, {size} px, {args.precision}, {device}, "
+          f"{compiled}{machine}, torch {torch.__version__}")  # fmt: skip
     for name, value in rows:
         print(f"  {name:34s} {value}")
     if not args.no_write:
@@ -214,8 +241,7 @@ def main() -> None:
                 f"| {datetime.date.today()} | `{command.strip()}` | {machine} "
                 f"| {torch.__version__} "
                 f"| {trainer_ips:,.0f} | {bare_ips:,.0f} | {trainer_ips / bare_ips:.3f} "
-                f"| {tensor_ips:,.0f} | {pil_ips:,.0f} | {tensor_ips / pil_ips:.1f}x "
-                f"| {100 * data_share:.2f}% |\n"
+                f"| {' | '.join(data)} |\n"
             )
 
 

@@ -78,8 +78,11 @@ def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int 
     }
 
 
-def make_image_folders(root: Path, classes: int = 3, per_class: int = 6, size: int = 40) -> Path:
-    """train/ and val/ folders of PNGs, one folder per class (the ImageNet layout)."""
+def make_image_folders(
+    root: Path, classes: int = 3, per_class: int = 6, size: int = 40, jpeg_every: int = 0
+) -> Path:
+    """train/ and val/ folders of PNGs (every jpeg_every-th image a JPEG), one folder per class
+    (the ImageNet layout)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -89,7 +92,8 @@ def make_image_folders(root: Path, classes: int = 3, per_class: int = 6, size: i
             folder.mkdir(parents=True)
             for i in range(per_class):
                 pixels = rng.integers(0, 256, size=(size, size + 8 * i, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                jpeg = jpeg_every and i % jpeg_every == 0
+                Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if jpeg else 'png'}")
     return root
 
 

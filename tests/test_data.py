@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
+from resnet_train.config import validate
 from resnet_train.data import build_loaders
 from resnet_train.data import cifar as cifar_module
 from resnet_train.data.cifar import load_cifar
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
 from resnet_train.data.transforms import build_transform
-from resnet_train.errors import DataError
+from resnet_train.errors import ConfigError, DataError
 from tests.conftest import SHARED_DATA, compose_config, make_cifar, make_image_folders
 
 CPU = torch.device("cpu")
@@ -169,6 +172,73 @@ def test_image_folders_are_read_with_imagenet_transforms(tmp_path):
     for loader in (loaders.train, loaders.valid, loaders.test):
         images, labels = next(iter(loader))
         assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_torchvision_decoder_gives_the_pixels_pil_gives(tmp_path):
+    root = make_image_folders(tmp_path, classes=2, per_class=3)
+    from PIL import Image
+
+    from resnet_train.data.loaders import decode_image_file
+
+    for path in sorted((root / "val").rglob("*.png")):
+        with Image.open(path) as image:
+            expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(decode_image_file(str(path)), expected)
+    common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=32",
+              "data.eval_resize=36", "data.num_workers=0", "data.batch_size=3"]  # fmt: skip
+    tests = [
+        next(iter(build_loaders(compose_config(*common, f"data.decoder={d}").data, 0, CPU).test))
+        for d in ("torchvision", "pil")
+    ]
+    # The same evaluation images, up to one level of 255 where the tensor and PIL resizes round
+    # differently.
+    one_level = 1.01 / (255 * min(compose_config(*common).data.std))
+    torch.testing.assert_close(tests[0][0], tests[1][0], rtol=0, atol=one_level)
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(Exception, match="cannot identify image file"):
+        decode_image_file(str(bad))  # torchvision fails, PIL says what is wrong
+
+
+def test_device_decoder_gives_the_batches_the_worker_decoder_gives(tmp_path):
+    # data.decoder=gpu decodes in the main process on the training device; here the device is
+    # the CPU, where nvJPEG's place is taken by the same libjpeg-turbo the workers use, so the
+    # batches (seeded random-resized crops, flips, JPEGs and PNGs) must be equal exactly.
+    root = make_image_folders(tmp_path, classes=2, per_class=4, jpeg_every=2)
+    assert len(list(root.rglob("*.jpg"))) == len(list(root.rglob("*.png"))) == 8
+    common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=24",
+              "data.eval_resize=28", "data.batch_size=3", "data.valid_ratio=0.25"]  # fmt: skip
+    batches = {}
+    for decoder, workers in (("torchvision", 2), ("gpu", 0), ("gpu", 2)):
+        cfg = compose_config(*common, f"data.decoder={decoder}", f"data.num_workers={workers}")
+        loaders = build_loaders(cfg.data, seed=3, device=CPU)
+        loaders.train.sampler.set_epoch(1)
+        batches[decoder, workers] = [
+            list(loader) for loader in (loaders.train, loaders.valid, loaders.test)
+        ]
+        assert len(loaders.train.dataset) == 6 and len(loaders.train) == 2
+    reference = batches["torchvision", 2]
+    for key in (("gpu", 0), ("gpu", 2)):
+        for got, expected in zip(batches[key], reference, strict=True):
+            assert len(got) == len(expected) > 0
+            for (images, labels), (ref_images, ref_labels) in zip(got, expected, strict=True):
+                assert images.shape[1:] == (3, 24, 24) and images.dtype == torch.float32
+                assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
+def test_device_decoder_needs_image_files_and_a_cuda_device():
+    with pytest.raises(ConfigError, match=r"data.decoder='gpu' is invalid: .*CUDA"):
+        validate(compose_config("data=imagenet", "data.decoder=gpu", "trainer.device=cpu"))
+    with pytest.raises(ConfigError, match=r"data.decoder='gpu' is invalid"):
+        validate(compose_config("data=cifar10", "data.decoder=gpu", "trainer.device=cpu"))
+
+
+def test_null_workers_means_one_per_usable_cpu():
+    from resnet_train.data.loaders import worker_count
+
+    cfg = compose_config("data=imagenet", "data.num_workers=null").data
+    assert worker_count(cfg) == min(len(os.sched_getaffinity(0)), 16)
+    assert worker_count(compose_config("data=imagenet", "data.num_workers=3").data) == 3
 
 
 def test_image_folders_with_the_wrong_class_count_say_so(tmp_path):

@@ -153,6 +153,18 @@ def test_training_logs_the_per_step_onecycle_rate_torch_would_give(tmp_path):
     assert logged == pytest.approx(_lrs(reference, optimizer, steps), rel=1e-6)
 
 
+@pytest.mark.parametrize("steps", [4, 5, 8, 40])
+def test_onecycle_peaks_and_anneals_even_when_its_rise_is_one_step(steps):
+    # pct_start 0.25 of 4 steps: torch's OneCycleLR alone divides by zero here.
+    cfg = compose_config("schedule=onecycle", "schedule.pct_start=0.25", "optim.lr=0.4")
+    optimizer = _fresh(0.4)
+    lrs = _lrs(build_scheduler(cfg.schedule, optimizer, 1, steps), optimizer, steps)
+    assert len(lrs) == steps and all(math.isfinite(lr) for lr in lrs)
+    peak = lrs.index(max(lrs))
+    assert max(lrs) <= 0.4 + 1e-9 and peak <= math.ceil(0.25 * steps)
+    assert lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] < 0.4 / 25
+
+
 RECIPES = [
     "cifar10_resnet_paper",
     "cifar10_resnet18",
@@ -161,6 +173,7 @@ RECIPES = [
     "imagenet_resnet50",
     "imagenet_resnet50_modern",
     "cifar10_cpu",
+    "cifar10_resnet18_fast",
     "smoke",
 ]
 

@@ -59,9 +59,11 @@ class Writer:
         self.scalars.setdefault(tag, []).append((step, float(value)))
 
 
-def make_training(model: nn.Module, lr: float = 0.1, writer=None, **trainer) -> Training:
+def make_training(
+    model: nn.Module, lr: float = 0.1, writer=None, fused: bool = False, **trainer
+) -> Training:
     cfg = TrainerConfig(device="cpu", progress=False, **trainer)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, fused=fused)
     return Training(
         model=model,
         optimizer=optimizer,
@@ -196,7 +198,8 @@ class FakeDDP(nn.Module):
 
 def test_only_the_last_micro_batch_of_a_group_all_reduces():
     model = FakeDDP(tiny_net())
-    t = make_training(model, accumulate_steps=3)
+    t = make_training(model.module, accumulate_steps=3)
+    t.ddp = t.forward = model
     train_one_epoch(t, DataLoader(toy_data(56), batch_size=8), "ddp")  # 7 micro-batches
     assert model.synced == [False, False, True, False, False, True, True]
     assert t.global_step == 3
@@ -419,7 +422,85 @@ def test_a_non_finite_gradient_stops_before_the_step_is_applied():
     model[0].weight.register_hook(lambda grad: grad * float("inf"))
     before = [p.detach().clone() for p in model.parameters()]
     t = make_training(model)
-    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is (inf|nan) at step 1 "):
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is (inf|nan) at step 1;"):
         train_one_epoch(t, DataLoader(toy_data(32), batch_size=16), "inf")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert t.global_step == 0
+
+
+def test_fused_steps_with_a_non_finite_gradient_are_cancelled_on_the_device():
+    model = tiny_net()
+    calls = []
+
+    def nan_on_third_step(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 3 else grad
+
+    model[0].weight.register_hook(nan_on_third_step)
+    t = make_training(model, fused=True, log_every_steps=4)
+    after = []
+    t.optimizer.register_step_post_hook(
+        lambda *_: after.append([p.detach().clone() for p in model.parameters()])
+    )
+    with pytest.raises(NonFiniteLossError, match=r"the gradient norm is nan at step 3 \(nan, "
+                       r"found at step 4\); the step was not applied"):  # fmt: skip
+        train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "nan")
+    assert all(torch.equal(a, b) for a, b in zip(after[1], after[2], strict=True))  # skipped
+    assert not torch.equal(after[2][0], after[3][0])  # step 4 was finite and applied
+
+
+def count_device_reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value into Python (what makes the host wait for the device)."""
+    reads: list[str] = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_training_steps_do_not_wait_for_the_device_between_log_steps(monkeypatch, precision):
+    def reads_for(n_batches: int, log_every: int) -> int:
+        t = make_training(tiny_net(), fused=True, precision=precision, log_every_steps=log_every)
+        reads = count_device_reads(monkeypatch)
+        train_one_epoch(t, DataLoader(toy_data(16 * n_batches), batch_size=16), "sync")
+        monkeypatch.undo()
+        return len(reads)
+
+    # The number of reads does not grow with the steps: they happen at the epoch's end only...
+    assert reads_for(4, 1000) == reads_for(12, 1000) <= 4
+    # ...and at each log step, when asked for.
+    assert reads_for(12, 2) > reads_for(12, 1000)
+
+
+def test_compiled_forward_keeps_compilation_out_of_the_epoch_time():
+    plain, compiled = tiny_net(), tiny_net()
+    t = make_training(compiled)
+    t.forward, t.compiled = (
+        torch.compile(compiled, backend="eager"),
+        True,
+    )  # dynamo's tracing, no code generation
+    loader = DataLoader(toy_data(72), batch_size=16)  # 4 batches of 16 and one of 8
+    stats = train_one_epoch(t, loader, "compiled")
+    # The first batch of each shape compiled: 16 + 8 images left out of images/s.
+    assert t.compiled_shapes == {(16, 3, 8, 8), (8, 3, 8, 8)}
+    assert stats.images == 72 and stats.untimed_images == 24 and t.warmup_seconds > 0
+    assert stats.images_per_s == pytest.approx(48 / stats.seconds)
+    reference = make_training(plain)
+    train_one_epoch(reference, loader, "plain")
+    for a, b in zip(compiled.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_trainer_compile_runs_with_inductor(tmp_path, caplog):
+    cfg = compose_config(*SMOKE, "data.train_size=128", "trainer.compile=true", "trainer.epochs=2")
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        metrics = fit(cfg, tmp_path)
+    assert metrics["epochs_done"] == 2 and math.isfinite(metrics["train"]["loss"])
+    assert any("s compiling (" in r.message for r in caplog.records)

@@ -9,6 +9,7 @@ was entered: resuming at batch k of epoch e gives the batches the uninterrupted 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,33 +22,66 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def shard(values: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This process's share of an epoch under DDP: the positions rank, rank + world, ... of
+    `values` padded by wrapping around to a multiple of world (as DistributedSampler pads), so
+    that every process runs the same number of steps."""
+    if world == 1:
+        return values
+    total = math.ceil(len(values) / world) * world
+    padded = torch.cat((values, values[: total - len(values)])) if total > len(values) else values
+    return padded[rank::world]
+
+
 class EpochSampler(Sampler):
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    """(index, augmentation seed) pairs of an epoch, from its start-th on; under DDP only this
+    process's shard (`rank` of `world`), with each image keeping the seed it has without DDP."""
+
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1
+    ) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.rank, self.world = rank, world
+        self.shard_size = math.ceil(size / world)
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """The next iteration yields epoch `epoch` from its `start`-th sample on."""
-        if not 0 <= start <= self.size:
-            raise ValueError(f"start={start} is outside an epoch of {self.size} samples")
+        """The next iteration yields epoch `epoch` from its `start`-th sample (of this process's
+        shard) on."""
+        if not 0 <= start <= self.shard_size:
+            raise ValueError(f"start={start} is outside an epoch of {self.shard_size} samples")
         self.epoch, self.start = epoch, start
 
     def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, augmentation seeds) of a whole epoch."""
+        """(indices, augmentation seeds) of this process's whole epoch."""
         g = epoch_generator(self.seed, epoch)
         if self.shuffle:
             indices = torch.randperm(self.size, generator=g)
         else:
             indices = torch.arange(self.size)
         seeds = torch.randint(0, 2**62, (self.size,), generator=g)
-        return indices, seeds
+        return shard(indices, self.rank, self.world), shard(seeds, self.rank, self.world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices, seeds = self.order(self.epoch)
         yield from zip(indices[self.start :].tolist(), seeds[self.start :].tolist(), strict=True)
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.shard_size - self.start
+
+
+class ShardSampler(Sampler):
+    """Evaluation under DDP: positions rank, rank + world, ... in order, unpadded, so that the
+    summed figures count every image exactly once."""
+
+    def __init__(self, size: int, rank: int, world: int) -> None:
+        self.size, self.rank, self.world = size, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.size, self.world))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from resnet_train.config import AugmentConfig
-from resnet_train.data.sampler import epoch_generator
+from resnet_train.data.sampler import epoch_generator, shard
 
 
 @dataclass
@@ -100,24 +100,32 @@ class TensorLoader:
         mean: list[float],
         std: list[float],
         channels_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        """Training under DDP (world > 1) yields this process's shard of each epoch (positions
+        rank, rank + world, ... padded to equal length); evaluation sets come already split."""
         self.images, self.labels = images, labels  # (N, C, H, W) uint8, (N,) int64
         self.batch_size, self.seed, self.train, self.augment = batch_size, seed, train, augment
         device = images.device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
         self.channels_last = channels_last
+        self.rank, self.world = rank, world
         self.dataset = _Count(len(labels))
+        if not train and world > 1:  # evaluation: this process's unpadded share, in order
+            self.images, self.labels = images[rank::world], labels[rank::world]
+        self.shard_size = math.ceil(len(labels) / world) if train else len(self.labels)
         self.sampler = self  # set_epoch() is the sampler's interface in the DataLoader path
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if not 0 <= start <= len(self.labels):
-            raise ValueError(f"start={start} is outside an epoch of {len(self.labels)} images")
+        if not 0 <= start <= self.shard_size:
+            raise ValueError(f"start={start} is outside an epoch of {self.shard_size} images")
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return math.ceil((len(self.labels) - self.start) / self.batch_size)
+        return math.ceil((self.shard_size - self.start) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, (h, w) = len(self.labels), self.images.shape[-2:]
@@ -130,14 +138,14 @@ class TensorLoader:
         draws = draw_epoch(n, self.seed, self.epoch, h, w, aug, shuffle=True)
         device = self.images.device
         on_device = [
-            t.to(device, non_blocking=True)
+            shard(t, self.rank, self.world).to(device, non_blocking=True)
             for t in (draws.order, draws.dy, draws.dx, draws.flip, draws.cy, draws.cx)
         ]
         order, dy, dx, flip, cy, cx = on_device
         if not aug.hflip:
             flip = torch.zeros_like(flip)
         pad = aug.padding if aug.crop == "pad" else 0
-        for begin in range(self.start, n, self.batch_size):
+        for begin in range(self.start, self.shard_size, self.batch_size):
             part = slice(begin, begin + self.batch_size)
             index = order[part]
             # index_select: ~100 times faster than images[index] for uint8 rows on the CPU.

@@ -1,4 +1,4 @@
-"""Stopping on request: SIGTERM or SIGUSR1 finishes the current optimizer step, saves a
+"""Stopping on request: SIGTERM, SIGUSR1 or SIGUSR2 finishes the current optimizer step, saves a
 checkpoint and exits with PREEMPTED_EXIT_CODE; under SLURM the job can requeue itself."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from resnet_train.logging import log
 # EX_TEMPFAIL of sysexits.h: "temporary failure, try again": distinct from success (0), a crash
 # (1) and bad input (2).
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+# SIGUSR1: sbatch --signal=USR1@N; SIGUSR2: what submitit (Hydra's SLURM launcher) asks for.
+NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+SIGNALS = tuple(getattr(signal, name) for name in NAMES if hasattr(signal, name))
 
 
 class Preempted(Exception):
@@ -31,7 +33,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active, remember the first SIGTERM / SIGUSR1 instead of dying of it."""
+    """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 instead of dying of it."""
 
     def __init__(self) -> None:
         self.received: int | None = None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from resnet_train.config import TrainerConfig, to_dict
 from resnet_train.data import build_loaders
 from resnet_train.data.transforms import build_batch_mixer
+from resnet_train.engine import distributed
 from resnet_train.engine.checkpoint import (
     FORMAT_VERSION,
     copy_checkpoint,
@@ -30,6 +32,7 @@ from resnet_train.engine.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
+from resnet_train.engine.distributed import Dist
 from resnet_train.engine.early_stopping import Monitor
 from resnet_train.engine.preemption import Preempted, StopSignals, requeue_slurm_job
 from resnet_train.engine.resume import (
@@ -61,11 +64,13 @@ class EpochStats:
     loss: float
     acc: float  # top-1 accuracy, percent
     images: int
-    seconds: float
+    seconds: float  # without the compile warm-up
+    untimed_images: int = 0  # images of the compile warm-up steps
 
     @property
     def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+        timed = self.images - self.untimed_images
+        return timed / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -78,6 +83,7 @@ class EpochSums:
     seen: int = 0
     batches: int = 0
     seconds: float = 0.0
+    untimed_images: int = 0
 
     @classmethod
     def zeros(cls, device: torch.device) -> EpochSums:
@@ -90,6 +96,7 @@ class EpochSums:
             "seen": self.seen,
             "batches": self.batches,
             "seconds": self.seconds,
+            "untimed_images": self.untimed_images,
         }
 
     @classmethod
@@ -100,13 +107,19 @@ class EpochSums:
             state["seen"],
             state["batches"],
             state["seconds"],
+            state.get("untimed_images", 0),
         )
 
     def stats(self) -> EpochStats:
-        n = max(self.seen, 1)
-        return EpochStats(
-            self.loss.item() / n, 100 * self.correct.item() / n, self.seen, self.seconds
-        )
+        """The epoch's figures; under DDP summed over all processes (images/s of them all)."""
+        loss, correct = self.loss.detach().float(), self.correct
+        seen, untimed = self.seen, self.untimed_images
+        if torch.distributed.is_initialized():
+            loss, correct = distributed.all_reduce_sum(loss), distributed.all_reduce_sum(correct)
+            counts = torch.tensor([seen, untimed], device=loss.device)
+            seen, untimed = distributed.all_reduce_sum(counts).tolist()
+        n = max(seen, 1)
+        return EpochStats(loss.item() / n, 100 * correct.item() / n, seen, self.seconds, untimed)
 
 
 @dataclass
@@ -129,8 +142,17 @@ class Training:
     sums: EpochSums | None = None
     # Called after every optimizer step (checkpoints, stop signals).
     on_step: Callable[[], None] | None = None
-    skipped_in_a_row: int = 0
+    guard: FiniteGuard | None = None
+    # torch.compile'd model for the training forward pass, the batch shapes it has compiled,
+    # and the seconds spent compiling (left out of the epoch's time and images/s).
+    forward: nn.Module | None = None
+    compiled: bool = False
+    compiled_shapes: set = field(default_factory=set)
+    warmup_seconds: float = 0.0
     memory_format: torch.memory_format = torch.contiguous_format
+    # Under torchrun: the DistributedDataParallel wrapper of `model` and this process's place.
+    ddp: nn.Module | None = None
+    dist: Dist = field(default_factory=Dist)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -154,6 +176,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def build_criterion(label_smoothing: float) -> nn.Module:
     """Training loss: cross-entropy on int labels, or on the soft labels of MixUp / CutMix, with
     label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution."""
@@ -172,17 +199,67 @@ def _log_grad_norms(t: Training) -> None:
             t.writer.add_scalar(f"grad_norm/{name}", p.grad.norm().item(), t.global_step)
 
 
+class FiniteGuard:
+    """Watches every optimizer step for a loss or gradient that is not finite, on the device:
+    the first such step (its number, loss and gradient norm) and the fp16 scaler's longest run of
+    skipped steps are kept in device tensors and read only at sync points (log steps, epoch
+    ends, checkpoints), so training never waits for the device to report."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.loss = torch.zeros((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.skips = torch.zeros((), dtype=torch.long, device=device)  # fp16: skipped in a row
+        self.most_skips = torch.zeros((), dtype=torch.long, device=device)
+        self.most_skips_step = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, step: int, bad: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        new = bad & (self.step == 0)
+        self.step = torch.where(new, step, self.step)
+        self.loss = torch.where(new, loss, self.loss)
+        self.norm = torch.where(new, norm.float(), self.norm)
+
+    def record_skip(self, step: int, skipped: torch.Tensor) -> None:
+        self.skips = torch.where(skipped, self.skips + 1, 0)
+        longer = self.skips > self.most_skips
+        self.most_skips_step = torch.where(longer, step, self.most_skips_step)
+        self.most_skips = torch.maximum(self.most_skips, self.skips)
+
+    def check(self, now: int, desc: str) -> None:
+        """Raise NonFiniteLossError if a step went wrong (one read from the device)."""
+        step, skips = (int(v) for v in torch.stack((self.step, self.most_skips)).tolist())
+        where = f"step {step} ({desc}, found at step {now})" if step != now else f"step {step}"
+        if step:
+            what = (
+                f"the training loss is {self.loss.item()}"
+                if not torch.isfinite(self.loss)
+                else f"the gradient norm is {self.norm.item()}"
+            )
+            raise NonFiniteLossError(
+                f"{what} at {where}; the step was not applied and the last checkpoint is untouched"
+            )
+        if skips >= MAX_SKIPPED_STEPS:
+            raise NonFiniteLossError(
+                f"the fp16 gradient scaler skipped {skips} steps in a row up to step "
+                f"{int(self.most_skips_step)} ({desc}): the gradients are not finite at any "
+                "scale; the last checkpoint is untouched"
+            )
+
+
 def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: str) -> None:
     """Unscale (fp16), clip, check, step the optimizer, the scaler, the EMA and a per-step
-    schedule. In fp32 and bf16 a non-finite loss or gradient stops the run before the step is
-    applied; in fp16 the scaler skips such steps, and MAX_SKIPPED_STEPS in a row stop it."""
+    schedule. In fp32 and bf16 a step whose loss or gradient is not finite is not applied
+    (cancelled on the device for fused optimizers, else checked at once) and the run stops; in
+    fp16 the scaler skips such steps, and MAX_SKIPPED_STEPS in a row stop the run."""
     cfg = t.cfg
     params = [p for p in t.model.parameters() if p.grad is not None]
     step = t.global_step + 1
     layer_norms_now = cfg.grad_norm_every_steps and step % cfg.grad_norm_every_steps == 0
     fp16 = t.scaler.is_enabled()
-    if not fp16 or cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now:
-        t.scaler.unscale_(t.optimizer)  # clipping, norms and checks see the true gradients
+    if t.guard is None:
+        t.guard = FiniteGuard(t.device)
+    if fp16 and (cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now):
+        t.scaler.unscale_(t.optimizer)  # clipping and norms see the true gradients
     if cfg.clip_grad_value:
         torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
     grad_norm = None
@@ -191,16 +268,13 @@ def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: 
     elif log_now or not fp16:
         grads = [p.grad for p in params]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    if not fp16 and not bool(torch.isfinite(group_loss) & torch.isfinite(grad_norm)):
-        what = (
-            f"the training loss is {group_loss.item()}"
-            if not torch.isfinite(group_loss)
-            else f"the gradient norm is {grad_norm.item()}"
-        )
-        raise NonFiniteLossError(
-            f"{what} at step {step} ({desc}); the step was not applied and the last "
-            "checkpoint is untouched"
-        )
+    if not fp16:
+        bad = ~(torch.isfinite(group_loss) & torch.isfinite(grad_norm))
+        t.guard.record(step, bad, group_loss, grad_norm)
+        if t.optimizer.defaults.get("fused"):
+            t.optimizer.found_inf = bad.float()  # the fused step is skipped on the device
+        else:
+            t.guard.check(step, desc)  # waits for the device: stop before the step
     t.global_step = step
     if t.writer is not None:
         if log_now and grad_norm is not None:
@@ -208,17 +282,11 @@ def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: 
         if layer_norms_now:
             _log_grad_norms(t)
         t.writer.add_scalar("lr", t.optimizer.param_groups[0]["lr"], step)
-    scale = t.scaler.get_scale() if fp16 else None
+    scale = t.scaler._scale.clone() if fp16 and t.scaler._scale is not None else None
     t.scaler.step(t.optimizer)
     t.scaler.update()
-    if fp16:
-        t.skipped_in_a_row = t.skipped_in_a_row + 1 if t.scaler.get_scale() < scale else 0
-        if t.skipped_in_a_row >= MAX_SKIPPED_STEPS:
-            raise NonFiniteLossError(
-                f"the fp16 gradient scaler skipped {t.skipped_in_a_row} steps in a row up to "
-                f"step {step} ({desc}): the gradients are not finite at any scale; the last "
-                "checkpoint is untouched"
-            )
+    if scale is not None:
+        t.guard.record_skip(step, t.scaler._scale < scale)
     t.optimizer.zero_grad(set_to_none=True)
     if t.ema is not None:
         t.ema.update_parameters(t.model)
@@ -239,12 +307,21 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
     k, first = cfg.accumulate_steps, sums.batches
     n_batches = first + len(loader)
     start, seconds_before = time.perf_counter(), sums.seconds
-    bar = progress_bar(len(loader.dataset), desc, cfg.progress)
+    shard = math.ceil(len(loader.dataset) / t.dist.world)
+    bar = progress_bar(shard, desc, cfg.progress if t.dist.main else False)
     bar.update(sums.seen)
     group_loss = torch.zeros((), device=t.device)
+    excluded = 0.0  # seconds of compilation in this call
     for i, (images, targets) in enumerate(loader, start=first):
         images = images.to(t.device, non_blocking=True, memory_format=t.memory_format)
         targets = targets.to(t.device, non_blocking=True)
+        # torch.compile compiles on the first batch of each shape (the first, and a smaller last
+        # one): those batches are left out of the epoch's time and images/s.
+        compiling = t.compiled and tuple(images.shape) not in t.compiled_shapes
+        if compiling:
+            t.compiled_shapes.add(tuple(images.shape))
+            _sync(t.device)
+            compile_start = time.perf_counter()
         group_start = i - i % k
         group_size = min(k, n_batches - group_start)
         last_in_group = i == group_start + group_size - 1
@@ -253,11 +330,11 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
             images, labels = t.mixer(images, targets)
         # Under DDP, only the last micro-batch of a group all-reduces its gradients.
         sync = contextlib.nullcontext()
-        if not last_in_group and hasattr(model, "no_sync"):
-            sync = model.no_sync()
+        if not last_in_group and t.ddp is not None:
+            sync = t.ddp.no_sync()
         with sync:
             with autocast(t.device, cfg.precision):
-                outputs = model(images)
+                outputs = (t.forward if t.forward is not None else model)(images)
                 loss = t.criterion(outputs, labels)
             t.scaler.scale(loss / group_size).backward()
         loss = loss.detach().float()
@@ -271,10 +348,19 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
         if last_in_group:
             log_now = (t.global_step + 1) % cfg.log_every_steps == 0
             _optimizer_step(t, log_now, group_loss, desc)
-            if log_now and t.writer is not None:
-                t.writer.add_scalar("train/loss_step", group_loss.item(), t.global_step)
+            if log_now:
+                t.guard.check(t.global_step, desc)
+                if t.writer is not None:
+                    t.writer.add_scalar("train/loss_step", group_loss.item(), t.global_step)
             group_loss = torch.zeros((), device=t.device)
-            sums.seconds = seconds_before + time.perf_counter() - start
+        if compiling:  # this batch's shape was compiled: its time is not the model's
+            _sync(t.device)
+            spent = time.perf_counter() - compile_start
+            excluded += spent
+            t.warmup_seconds += spent
+            sums.untimed_images += batch
+        if last_in_group:
+            sums.seconds = seconds_before + time.perf_counter() - start - excluded
             if t.on_step is not None:
                 t.on_step()
         if not bar.disable and ((i + 1) % BAR_REFRESH_STEPS == 0 or i in (first, n_batches - 1)):
@@ -283,7 +369,9 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
                 acc=f"{100 * sums.correct.item() / sums.seen:.1f}%",
             )
     bar.close()
-    sums.seconds = seconds_before + time.perf_counter() - start
+    if t.guard is not None:
+        t.guard.check(t.global_step, desc)
+    sums.seconds = seconds_before + time.perf_counter() - start - excluded
     return sums.stats()
 
 
@@ -296,13 +384,15 @@ def evaluate(
     desc: str = "eval",
     progress: bool | None = None,
 ) -> EpochStats:
-    """Plain cross-entropy (no label smoothing) and top-1 accuracy over loader."""
+    """Plain cross-entropy (no label smoothing) and top-1 accuracy over loader; under DDP each
+    process evaluates its share and the figures are summed over all of them."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    bar = progress_bar(len(loader.dataset), desc, progress)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    bar = progress_bar(math.ceil(len(loader.dataset) / world), desc, progress)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -314,6 +404,8 @@ def evaluate(
         bar.update(targets.shape[0])
     bar.close()
     seconds = time.perf_counter() - start
+    loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
+    seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
     n = max(seen, 1)
     return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds)
 
@@ -338,7 +430,12 @@ class _Run:
         self.signals: StopSignals | None = None
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
+        """The checkpoint. Under DDP every process must call this (the random states and the
+        running sums of all processes are gathered into it), and rank 0 writes it."""
         t = self.t
+        rng, sums = capture_rng(), t.sums.state_dict() if mid_epoch else None
+        if t.dist.enabled:
+            rng, sums = distributed.gather_objects(rng), distributed.gather_objects(sums)
         return {
             "format_version": FORMAT_VERSION,
             "model": t.model.state_dict(),
@@ -350,10 +447,11 @@ class _Run:
             "epoch": self.epoch,
             # Mid-epoch: the batches of epoch `epoch + 1` already trained on, and their sums.
             "batch_in_epoch": t.sums.batches if mid_epoch else 0,
-            "epoch_sums": t.sums.state_dict() if mid_epoch else None,
+            "epoch_sums": sums if mid_epoch else None,
             "global_step": t.global_step,
-            "skipped_in_a_row": t.skipped_in_a_row,
-            "rng": capture_rng(),
+            "skipped_in_a_row": int(t.guard.skips) if t.guard is not None else 0,
+            "rng": rng,  # a list, one per process, under DDP
+            "world_size": t.dist.world,
             "best_valid": self.best_valid,
             "weights": "raw",
             "config": to_dict(self.cfg),
@@ -361,14 +459,20 @@ class _Run:
         }
 
     def save_last(self, mid_epoch: bool) -> None:
-        save_checkpoint(
-            self.state(mid_epoch), self.run_dir / "last.pt", self.run_dir / "previous.pt"
-        )
+        state = self.state(mid_epoch)
+        if self.t.dist.main:
+            save_checkpoint(state, self.run_dir / "last.pt", self.run_dir / "previous.pt")
+
+    def received(self) -> int | None:
+        """The stop signal received (by any process, under DDP: all stop at the same step)."""
+        signum = self.signals.received if self.signals is not None else None
+        return distributed.any_flag(signum) if self.t.dist.enabled else signum
 
     def after_step(self) -> None:
         every = self.cfg.trainer.checkpoint_every_steps
-        signum = self.signals.received if self.signals is not None else None
+        signum = self.received()
         if signum is not None or (every and self.t.global_step % every == 0):
+            self.t.guard.check(self.t.global_step, "before saving a checkpoint")
             self.save_last(mid_epoch=True)
         if signum is not None:
             raise Preempted(signum, self.t.global_step, str(self.run_dir / "last.pt"))
@@ -382,6 +486,12 @@ class _Run:
                 f"version reads format {FORMAT_VERSION}"
             )
         check_config(point, self.cfg)
+        saved_world = state.get("world_size", 1)
+        if saved_world != t.dist.world:
+            raise CheckpointError(
+                f"{point.path} was saved by {saved_world} process(es), this run has "
+                f"{t.dist.world}: resume it with torchrun --nproc_per_node x nodes = {saved_world}"
+            )
         try:
             t.model.load_state_dict(state["model"])
             t.optimizer.load_state_dict(state["optimizer"])
@@ -399,10 +509,14 @@ class _Run:
         self.epoch = state["epoch"]
         self.best_valid = state.get("best_valid")
         t.global_step = state["global_step"]
-        t.skipped_in_a_row = state.get("skipped_in_a_row", 0)
-        if state.get("epoch_sums"):
-            t.sums = EpochSums.from_state(state["epoch_sums"], t.device)
-        restore_rng(state["rng"])
+        t.guard = FiniteGuard(t.device)
+        t.guard.skips.fill_(state.get("skipped_in_a_row", 0))
+        rng, sums = state["rng"], state.get("epoch_sums")
+        if t.dist.enabled:  # this process's own
+            rng, sums = rng[t.dist.rank], sums[t.dist.rank] if sums else None
+        if sums:
+            t.sums = EpochSums.from_state(sums, t.device)
+        restore_rng(rng)
         return state.get("batch_in_epoch", 0)
 
 
@@ -416,12 +530,31 @@ def _finished(point: ResumePoint, cfg: DictConfig) -> bool:
 
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train cfg's model on cfg's data; write checkpoints, TensorBoard logs and metrics.json in
-    run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted."""
+    run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted.
+    Under torchrun, every process trains with DistributedDataParallel on its share of the data
+    and rank 0 alone logs and writes."""
+    d = distributed.from_env()
+    device = distributed.device_for(cfg.trainer.device, d)
+    distributed.setup(device)
+    level = log.level
+    if not d.main:  # warnings and errors only, on the console only
+        log.setLevel(logging.WARNING)
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+    try:
+        return _fit(cfg, Path(run_dir), d, device)
+    finally:
+        log.setLevel(level)
+        if d.enabled:
+            distributed.teardown()
+
+
+def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[str, Any]:
     wall_start = time.perf_counter()
     tc = cfg.trainer
-    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in remove_temporaries(run_dir):
+    for stale in remove_temporaries(run_dir) if d.main else ():
         log.info("removed %s, left by a save that was killed midway", stale)
     point = find_resume(cfg, run_dir)
     if point is not None and _finished(point, cfg):
@@ -436,12 +569,19 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             )
 
     seed_everything(cfg.seed, tc.deterministic)
-    device = resolve_device(tc.device)
     channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    loaders = build_loaders(cfg.data, cfg.seed, device, channels_last)
+    loaders = build_loaders(cfg.data, cfg.seed, device, channels_last, d.rank, d.world)
     model = build_model(cfg).to(device, memory_format=memory_format)
-    global_batch = cfg.data.batch_size * tc.accumulate_steps
+    if d.enabled:
+        if tc.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # The same initial weights everywhere (the seed), other random draws (dropout, MixUp)
+        # per process.
+        torch.manual_seed(cfg.seed + d.rank)
+        np.random.seed(cfg.seed + d.rank)
+        random.seed(cfg.seed + d.rank)
+    global_batch = cfg.data.batch_size * tc.accumulate_steps * d.world
     lr = effective_lr(cfg.optim, global_batch)
     optimizer = build_optimizer(cfg.optim, model, lr)
     steps_per_epoch = math.ceil(len(loaders.train) / tc.accumulate_steps)
@@ -456,6 +596,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         step_schedule_per_batch=cfg.schedule.interval == "step",
         mixer=build_batch_mixer(cfg.data.augment, loaders.num_classes),
         memory_format=memory_format,
+        dist=d,
     )
     if tc.ema.decay is not None:
         t.ema = AveragedModel(
@@ -477,6 +618,15 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             "resumed from %s: %d epochs done, step %d%s",
             point.path, run.epoch, t.global_step, where,
         )  # fmt: skip
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        t.ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        t.forward = t.ddp
+    if tc.compile:
+        t.forward, t.compiled = torch.compile(t.ddp or model), True
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -487,9 +637,10 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         tc.precision,
     )  # fmt: skip
     log.info(
-        "global batch %d (%d x %d accumulation steps), learning rate %.4g%s, %d optimizer "
+        "global batch %d (%d x %d accumulation steps%s), learning rate %.4g%s, %d optimizer "
         "steps per epoch",
-        global_batch, cfg.data.batch_size, tc.accumulate_steps, lr,
+        global_batch, cfg.data.batch_size, tc.accumulate_steps,
+        f" x {d.world} processes" if d.enabled else "", lr,
         f" (optim.lr {cfg.optim.lr} x {global_batch}/{cfg.optim.reference_batch})"
         if cfg.optim.lr_scaling == "linear" else "",
         steps_per_epoch,
@@ -503,7 +654,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("run directory: %s", run_dir)
 
     # A resumed run appends to the same event files; steps after its checkpoint are dropped.
-    t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1 if point else None)
+    if d.main:
+        t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1 if point else None)
+    else:
+        t.writer = NullWriter()
+    progress = tc.progress if d.main else False
     t.on_step = run.after_step
     epochs = tc.epochs
     throughputs = []
@@ -524,6 +679,16 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                     t.sums = EpochSums.zeros(device)
                 start_batch = 0
                 train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
+                if d.enabled:
+                    distributed.broadcast_buffers(model)
+                    if t.ema is not None:
+                        distributed.broadcast_buffers(t.ema)
+                if t.warmup_seconds:
+                    log.info(
+                        "torch.compile: %.1f s compiling (%d images) left out of the epoch time "
+                        "and images/s", t.warmup_seconds, train_stats.untimed_images,
+                    )  # fmt: skip
+                    t.warmup_seconds = 0.0
                 if not t.step_schedule_per_batch:
                     t.scheduler.step()
                 epochs_run += 1
@@ -542,11 +707,11 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 improved, selected_weights = False, "raw"
                 if loaders.valid is not None:
                     results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
-                                               f"{tag} valid", tc.progress)}  # fmt: skip
+                                               f"{tag} valid", progress)}  # fmt: skip
                     if t.ema is not None:
                         results["ema"] = evaluate(t.ema.module, loaders.valid, device,
                                                   tc.precision, f"{tag} valid (EMA)",
-                                                  tc.progress)  # fmt: skip
+                                                  progress)  # fmt: skip
                     for name, stats in results.items():
                         prefix = "valid" if name == "raw" else "valid_ema"
                         w.add_scalar(f"{prefix}/loss", stats.loss, step)
@@ -567,27 +732,38 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                 if improved and selected_weights == "ema":
                     state = run.state(mid_epoch=False)
                     state.update(model=t.ema.module.state_dict(), weights="ema")
-                    save_checkpoint(state, run_dir / "best.pt")
-                elif improved:
+                    if d.main:
+                        save_checkpoint(state, run_dir / "best.pt")
+                elif improved and d.main:
                     copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
                 w.flush()
                 if monitor.should_stop:
                     stop_reason = monitor.reason()
                     log.info("%s", stop_reason)
-                if signals.received is not None:
-                    raise Preempted(signals.received, t.global_step, str(run_dir / "last.pt"))
+                signum = run.received()
+                if signum is not None:
+                    raise Preempted(signum, t.global_step, str(run_dir / "last.pt"))
 
+        if d.enabled and epochs_run:
+            digests = distributed.gather_objects(distributed.weights_digest(model))
+            if len(set(digests)) != 1:
+                raise RuntimeError(f"DDP: the processes ended with different weights: {digests}")
+            log.info("DDP: weights identical on all %d processes (sha256 %s)", d.world,
+                     digests[0][:16])  # fmt: skip
+        distributed.barrier()  # rank 0's checkpoints are complete
         # The test set is read once, at the end, with the selected weights.
         selected = "best.pt" if loaders.valid is not None else "last.pt"
         final = load_checkpoint(run_dir / selected)
         model.load_state_dict(final["model"])
-        test_stats = evaluate(model, loaders.test, device, tc.precision, "test", tc.progress)
+        test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
         log.info(
             "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
             test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
         )  # fmt: skip
         t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
         t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
+        best = final.get("best_valid") if loaders.valid is not None else None
+        log_hparams(t.writer, cfg, best, test_stats)
     except Preempted as stop:
         log.info("%s", stop)
         if tc.requeue:
@@ -613,8 +789,42 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         "images_per_s": float(np.median(throughputs)) if throughputs else None,
         "wall_time_s": time.perf_counter() - wall_start,
     }
-    _write_json(run_dir / "metrics.json", metrics)
+    if d.main:
+        _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+class NullWriter:
+    """The TensorBoard writer of the processes that do not write (DDP ranks other than 0)."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as TensorBoard HParams: every config key with a scalar value (lists
+    as text), paths and logging settings left out."""
+    from resnet_train.engine.resume import MAY_CHANGE, flatten
+
+    flat = flatten(to_dict(cfg))
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in MAY_CHANGE and key != "trainer.epochs":
+            continue
+        if value is None:
+            value = "null"
+        elif isinstance(value, (list, tuple)):
+            value = str(list(value))
+        out[key] = value
+    return out
+
+
+def log_hparams(writer: Any, cfg: DictConfig, valid: dict | None, test: EpochStats) -> None:
+    """The run's settings and final figures in TensorBoard's HParams view."""
+    metrics = {"hparam/test_acc": test.acc, "hparam/test_loss": test.loss}
+    if valid:
+        metrics.update({"hparam/valid_acc": valid["acc"], "hparam/valid_loss": valid["loss"]})
+    writer.add_hparams(hparams(cfg), metrics, run_name=".")
 
 
 def _select(results: dict[str, EpochStats], select: str, monitor: Monitor) -> str:

@@ -1,0 +1,256 @@
+"""DistributedDataParallel under torchrun, on the CPU with the gloo backend and 2 processes: the
+run learns, the processes agree, rank 0 alone writes one run directory, and a preempted run
+resumed with resume=auto ends bit for bit where the uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_train.data.sampler import EpochSampler, ShardSampler
+from resnet_train.data.tensor_loader import TensorLoader
+from resnet_train.engine.checkpoint import load_checkpoint
+from tests.conftest import compose_config
+from tests.test_resume import RUN as RESUME_RUN
+
+# The resume tests' run: random crops, flips, Cutout and MixUp, 3 epochs.
+RUN = RESUME_RUN
+
+
+def torchrun(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "resnet_train", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def test_each_process_gets_an_equal_disjoint_shard_with_the_single_process_seeds():
+    single = EpochSampler(11, seed=5)
+    single.set_epoch(2)
+    pairs = list(single)
+    shards = []
+    for rank in range(2):
+        sampler = EpochSampler(11, seed=5, rank=rank, world=2)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+        assert len(sampler) == 6
+    # Positions 0, 2, 4, ... and 1, 3, 5, ..., padded with the epoch's first pair.
+    assert shards[0] == pairs[0::2] and shards[1] == pairs[1::2] + pairs[:1]
+    assert {i for i, _ in shards[0] + shards[1]} == set(range(11))
+    eval_shards = [list(ShardSampler(11, rank, 2)) for rank in range(2)]
+    assert sorted(eval_shards[0] + eval_shards[1]) == list(range(11))  # each once, no padding
+
+
+def test_tensor_loader_shards_the_batches_the_single_process_loader_draws():
+    cfg = compose_config("data=cifar10", "data.augment.cutout=4").data
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(10)
+    args = (images, labels, 10, 3, True, cfg.augment, list(cfg.mean), list(cfg.std))
+    whole = torch.cat([b for b, _ in TensorLoader(*args)])  # one process, one batch
+    parts = [torch.cat([b for b, _ in TensorLoader(*args, rank=r, world=3)]) for r in range(3)]
+    assert [len(p) for p in parts] == [4, 4, 4]
+    padded = torch.cat((whole, whole[:2]))
+    for rank in range(3):
+        assert torch.equal(parts[rank], padded[rank::3])
+
+
+@pytest.mark.slow
+def test_two_processes_learn_agree_and_write_one_run_directory(tmp_path):
+    out = finish(torchrun(tmp_path, *RUN[:-1], "data.augment.mixup_alpha=0", "name=ddp"))
+    assert "global batch 32 (16 x 1 accumulation steps x 2 processes)" in out, out
+    assert "DDP: weights identical on all 2 processes" in out
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["ddp"]
+    run = tmp_path / "outputs" / "ddp"
+    assert {p.name for p in run.iterdir()} >= {".hydra", "train.log", "last.pt", "best.pt",
+                                              "metrics.json", "tensorboard"}  # fmt: skip
+    assert len(list(run.glob("*.log"))) == 1
+    # Rank 0 alone logs: each epoch's line once.
+    lines = re.findall(r"epoch (\d)/3  train loss ([\d.]+)", out)
+    assert [e for e, _ in lines] == ["1", "2", "3"]
+    losses = [float(v) for _, v in lines]
+    assert losses[2] < losses[0] * 0.8
+    metrics = json.loads((run / "metrics.json").read_text())
+    # 459 training images (512 less the 10% split): 230 per process, one repeated.
+    assert metrics["train"]["images"] == 460
+    assert metrics["epochs_done"] == 3 and metrics["global_step"] == 3 * 15
+
+
+@pytest.mark.slow
+def test_preempted_ddp_run_resumes_bit_for_bit(tmp_path):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    out = finish(torchrun(reference, *RUN))
+    assert "weights identical on all 2 processes" in out, out
+
+    cwd = tmp_path / "preempted"
+    cwd.mkdir()
+    proc = torchrun(cwd, *RUN, "trainer.checkpoint_every_steps=4")
+    last = cwd / "outputs" / "run" / "last.pt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # into epoch 2, then the preemption signal
+        assert proc.poll() is None, proc.stdout.read()
+        if last.exists():
+            try:
+                if torch.load(last, weights_only=True)["epoch"] >= 1:
+                    break
+            except Exception:
+                pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    out = finish(proc)
+    assert "stopped by SIGTERM after step" in out, out
+    assert proc.returncode != 0
+    state = load_checkpoint(last)
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["batch_in_epoch"] > 0 and len(state["epoch_sums"]) == 2  # mid-epoch
+
+    out = finish(torchrun(cwd, *RUN, "resume=auto"))
+    assert "resumed from" in out and "weights identical on all 2 processes" in out, out
+    ours = load_checkpoint(cwd / "outputs" / "run" / "last.pt")
+    theirs = load_checkpoint(reference / "outputs" / "run" / "last.pt")
+    assert ours["global_step"] == theirs["global_step"] == 3 * 15
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    for name in ("metrics.json",):
+        a = json.loads((cwd / "outputs" / "run" / name).read_text())
+        b = json.loads((reference / "outputs" / "run" / name).read_text())
+        assert (
+            a["valid"] == b["valid"]
+            and a["test"] == b["test"]
+            and a["train"]["loss"] == (b["train"]["loss"])
+        )
+
+
+def test_resuming_with_another_process_count_is_refused(tmp_path):
+    from resnet_train.engine.trainer import fit
+    from resnet_train.errors import CheckpointError
+
+    cfg = compose_config(*RUN[:3], "trainer.epochs=1", "trainer.device=cpu")
+    fit(cfg, tmp_path)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    state["world_size"] = 2
+    torch.save(state, tmp_path / "last.pt")
+    cfg = compose_config(*RUN[:3], "trainer.epochs=2", "trainer.device=cpu", "resume=auto")
+    with pytest.raises(CheckpointError, match="saved by 2 process.*this run has 1"):
+        fit(cfg, tmp_path)
+
+
+def compose_hydra(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("resnet_train.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_the_slurm_launcher_config_composes_into_a_valid_submitit_launcher():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra.errors import ConfigCompositionException
+    from hydra.utils import instantiate
+
+    cfg = compose_hydra("hydra/launcher=slurm")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (1, 1, 1)
+    assert launcher.signal_delay_s == 180 and launcher.additional_parameters.requeue is True
+    assert launcher.submitit_folder.endswith("/.submitit/%j")
+    built = instantiate(launcher)  # the launcher Hydra would start, with these settings
+    assert type(built).__name__ == "SlurmLauncher" and built.params["timeout_min"] == 1440
+    # Multi-node DDP: 4 nodes x 8 GPUs, a process per GPU.
+    nodes = ["hydra.launcher.nodes=4", "hydra.launcher.gpus_per_node=8"]
+    cfg = compose_hydra("hydra/launcher=slurm", *nodes, "hydra.launcher.tasks_per_node=8")
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (4, 8)
+    with pytest.raises(ConfigCompositionException):
+        compose_hydra("hydra/launcher=slurm", "hydra.launcher.nodes=two")
+
+
+def test_a_submitit_task_of_a_multi_task_slurm_job_joins_its_ddp_group(monkeypatch):
+    pytest.importorskip("submitit")
+    from resnet_train.engine.distributed import from_env
+
+    # submitit exports RANK, WORLD_SIZE, MASTER_ADDR, ... into os.environ: give it a copy.
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    monkeypatch.setattr(os, "environ", environ)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "4", "SLURM_PROCID": "3",
+             "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu7",
+             "SLURM_NNODES": "2", "SLURM_NODEID": "1"}  # fmt: skip
+    environ.update(slurm)
+    d = from_env()
+    assert (d.rank, d.world, d.local_rank) == (3, 4, 1)
+    assert os.environ["MASTER_ADDR"] == "gpu7" and int(os.environ["MASTER_PORT"]) > 0
+    environ["SLURM_NTASKS"] = "1"
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        del environ[key]
+    assert not from_env().enabled  # one task: no DDP
+
+
+FAKES = {
+    "scontrol": """#!/bin/bash
+if [ "$1 $2" = "show hostnames" ]; then echo node1; echo node2; fi
+if [ "$1" = requeue ]; then echo "$2" >> "$LOG/requeued"; fi
+""",
+    "srun": """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+exec "$@"
+""",
+    "torchrun": """#!/bin/bash
+echo "$@" > "$LOG/args"
+trap 'echo TERM >> "$LOG/term"; exit 75' TERM
+touch "$LOG/started"
+while true; do sleep 0.05; done
+""",
+}
+
+
+def test_sbatch_script_runs_torchrun_per_node_and_requeues_on_the_stop_signal(tmp_path):
+    from tests.conftest import REPO
+
+    bin_dir, log_dir = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log_dir.mkdir()
+    for name, text in FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log_dir),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           "GPUS_PER_NODE": "4"}  # fmt: skip
+    script = REPO / "scripts" / "slurm_ddp.sbatch"
+    args = ["bash", str(script), "model=resnet50", "data=imagenet"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (log_dir / "started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what SLURM sends 180 s before the time limit
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (log_dir / "term").read_text() == "TERM\n"  # the run was told to stop
+    assert (log_dir / "requeued").read_text() == "42\n"
+    assert (log_dir / "args").read_text().split() == [
+        "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node1:29500", "-m", "resnet_train", "resume=auto",
+        "trainer.requeue=false", "model=resnet50", "data=imagenet",
+    ]  # fmt: skip
