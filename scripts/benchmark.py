@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--skip-data", action="store_true", help="time the training step only")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument(
+        "--output", type=Path, default=REPO / "BENCHMARKS.md", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     channels_last = device.type == "cuda"
@@ -226,7 +229,7 @@ def main() -> None:
     for name, value in rows:
         print(f"  {name:34s} {value}")
     if not args.no_write:
-        path = REPO / "BENCHMARKS.md"
+        path = args.output
         if not path.exists():
             path.write_text(
                 "# Benchmarks\n\nRows appended by `scripts/benchmark.py` (medians over repeats; "
@@ -236,13 +239,20 @@ def main() -> None:
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
             )
         command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
-        with path.open("a") as f:
-            f.write(
-                f"| {datetime.date.today()} | `{command.strip()}` | {machine} "
-                f"| {torch.__version__} "
-                f"| {trainer_ips:,.0f} | {bare_ips:,.0f} | {trainer_ips / bare_ips:.3f} "
-                f"| {' | '.join(data)} |\n"
-            )
+        row = (
+            f"| {datetime.date.today()} | `{command.strip()}` | {machine} "
+            f"| {torch.__version__} "
+            f"| {trainer_ips:,.0f} | {bare_ips:,.0f} | {trainer_ips / bare_ips:.3f} "
+            f"| {' | '.join(data)} |"
+        )
+        # After the last row of the first table (sections may follow it).
+        lines = path.read_text().splitlines()
+        first = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
+        end = first
+        while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+            end += 1
+        lines.insert(end + 1, row)
+        path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
