@@ -125,6 +125,11 @@ QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra.job_logging.root.hand
 
 def main() -> None:
     args = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(args):
+        _fail(
+            "-m/--multirun under torchrun is invalid: every process would launch the whole "
+            "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"
+        )
     # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
     if not any(arg.startswith("-") for arg in args):
         precheck(args)

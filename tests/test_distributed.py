@@ -254,3 +254,14 @@ def test_sbatch_script_runs_torchrun_per_node_and_requeues_on_the_stop_signal(tm
         "--rdzv_endpoint=node1:29500", "-m", "resnet_train", "resume=auto",
         "trainer.requeue=false", "model=resnet50", "data=imagenet",
     ]  # fmt: skip
+
+
+def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_train", "-m", "seed=0,1", "data=synthetic"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("resnet-train: error: -m/--multirun under torchrun")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
