@@ -75,7 +75,9 @@ def test_tensor_loader_shards_the_batches_the_single_process_loader_draws():
 
 @pytest.mark.slow
 def test_two_processes_learn_agree_and_write_one_run_directory(tmp_path):
-    out = finish(torchrun(tmp_path, *RUN[:-1], "data.augment.mixup_alpha=0", "name=ddp"))
+    # The tensor data path here; the resume test below reads through DataLoaders.
+    out = finish(torchrun(tmp_path, *RUN[:-1], "data.augment.mixup_alpha=0", "name=ddp",
+                          "data.loader=tensor"))  # fmt: skip
     assert "global batch 32 (16 x 1 accumulation steps x 2 processes)" in out, out
     assert "DDP: weights identical on all 2 processes" in out
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["ddp"]
