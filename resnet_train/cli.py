@@ -19,7 +19,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from resnet_train.config import TrainConfig, register_configs, validate
+from resnet_train.config import TrainConfig, complete, register_configs, validate
 from resnet_train.errors import UserError
 
 CONFIG_MODULE = "resnet_train.configs"
@@ -75,15 +75,27 @@ def precheck(args: list[str]) -> None:
         _fail(describe_composition_error(e))
     try:
         validate(cfg)
+        complete(cfg)
         if cfg.task == "summary":
             print_summary(cfg)
             sys.exit(0)
         from resnet_train.data import check_data
 
         check_data(cfg.data)
+        _check_steps(cfg)
         _check_run_dir(cfg, run_dir)
     except UserError as e:
         _fail(e)
+
+
+def _check_steps(cfg: DictConfig) -> None:
+    """The checks that need the data's size: empty or oversized parts, a warm-up longer than the
+    run in steps, a floor above the scaled rate. (The run reuses what is read here.)"""
+    from resnet_train.data.loaders import read_splits
+    from resnet_train.engine.plan import plan_steps
+
+    splits = read_splits(cfg.data, cfg.seed)
+    plan_steps(cfg, len(splits.fit), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
@@ -118,9 +130,9 @@ def train(cfg: DictConfig) -> float | None:
     return valid["acc"] if valid else None
 
 
-# Under torchrun, the processes other than rank 0 share rank 0's run directory and write nothing
-# there: no .hydra/ record, no log file (their warnings and errors still reach the console).
-QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra.job_logging.root.handlers=[console]"]
+# Under torchrun, the processes other than rank 0 share rank 0's run directory and write no
+# .hydra/ record there (fit() takes their log file handler away).
+QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
 
 
 def main() -> None:

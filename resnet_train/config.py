@@ -141,6 +141,9 @@ class ScheduleConfig:
     pct_start: float = 0.3
     div_factor: float = 25.0
     final_div_factor: float = 1e4
+    # onecycle: false keeps the optimizer's momentum (SGD's momentum, AdamW's first beta) as
+    # configured; true cycles it inversely to the rate, from the configured value down by 0.1.
+    cycle_momentum: bool = False
     # Linear warm-up in front of any schedule but onecycle: this many units, from
     # warmup_start_factor * lr to lr (Goyal et al. 2017 use 5 epochs).
     warmup: int = 0
@@ -151,7 +154,8 @@ class ScheduleConfig:
 class EarlyStoppingConfig:
     # The validation metric that picks best.pt and, with patience set, stops the run.
     monitor: str = "valid/acc"
-    mode: str = "max"
+    # "max" or "min"; null follows the metric (max for valid/acc, min for valid/loss).
+    mode: str | None = None
     # Stop after this many epochs without an improvement larger than min_delta; null = never.
     patience: int | None = None
     min_delta: float = 0.0
@@ -249,6 +253,12 @@ INTERVALS = ("epoch", "step")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 MONITORS = ("valid/acc", "valid/loss")
+# The direction in which each monitored metric improves.
+MONITOR_MODES = {"valid/acc": "max", "valid/loss": "min"}
+# The number of classes of the data sets whose classes are fixed.
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
+# Schedules whose rate has a floor (schedule.min_lr).
+FLOORED_SCHEDULES = ("cosine", "cosine_restarts")
 SHORTCUTS = ("A", "B", "none")
 TASKS = ("train", "summary")
 
@@ -299,6 +309,18 @@ def validate(cfg: DictConfig) -> None:
 
     _one_of("data.name", d.name, DATASETS)
     _at_least("data.num_classes", d.num_classes, 1)
+    if d.name in DATASET_CLASSES:
+        classes = DATASET_CLASSES[d.name]
+        _check(d.num_classes == classes, "data.num_classes", d.num_classes,
+               f"data={d.name} has {classes} classes")  # fmt: skip
+    if m.num_classes is not None:
+        _check(
+            m.num_classes >= d.num_classes,
+            "model.num_classes",
+            m.num_classes,
+            f"the data has {d.num_classes} classes (labels 0 to {d.num_classes - 1}), so the "
+            f"classifier needs at least {d.num_classes} outputs; null takes data.num_classes",
+        )
     _at_least("data.image_size", d.image_size, 8)
     _at_least("data.eval_resize", d.eval_resize, 0)
     _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
@@ -382,7 +404,9 @@ def validate(cfg: DictConfig) -> None:
         list(s.milestones),
         "schedule=multistep needs at least one milestone",
     )
-    _within("schedule.min_lr", s.min_lr, f"[0, {o.lr})")
+    _at_least("schedule.min_lr", s.min_lr, 0)
+    if s.name in FLOORED_SCHEDULES and o.lr_scaling == "none":  # else checked with the batch
+        _within("schedule.min_lr", s.min_lr, f"[0, {o.lr})")
     _at_least("schedule.restart_period", s.restart_period, 1)
     _at_least("schedule.restart_mult", s.restart_mult, 1)
     _within("schedule.pct_start", s.pct_start, "(0, 1)")
@@ -396,19 +420,62 @@ def validate(cfg: DictConfig) -> None:
         "onecycle has its own warm-up (schedule.pct_start); set schedule.warmup=0",
     )
     _within("schedule.warmup_start_factor", s.warmup_start_factor, "(0, 1]")
+    if s.cycle_momentum:
+        _check(
+            s.name == "onecycle",
+            "schedule.cycle_momentum",
+            s.cycle_momentum,
+            f"only schedule=onecycle cycles the momentum (schedule={s.name})",
+        )
+        momentum = o.momentum if o.name == "sgd" else o.betas[0]
+        _check(
+            momentum > 0,
+            "schedule.cycle_momentum",
+            s.cycle_momentum,
+            "needs a momentum to cycle: optim.momentum > 0 (SGD) or optim.betas[0] > 0 (AdamW)",
+        )
 
     _at_least("trainer.epochs", t.epochs, 1)
+    if s.interval == "epoch":  # in steps, checked once the steps per epoch are known
+        _check(
+            s.warmup < t.epochs,
+            "schedule.warmup",
+            s.warmup,
+            f"the warm-up must end before the run does: less than trainer.epochs={t.epochs} "
+            "(schedule.interval=epoch)",
+        )
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _within("trainer.label_smoothing", t.label_smoothing, "[0, 1)")
     _optional("trainer.clip_grad_norm", t.clip_grad_norm, _positive)
     _optional("trainer.clip_grad_value", t.clip_grad_value, _positive)
     _at_least("trainer.accumulate_steps", t.accumulate_steps, 1)
     _one_of("trainer.early_stopping.monitor", es.monitor, MONITORS)
-    _one_of("trainer.early_stopping.mode", es.mode, ("max", "min"))
+    _optional("trainer.early_stopping.mode", es.mode, _one_of, ("max", "min"))
+    if es.mode is not None:
+        _check(
+            es.mode == MONITOR_MODES[es.monitor],
+            "trainer.early_stopping.mode",
+            es.mode,
+            f"{es.monitor} improves when it goes {'up' if es.monitor.endswith('acc') else 'down'}:"
+            f" use {MONITOR_MODES[es.monitor]}, or null to follow the metric",
+        )
     _optional("trainer.early_stopping.patience", es.patience, _at_least, 1)
     _at_least("trainer.early_stopping.min_delta", es.min_delta, 0)
+    _check(
+        es.patience is None or d.valid_ratio > 0,
+        "trainer.early_stopping.patience",
+        es.patience,
+        "early stopping watches the validation set, and data.valid_ratio=0 has none; set "
+        "data.valid_ratio > 0 or patience=null",
+    )
     _optional("trainer.ema.decay", ema.decay, _within, "(0, 1)")
     _one_of("trainer.ema.select", ema.select, ("best", "ema", "raw"))
+    _check(
+        ema.select != "ema" or ema.decay is not None,
+        "trainer.ema.select",
+        ema.select,
+        "there are no EMA weights to select without trainer.ema.decay; set a decay (0.999)",
+    )
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
     _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
     _at_least("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
@@ -442,6 +509,16 @@ def validate(cfg: DictConfig) -> None:
             "decodes image files (data=imagenet) on a CUDA trainer.device; "
             "use torchvision on the CPU",
         )
+
+
+def complete(cfg: DictConfig) -> DictConfig:
+    """Fill the keys whose null means "follow another key" with what they follow, so that the
+    run, its checkpoints and its records say what was used: trainer.early_stopping.mode from the
+    monitored metric. Returns cfg, changed in place."""
+    es = cfg.trainer.early_stopping
+    if es.mode is None:
+        es.mode = MONITOR_MODES.get(es.monitor, "max")
+    return cfg
 
 
 def _reject_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import (
@@ -53,6 +55,48 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> Optimizer:
     raise ConfigError(f"optim.name={cfg.name!r} is invalid: allowed: sgd, adamw")
 
 
+def configured_momentum(optimizer: Optimizer) -> float:
+    """The optimizer's momentum: SGD's momentum, or Adam's first beta."""
+    if "betas" in optimizer.defaults:
+        return float(optimizer.defaults["betas"][0])
+    return float(optimizer.defaults.get("momentum", 0.0))
+
+
+def cycled_momentum_floor(top: float) -> float:
+    """With schedule.cycle_momentum, the momentum falls from its configured value `top` by 0.1
+    while the rate rises, and climbs back as it falls (Smith & Topin 2019 use 0.95 -> 0.85)."""
+    return max(top - 0.1, 0.0)
+
+
+def depends_on_length(cfg: ScheduleConfig) -> bool:
+    """Whether the schedule's rates depend on the length of the run (trainer.epochs): cosine
+    and one-cycle anneal over it, and step with a warm-up lists its milestones up to it."""
+    return cfg.name in ("cosine", "onecycle") or (cfg.name == "step" and cfg.warmup > 0)
+
+
+def rebuild_scheduler(
+    cfg: ScheduleConfig,
+    optimizer: Optimizer,
+    base_lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    position: int,
+) -> LRScheduler:
+    """The schedule of a run of `epochs`, advanced by `position` steps of its unit: the rates a
+    run configured with that length from the start would use from here on. (Every scheduler
+    is stepped as in that run, so the rates are the same numbers, not just close.)"""
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr
+        for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
+            group.pop(key, None)
+    scheduler = build_scheduler(cfg, optimizer, epochs, steps_per_epoch)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(position):
+            scheduler.step()
+    return scheduler
+
+
 def build_scheduler(
     cfg: ScheduleConfig, optimizer: Optimizer, epochs: int, steps_per_epoch: int
 ) -> LRScheduler:
@@ -85,6 +129,9 @@ def build_scheduler(
         # length: at exactly one step (4 steps, pct_start 0.25) it divides by zero. That phase
         # is the peak alone; a shade less than one step says the same and divides safely.
         pct_start = cfg.pct_start if cfg.pct_start * total != 1 else 0.999 / total
+        # torch cycles the momentum between 0.85 and 0.95 unless told not to, whatever the
+        # optimizer was given; here it stays as configured, or cycles below it when asked.
+        top = configured_momentum(optimizer)
         main = OneCycleLR(
             optimizer,
             max_lr=[group["lr"] for group in optimizer.param_groups],
@@ -92,6 +139,9 @@ def build_scheduler(
             pct_start=pct_start,
             div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor,
+            cycle_momentum=cfg.cycle_momentum,
+            base_momentum=cycled_momentum_floor(top),
+            max_momentum=top,
         )
     else:
         raise ConfigError(f"schedule.name={cfg.name!r} is invalid")

@@ -33,7 +33,13 @@ from torchvision import transforms as T
 from resnet_train import create_model
 from resnet_train.config import AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
-from resnet_train.engine.trainer import Training, autocast, build_criterion, train_one_epoch
+from resnet_train.engine.trainer import (
+    Training,
+    autocast,
+    build_criterion,
+    sync_device,
+    train_one_epoch,
+)
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 REPO = Path(__file__).resolve().parents[1]
@@ -53,24 +59,19 @@ class Batches:
         return len(self.batches)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def trainer_epoch(t: Training, batches: Batches) -> float:
-    sync(t.device)
+    sync_device(t.device)
     start = time.perf_counter()
     t.sums = None
     train_one_epoch(t, batches, "benchmark")
-    sync(t.device)
+    sync_device(t.device)
     return time.perf_counter() - start
 
 
 def bare_epoch(model, optimizer, criterion, batches: Batches, device, precision) -> float:
     """What a hand-written loop does per step, and nothing else."""
     model.train()  # (a compiled module forwards train() to the model it wraps)
-    sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for images, targets in batches:
         with autocast(device, precision):
@@ -78,7 +79,7 @@ def bare_epoch(model, optimizer, criterion, batches: Batches, device, precision)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    sync(device)
+    sync_device(device)
     return time.perf_counter() - start
 
 
@@ -104,11 +105,11 @@ class PilCifar(Dataset):
 
 
 def data_epoch(loader, device) -> float:
-    sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for images, _ in loader:
         images.to(device, non_blocking=True)
-    sync(device)
+    sync_device(device)
     return time.perf_counter() - start
 
 

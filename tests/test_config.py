@@ -153,3 +153,118 @@ def test_cli_cfg_job_prints_composed_config(tmp_path):
     assert printed.data.name == "cifar10"
     assert printed.optim.lr == 0.05
     assert not (tmp_path / "outputs").exists()
+
+
+# Keys that must agree with each other or with the data, each refused by the check that runs
+# before a single run starts (the CLI's precheck: composition, validation, the data's size).
+SYN = ["data=synthetic", "trainer.device=cpu", "data.test_size=32"]
+DISAGREEING = {
+    "empty training set": (
+        ["data.train_size=100", "data.valid_ratio=0.999"],
+        "data.valid_ratio=0.999 is invalid: it leaves 0 of the 100 training images to train on",
+    ),
+    "empty validation set": (
+        ["data.train_size=100", "data.valid_ratio=0.001"],
+        "data.valid_ratio=0.001 is invalid: it holds out 0 of the 100 training images",
+    ),
+    "warm-up in epochs": (
+        ["trainer.epochs=3", "schedule.warmup=3"],
+        "schedule.warmup=3 is invalid: the warm-up must end before the run does: less than "
+        "trainer.epochs=3",
+    ),
+    "warm-up in steps": (
+        ["data.train_size=128", "trainer.epochs=2", "schedule.interval=step", "schedule.warmup=8"],
+        "schedule.warmup=8 is invalid: the warm-up must end before the run does, in less than "
+        "its 8 optimizer steps (trainer.epochs=2 x 4 steps per epoch",
+    ),
+    "floor above the scaled rate": (
+        ["optim.lr_scaling=linear", "schedule.min_lr=0.05"],
+        "schedule.min_lr=0.05 is invalid: the floor must be below the learning rate 0.0125 "
+        "(optim.lr=0.1 x global batch 32 / optim.reference_batch=256)",
+    ),
+    "floor above the rate": (
+        ["schedule=cosine_restarts", "schedule.min_lr=0.1"],
+        "schedule.min_lr=0.1 is invalid: must be in [0, 0.1)",
+    ),
+    "mode against the metric": (
+        ["trainer.early_stopping.monitor=valid/loss", "trainer.early_stopping.mode=max"],
+        "trainer.early_stopping.mode='max' is invalid: valid/loss improves when it goes down",
+    ),
+    "fewer classifier outputs than classes": (
+        ["model.num_classes=5"],
+        "model.num_classes=5 is invalid: the data has 10 classes (labels 0 to 9)",
+    ),
+    "early stopping without validation": (
+        ["data.valid_ratio=0", "trainer.early_stopping.patience=3"],
+        "trainer.early_stopping.patience=3 is invalid: early stopping watches the validation "
+        "set, and data.valid_ratio=0 has none",
+    ),
+    "EMA selected without EMA": (
+        ["trainer.ema.select=ema"],
+        "trainer.ema.select='ema' is invalid: there are no EMA weights to select",
+    ),
+    "momentum cycled by a schedule that does not": (
+        ["schedule.cycle_momentum=true"],
+        "schedule.cycle_momentum=True is invalid: only schedule=onecycle cycles the momentum",
+    ),
+    "momentum cycled without momentum": (
+        ["schedule=onecycle", "optim.momentum=0", "schedule.cycle_momentum=true"],
+        "schedule.cycle_momentum=True is invalid: needs a momentum to cycle",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DISAGREEING)
+def test_keys_that_disagree_are_refused_in_one_line_before_anything_is_written(
+    case, tmp_path, monkeypatch, capsys
+):
+    from resnet_train.cli import precheck
+
+    overrides, message = DISAGREEING[case]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        precheck([*SYN, *overrides, "hydra.run.dir=run"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("resnet-train: error: ")
+    assert message in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.train_size=60000"], "data.train_size=60000 is invalid: the cifar10 training set "
+                                    "has 200 images; set at most 200, or null for all"),
+        (["data.test_size=500"], "data.test_size=500 is invalid: the cifar10 test set has 40"),
+        (["data.num_classes=5"], "data.num_classes=5 is invalid: data=cifar10 has 10 classes"),
+    ],
+)  # fmt: skip
+def test_sizes_the_data_set_cannot_give_are_refused(
+    overrides, message, cifar10_root, tmp_path, monkeypatch, capsys
+):
+    from resnet_train.cli import precheck
+
+    root, _ = cifar10_root
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        precheck(["data=cifar10", f"data.root={root}", "trainer.device=cpu", *overrides])
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_model_num_classes_mismatch_is_one_line_through_the_cli(tmp_path):
+    result = run_cli(*SMOKE, "model.num_classes=5", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("resnet-train: error: model.num_classes=5 is invalid")
+    assert result.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_early_stopping_mode_follows_the_metric():
+    from resnet_train.config import complete
+
+    for monitor, mode in (("valid/acc", "max"), ("valid/loss", "min")):
+        cfg = compose_config(f"trainer.early_stopping.monitor={monitor}")
+        validate(cfg)
+        assert cfg.trainer.early_stopping.mode is None
+        assert complete(cfg).trainer.early_stopping.mode == mode

@@ -185,7 +185,8 @@ def test_torchvision_decoder_gives_the_pixels_pil_gives(tmp_path):
             expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
         assert torch.equal(decode_image_file(str(path)), expected)
     common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=32",
-              "data.eval_resize=36", "data.num_workers=0", "data.batch_size=3"]  # fmt: skip
+              "data.eval_resize=36", "data.num_workers=0", "data.batch_size=3",
+              "data.valid_ratio=0"]  # fmt: skip
     tests = [
         next(iter(build_loaders(compose_config(*common, f"data.decoder={d}").data, 0, CPU).test))
         for d in ("torchvision", "pil")
@@ -270,3 +271,34 @@ def test_cifar_augmentation_is_a_padded_crop_and_a_flip():
         # The output is some 32x32 window of the zero-padded image, maybe mirrored.
         windows = [padded[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
         assert any(torch.equal(restored, w) or torch.equal(restored, w.flip(-1)) for w in windows)
+
+
+@pytest.mark.parametrize("classes", [3, 10, 100])
+def test_subset_sizes_are_exact_for_every_size(classes):
+    # Rounding each class's quota alone gave 0 of 5 (10 classes of 4 images each: round(0.5)
+    # is 0) and 10 of 15; the largest-remainder shares add up to the size asked for.
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.arange(4 * classes + 7) % classes)
+    for size in range(1, len(labels) + 1):
+        chosen = stratified_subset(labels, size, seed=1)
+        assert len(chosen) == size == len(np.unique(chosen))
+        counts = np.bincount(labels[chosen], minlength=classes)
+        quotas = np.bincount(labels, minlength=classes) * size / len(labels)
+        assert np.all(np.abs(counts - quotas) < 1)  # each class within one of its share
+
+
+def test_valid_split_takes_the_rounded_share_of_the_whole_set():
+    labels = np.arange(15) % 10  # 5 classes of 2 images, 5 of 1
+    for ratio, expected in ((0.1, 2), (0.2, 3), (0.5, 8), (0.999, 15), (0.01, 0)):
+        train, valid = stratified_split(labels, ratio, seed=0)
+        assert len(valid) == expected and len(train) == 15 - expected
+
+
+def test_cifar_subsets_of_five_are_five_images(cifar10_root):
+    from resnet_train.data.loaders import read_splits
+
+    root, _ = cifar10_root
+    cfg = compose_config("data=cifar10", f"data.root={root}", "data.train_size=5",
+                         "data.test_size=5", "data.valid_ratio=0.2").data  # fmt: skip
+    splits = read_splits(cfg, seed=0)
+    assert (len(splits.fit), len(splits.valid), len(splits.test)) == (4, 1, 5)

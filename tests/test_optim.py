@@ -213,3 +213,105 @@ def test_imagenet_recipes_scale_the_lr_with_the_global_batch():
     assert lrs[0] == pytest.approx(0.005) and lrs[5] == pytest.approx(0.5)
     assert lrs[-1] < 1e-4
     assert modern.trainer.label_smoothing == 0.1 and modern.trainer.ema.decay == 0.99997
+
+
+# (schedule overrides, epochs first, epochs on resume); 58 training images of batch 32: 2 steps
+# an epoch.
+LONGER = {
+    "cosine": (["schedule=cosine"], 2, 5),
+    "cosine per step": (["schedule=cosine", "schedule.interval=step"], 2, 4),
+    "onecycle": (["schedule=onecycle"], 1, 2),
+    "step with warm-up": (["schedule=step", "schedule.step_size=2", "schedule.warmup=1"], 2, 5),
+    "step": (["schedule=step", "schedule.step_size=2"], 2, 5),
+    "multistep": (["schedule=multistep", "schedule.milestones=[1,3]"], 2, 4),
+    "cosine restarts": (["schedule=cosine_restarts", "schedule.restart_period=2"], 2, 4),
+    "constant": (["schedule=constant"], 1, 2),
+}
+
+
+@pytest.mark.parametrize("case", LONGER)
+def test_a_run_lengthened_on_resume_follows_the_schedule_of_its_new_length(case, tmp_path):
+    """trainer.epochs raised on resume: from the resume point on, every step's rate is the one a
+    run configured with the new length from the start uses (cosine used to sit at 0.0 and rise
+    again; one-cycle crashed: "Tried to step 5 times")."""
+    overrides, first, longer = LONGER[case]
+    common = [*SMOKE, "data.train_size=64", "trainer.log_every_steps=1", *overrides]
+    fit(compose_config(*common, f"trainer.epochs={first}"), tmp_path / "run")
+    fit(compose_config(*common, f"trainer.epochs={longer}", "resume=auto"), tmp_path / "run")
+    fit(compose_config(*common, f"trainer.epochs={longer}"), tmp_path / "reference")
+    resumed = dict(scalars(tmp_path / "run")["lr"])
+    reference = dict(scalars(tmp_path / "reference")["lr"])
+    assert sorted(resumed) == sorted(reference) == list(range(1, 2 * longer + 1))
+    after = range(2 * first + 1, 2 * longer + 1)
+    assert [resumed[s] for s in after] == [reference[s] for s in after]
+
+
+def _momenta(optimizer, scheduler, n: int) -> list[float]:
+    values = []
+    for _ in range(n):
+        group = optimizer.param_groups[0]
+        values.append(group["betas"][0] if "betas" in group else group["momentum"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [(["optim.momentum=0.0"], 0.0), (["optim=adamw", "optim.betas=[0.5,0.999]"], 0.5)],
+)
+def test_onecycle_keeps_the_configured_momentum(overrides, expected):
+    cfg = compose_config("schedule=onecycle", *overrides)
+    optimizer = build_optimizer(cfg.optim, create_model("resnet20"), cfg.optim.lr)
+    scheduler = build_scheduler(cfg.schedule, optimizer, 2, 10)
+    assert set(_momenta(optimizer, scheduler, 20)) == {expected}
+
+
+def test_onecycle_cycles_the_momentum_below_the_configured_value_when_asked():
+    cfg = compose_config("schedule=onecycle", "schedule.cycle_momentum=true", "optim.momentum=0.9")
+    optimizer = build_optimizer(cfg.optim, create_model("resnet20"), cfg.optim.lr)
+    scheduler = build_scheduler(cfg.schedule, optimizer, 2, 10)
+    lrs_and_momenta = []
+    for _ in range(20):
+        group = optimizer.param_groups[0]
+        lrs_and_momenta.append((group["lr"], group["momentum"]))
+        optimizer.step()
+        scheduler.step()
+    momenta = [m for _, m in lrs_and_momenta]
+    assert momenta[0] == pytest.approx(0.9) and min(momenta) == pytest.approx(0.8)
+    peak = max(range(20), key=lambda i: lrs_and_momenta[i][0])
+    assert momenta[peak] == pytest.approx(0.8)  # lowest where the rate is highest
+
+
+def test_the_onecycle_momentum_in_use_is_logged(tmp_path):
+    result = run_cli(*SMOKE, "data.train_size=64", "schedule=onecycle", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "momentum stays 0.9 (schedule.cycle_momentum=false)" in result.stdout
+
+
+def test_batch_larger_than_the_training_set_is_capped_and_the_rate_scaled_for_it(tmp_path):
+    # 64 images, 58 after the validation split: a step sees 58, whatever the batch says.
+    for extra in (["data.batch_size=1000"], ["data.batch_size=16", "trainer.accumulate_steps=50"]):
+        cfg = compose_config(*SMOKE, "data.train_size=64", "optim.lr_scaling=linear", *extra)
+        from resnet_train.engine.plan import plan_steps
+
+        plan = plan_steps(cfg, 58)
+        assert (plan.global_batch, plan.steps_per_epoch) == (58, 1)
+        assert plan.lr == pytest.approx(0.1 * 58 / 256)
+        assert "each optimizer step sees 58" in plan.notes[0]
+
+
+def test_a_run_shortened_on_resume_below_where_it_stopped_only_tests(tmp_path, monkeypatch):
+    from resnet_train.engine import faults
+    from resnet_train.engine.preemption import Preempted
+
+    common = [*SMOKE, "data.train_size=64", "schedule=onecycle"]
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "step:5:TERM")  # inside epoch 3 of 3
+    with pytest.raises(Preempted):
+        fit(compose_config(*common, "trainer.epochs=3"), tmp_path)
+    monkeypatch.delenv(faults.ENV)
+    metrics = fit(compose_config(*common, "trainer.epochs=2", "resume=auto"), tmp_path)
+    assert (metrics["epochs_run"], metrics["epochs_done"], metrics["global_step"]) == (0, 2, 5)
+    assert (tmp_path / "metrics.json").is_file()

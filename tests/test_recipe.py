@@ -373,6 +373,22 @@ def test_early_stopping_stops_after_patience_epochs_and_keeps_the_best(tmp_path,
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
 
 
+def test_monitoring_the_validation_loss_keeps_the_lowest_loss_epoch(tmp_path):
+    """With monitor=valid/loss the mode follows the metric (min): best.pt and the test used the
+    epoch of the highest loss while the mode stayed max."""
+    cfg = compose_config(*SMOKE, "data.train_size=128", "trainer.epochs=4",
+                         "trainer.early_stopping.monitor=valid/loss")  # fmt: skip
+    metrics = fit(cfg, tmp_path)
+    losses = [loss for _, loss in scalars(tmp_path)["valid/loss"]]
+    assert len(losses) == 4 and len(set(losses)) == 4
+    lowest = losses.index(min(losses)) + 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == metrics["selected_epoch"] == lowest
+    assert metrics["valid"]["loss"] == pytest.approx(min(losses))
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["trainer"]["early_stopping"]["mode"] == (
+        "min"
+    )
+
+
 def test_ema_weights_can_be_selected_for_best_pt(tmp_path):
     cfg = compose_config(*SMOKE, "trainer.ema.decay=0.9", "trainer.ema.select=ema")
     metrics = fit(cfg, tmp_path)

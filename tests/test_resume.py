@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from resnet_train.engine import checkpoint as checkpoint_module
+from resnet_train.engine import faults
 from resnet_train.engine.checkpoint import load_checkpoint
-from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE
+from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
 from resnet_train.engine.trainer import NonFiniteLossError, fit
 from tests.conftest import SMOKE, compose_config, run_cli
 from tests.test_train import scalars, sha256
@@ -293,3 +294,150 @@ def test_an_interrupted_sweep_relaunched_runs_only_what_is_left(tmp_path):
     assert f"resume=auto: {first} already finished; nothing to do" in result.stdout
     assert json.loads((second / "metrics.json").read_text())["epochs_done"] == 2
     assert sorted(p.name for p in first.parent.iterdir() if p.is_dir()) == [first.name, second.name]
+
+
+# --- every stop point ---------------------------------------------------------------------------
+
+# 100 images: 90 to train on in batches of 32, 32 and 26 (a short last batch), 3 epochs of 3
+# steps, with random crops, flips, Cutout and MixUp.
+SMALL = [
+    "model=resnet20",
+    "data=synthetic",
+    "data.train_size=100",
+    "data.test_size=32",
+    "data.augment.cutout=8",
+    "data.augment.mixup_alpha=0.2",
+    "trainer.epochs=3",
+    "trainer.device=cpu",
+    "trainer.log_every_steps=1",
+]
+
+
+def assert_same_result(run: Path, reference: Path, steps: int = 9) -> None:
+    """Every weight, the best checkpoint, each step's loss and the final figures are equal."""
+    ours, theirs = load_checkpoint(run / "last.pt"), load_checkpoint(reference / "last.pt")
+    assert (ours["epoch"], ours["global_step"]) == (theirs["epoch"], theirs["global_step"])
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), key
+    best, best_ref = load_checkpoint(run / "best.pt"), load_checkpoint(reference / "best.pt")
+    assert best["epoch"] == best_ref["epoch"]
+    assert all(torch.equal(best["model"][k], v) for k, v in best_ref["model"].items())
+    losses, expected = scalars(run)["train/loss_step"], scalars(reference)["train/loss_step"]
+    assert [s for s, _ in losses] == list(range(1, steps + 1)) and losses == expected
+    metrics, metrics_ref = (json.loads((d / "metrics.json").read_text()) for d in (run, reference))
+    assert metrics["test"] == metrics_ref["test"] and metrics["valid"] == metrics_ref["valid"]
+
+
+@pytest.fixture(scope="module")
+def small_references(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for loader in ("torch", "tensor"):
+        run = tmp_path_factory.mktemp(f"small-{loader}")
+        fit(compose_config(*SMALL, f"data.loader={loader}"), run)
+        out[loader] = run
+    return out
+
+
+@pytest.mark.parametrize(
+    ("loader", "step"), [("torch", s) for s in range(1, 10)] + [("tensor", s) for s in (3, 5, 9)]
+)
+def test_a_stop_after_any_step_resumes_bit_identical(
+    loader, step, tmp_path, monkeypatch, small_references
+):
+    """SIGTERM after each step of the first, the middle and the last epoch. Steps 3, 6 and 9 end
+    an epoch on a short batch: saved at batch 3 of 90 images, the resume used to ask for
+    sample 96 ("start=96 is outside an epoch of 90 samples") and failed at every retry."""
+    cfg = [*SMALL, f"data.loader={loader}"]
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, f"step:{step}:TERM")
+    with pytest.raises(Preempted):
+        fit(compose_config(*cfg), tmp_path)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["global_step"] == step
+    assert state["batch_in_epoch"] == (step - 1) % 3 + 1  # saved at the step, inside its epoch
+    monkeypatch.delenv(faults.ENV)
+    fit(compose_config(*cfg, "resume=auto"), tmp_path)
+    assert_same_result(tmp_path, small_references[loader])
+
+
+@pytest.fixture(scope="module")
+def small_cli_reference(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("small-cli")
+    result = run_cli(*SMALL, "name=run", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd / "outputs" / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "saved best.pt:1",  # epoch 1: best.pt in place, no last.pt yet
+        "saved last.pt:1",  # epoch 1: last.pt names best epoch 1 (best.pt used to come after)
+        "validated:2",  # epoch 2 validated, nothing written
+        "kept previous.pt:1",  # epoch 2: last.pt renamed to previous.pt, the new one not yet
+        "saved last.pt:2",
+        "flushed:3",  # the last epoch's files all written, the test set not yet evaluated
+        "tested:1",  # tested, metrics.json not yet written
+    ],
+)
+def test_a_kill_between_any_two_writes_of_an_epoch_end_resumes_bit_identical(
+    fault, tmp_path, small_cli_reference
+):
+    proc = start(tmp_path, *SMALL, "name=run", env={faults.ENV: f"{fault}:KILL"})
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, output
+    run = tmp_path / "outputs" / "run"
+    assert not (run / "metrics.json").exists()
+    result = run_cli(*SMALL, "name=run", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_result(run, small_cli_reference)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_saves_with_data_workers(tmp_path, reference):
+    """What SLURM and `kill -- -PGID` do: the data workers get the signal too, and used to die of
+    it ("DataLoader worker ... is killed by signal: Terminated", exit 1, nothing saved)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnet_train", *RUN, "data.num_workers=2"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    last = tmp_path / "outputs" / "run" / "last.pt"
+    wait_for_checkpoint(proc, last, lambda s: s["epoch"] == 1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    assert "stopped by SIGTERM after step" in output and "killed by signal" not in output
+    result = run_cli(*RUN, "data.num_workers=2", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_run(tmp_path / "outputs" / "run", reference)
+
+
+def test_every_key_that_may_change_on_resume_changes_without_changing_the_result(
+    tmp_path, monkeypatch, small_references
+):
+    # Stopped at the end of epoch 1 of 2, before the cosine schedule's first step: the schedule
+    # rebuilt for 3 epochs is then the 3-epoch run's from its start.
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "step:3:TERM")
+    with pytest.raises(Preempted):
+        fit(compose_config(*SMALL, "data.loader=torch", "trainer.epochs=2"), tmp_path)
+    monkeypatch.delenv(faults.ENV)
+    changed = [
+        "trainer.epochs=3",
+        "data.num_workers=2",
+        "data.download=false",
+        "trainer.log_every_steps=1",
+        "trainer.grad_norm_every_steps=2",
+        "trainer.checkpoint_every_steps=2",
+        "trainer.progress=false",
+        "trainer.requeue=false",
+        "trainer.early_stopping.patience=100",
+    ]
+    fit(compose_config(*SMALL, "data.loader=torch", *changed, "resume=auto"), tmp_path)
+    assert_same_result(tmp_path, small_references["torch"])

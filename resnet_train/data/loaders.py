@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -26,7 +27,7 @@ from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.data.transforms import build_transform
-from resnet_train.errors import DataError
+from resnet_train.errors import ConfigError, DataError
 
 
 class ArrayImages(Dataset):
@@ -91,25 +92,117 @@ class Loaders:
     num_classes: int
 
 
+@dataclass
+class Splits:
+    """The data set read from disk and the indices of its three parts: the training images that
+    are trained on (`fit`), the held-out validation images, and the test images."""
+
+    train_base: Any
+    test_base: Any
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    fit: np.ndarray  # indices into train_base
+    valid: np.ndarray  # indices into train_base
+    test: np.ndarray  # indices into test_base
+
+
 def _read_sets(cfg: DataConfig, seed: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
-    """(train base, train labels, test base, test labels) for the configured data set."""
-    if cfg.name in ("cifar10", "cifar100"):
-        train_x, train_y = load_cifar(cfg.name, cfg.root, train=True, download=cfg.download)
-        test_x, test_y = load_cifar(cfg.name, cfg.root, train=False, download=False)
+    """(train base, train labels, test base, test labels) for the configured data set. The last
+    set read is kept, so that the check before a run and the run itself read the files once."""
+    synthetic = cfg.name == "synthetic"
+    return _read_sets_cached(
+        cfg.name,
+        str(cfg.root),
+        bool(cfg.download),
+        cfg.decoder,
+        cfg.num_classes,
+        cfg.image_size,
+        cfg.train_size if synthetic else None,
+        cfg.test_size if synthetic else None,
+        seed if synthetic else None,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _read_sets_cached(
+    name: str,
+    root: str,
+    download: bool,
+    decoder: str,
+    num_classes: int,
+    image_size: int,
+    train_size: int | None,
+    test_size: int | None,
+    seed: int | None,
+) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+    if name in ("cifar10", "cifar100"):
+        train_x, train_y = load_cifar(name, root, train=True, download=download)
+        test_x, test_y = load_cifar(name, root, train=False, download=False)
         return ArrayImages(train_x, train_y), train_y, ArrayImages(test_x, test_y), test_y
-    if cfg.name == "synthetic":
-        n_train = cfg.train_size or 512
-        n_test = cfg.test_size or 256
+    if name == "synthetic":
+        n_train = train_size or 512
+        n_test = test_size or 256
         # Train and test images come from the same class templates (same seed), other noise.
-        images, labels = make_synthetic(n_train + n_test, cfg.num_classes, cfg.image_size, seed)
+        images, labels = make_synthetic(n_train + n_test, num_classes, image_size, seed or 0)
         train = ArrayImages(images[:n_train], labels[:n_train])
         test = ArrayImages(images[n_train:], labels[n_train:])
         return train, train.targets, test, test.targets
-    if cfg.name == "imagenet":
-        return _read_image_folders(cfg)
+    if name == "imagenet":
+        return _read_image_folders(root, decoder, num_classes)
     raise DataError(
-        f"data.name={cfg.name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic"
+        f"data.name={name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic"
     )
+
+
+def read_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Read the data set and carve its parts: `data.train_size` / `data.test_size` subsets
+    (exact sizes, stratified), then the stratified `data.valid_ratio` hold-out. Raise a UserError
+    naming the key when a part the run needs would be empty or a size is more than the set
+    holds."""
+    train_base, train_labels, test_base, test_labels = _read_sets(cfg, seed)
+    if len(train_labels) and (
+        train_labels.max() >= cfg.num_classes
+        or (len(test_labels) and test_labels.max() >= cfg.num_classes)
+    ):
+        top = max(train_labels.max(), test_labels.max() if len(test_labels) else 0)
+        raise DataError(f"data.num_classes={cfg.num_classes} but the labels go up to {top}")
+    train_idx = np.arange(len(train_labels))
+    test_idx = np.arange(len(test_labels))
+    if cfg.name != "synthetic":
+        for key, size, n in (
+            ("data.train_size", cfg.train_size, len(train_labels)),
+            ("data.test_size", cfg.test_size, len(test_labels)),
+        ):
+            if size is not None and size > n:
+                part = "training" if key == "data.train_size" else "test"
+                raise ConfigError(
+                    f"{key}={size} is invalid: the {cfg.name} {part} set has {n} images; "
+                    f"set at most {n}, or null for all"
+                )
+        if cfg.train_size is not None:
+            train_idx = stratified_subset(train_labels, cfg.train_size, seed)
+        if cfg.test_size is not None:
+            test_idx = stratified_subset(test_labels, cfg.test_size, seed)
+    fit_part, valid_part = stratified_split(train_labels[train_idx], cfg.valid_ratio, seed)
+    n = len(train_idx)
+    if len(fit_part) == 0:
+        raise ConfigError(
+            f"data.valid_ratio={cfg.valid_ratio} is invalid: it leaves 0 of the {n} training "
+            "images to train on; lower data.valid_ratio"
+            + (" or raise data.train_size" if cfg.train_size is not None else "")
+        )
+    if cfg.valid_ratio > 0 and len(valid_part) == 0:
+        raise ConfigError(
+            f"data.valid_ratio={cfg.valid_ratio} is invalid: it holds out 0 of the {n} training "
+            "images for validation; raise it, or set data.valid_ratio=0 to train without a "
+            "validation set"
+        )
+    if len(test_idx) == 0:
+        raise DataError(f"the {cfg.name} test set is empty: there is nothing to evaluate on")
+    return Splits(
+        train_base, test_base, train_labels, test_labels,
+        train_idx[fit_part], train_idx[valid_part], test_idx,
+    )  # fmt: skip
 
 
 def check_data(cfg: DataConfig) -> None:
@@ -122,10 +215,14 @@ def check_data(cfg: DataConfig) -> None:
         root = Path(cfg.root).expanduser()
         for split in ("train", "val"):
             if not (root / split).is_dir():
-                raise DataError(
-                    f"{root / split} is missing: data=imagenet reads class folders under "
-                    f"{root}/train and {root}/val; set data.root to the folder that holds them"
-                )
+                raise DataError(_missing_image_folders(root, split))
+
+
+def _missing_image_folders(root: Path, split: str) -> str:
+    return (
+        f"{root / split} is missing: data=imagenet reads class folders under "
+        f"{root}/train and {root}/val; set data.root to the folder that holds them"
+    )
 
 
 def decode_image_file(path: str) -> torch.Tensor:
@@ -155,16 +252,20 @@ def worker_count(cfg: DataConfig) -> int:
     return min(cpus, 16)
 
 
-def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarray]:
+def _read_image_folders(
+    root_name: str, decoder: str, num_classes: int
+) -> tuple[Any, np.ndarray, Any, np.ndarray]:
     from torchvision.datasets import ImageFolder
 
-    check_data(cfg)
-    root = Path(cfg.root).expanduser()
+    root = Path(root_name).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(_missing_image_folders(root, split))
     sets = []
     for split in ("train", "val"):
         folder = root / split
         try:
-            loader = {"torchvision": decode_image_file, "gpu": read_file_bytes}.get(cfg.decoder)
+            loader = {"torchvision": decode_image_file, "gpu": read_file_bytes}.get(decoder)
             sets.append(ImageFolder(str(folder), **({"loader": loader} if loader else {})))
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{folder} holds no readable class folders of images ({e})") from None
@@ -174,9 +275,9 @@ def _read_image_folders(cfg: DataConfig) -> tuple[Any, np.ndarray, Any, np.ndarr
             f"{root}/train and {root}/val have different class folders "
             f"({len(train.classes)} and {len(val.classes)}); they must match"
         )
-    if len(train.classes) != cfg.num_classes:
+    if len(train.classes) != num_classes:
         raise DataError(
-            f"data.num_classes={cfg.num_classes} but {root}/train has {len(train.classes)} class "
+            f"data.num_classes={num_classes} but {root}/train has {len(train.classes)} class "
             f"folders; set data.num_classes={len(train.classes)}"
         )
     return train, np.asarray(train.targets), val, np.asarray(val.targets)
@@ -189,9 +290,10 @@ def _init_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # SLURM's preemption signal (sbatch --signal=USR1@90) reaches every process of the job; the
-    # main process saves a checkpoint on it, and the workers must not die of it meanwhile.
-    for name in ("SIGUSR1", "SIGUSR2"):
+    # A stop signal sent to the whole process group (SLURM's preemption, `kill -- -PGID`, Ctrl-C
+    # in a terminal) reaches the workers too; the main process saves a checkpoint on it and
+    # then shuts them down, so they must not die of it meanwhile.
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
@@ -264,21 +366,9 @@ def build_loaders(
     """Train, validation and test loaders; under DDP (world > 1) each yields only this process's
     share: the training epoch sharded and padded to equal length, the evaluation sets split
     without padding (their figures are summed over the processes)."""
-    train_base, train_labels, test_base, test_labels = _read_sets(cfg, seed)
-    if train_labels.max() >= cfg.num_classes or test_labels.max() >= cfg.num_classes:
-        raise DataError(
-            f"data.num_classes={cfg.num_classes} but the labels go up to "
-            f"{max(train_labels.max(), test_labels.max())}"
-        )
-    train_idx = np.arange(len(train_labels))
-    test_idx = np.arange(len(test_labels))
-    if cfg.name != "synthetic":
-        if cfg.train_size is not None:
-            train_idx = stratified_subset(train_labels, cfg.train_size, seed)
-        if cfg.test_size is not None:
-            test_idx = stratified_subset(test_labels, cfg.test_size, seed)
-    fit_part, valid_part = stratified_split(train_labels[train_idx], cfg.valid_ratio, seed)
-    fit_idx, valid_idx = train_idx[fit_part], train_idx[valid_part]
+    sp = read_splits(cfg, seed)
+    train_base, test_base = sp.train_base, sp.test_base
+    fit_idx, valid_idx, test_idx = sp.fit, sp.valid, sp.test
 
     if cfg.loader == "tensor":
         return _tensor_loaders(cfg, seed, device, train_base, test_base, fit_idx, valid_idx,

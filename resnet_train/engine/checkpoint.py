@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from resnet_train.engine import faults
 from resnet_train.errors import CheckpointError
 
 FORMAT_VERSION = 2
@@ -21,25 +22,32 @@ REQUIRED_KEYS = ("format_version", "model", "optimizer", "scheduler", "epoch", "
 TMP_SUFFIX = ".tmp"
 
 
-def _replace_atomically(path: Path, write, keep_previous: Path | None = None) -> None:
+def _replace_atomically(
+    path: Path, write, keep_previous: Path | None = None, also_as: Path | None = None
+) -> None:
     """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`:
     a failed save leaves the previous file intact and no temporary file behind (a killed one
     leaves a temporary file that remove_temporaries() clears at the next start). With
     keep_previous, the file being replaced is first renamed to it, so that one readable
-    checkpoint exists at every moment."""
+    checkpoint exists at every moment. With also_as, the written file is first put in place
+    under that name too (a copy, itself atomic)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if also_as is not None:
+            copy_checkpoint(tmp, also_as)
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
+            faults.point(f"kept {keep_previous.name}")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _sync_directory(path.parent)
+    faults.point(f"saved {path.name}")
 
 
 def _sync_directory(folder: Path) -> None:
@@ -65,10 +73,16 @@ def remove_temporaries(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    state: dict[str, Any], path: str | Path, keep_previous: str | Path | None = None
+    state: dict[str, Any],
+    path: str | Path,
+    keep_previous: str | Path | None = None,
+    also_as: str | Path | None = None,
 ) -> None:
+    """Save `state` to `path` atomically (see _replace_atomically for keep_previous and
+    also_as: the trainer puts a new best.pt in place before the last.pt that names it)."""
     previous = Path(keep_previous) if keep_previous is not None else None
-    _replace_atomically(Path(path), lambda f: torch.save(state, f), previous)
+    also = Path(also_as) if also_as is not None else None
+    _replace_atomically(Path(path), lambda f: torch.save(state, f), previous, also)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:

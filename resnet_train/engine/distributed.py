@@ -47,25 +47,24 @@ def from_env() -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def rank_from_env() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 # A CPU (gloo) group beside the training backend, for the host-side flags every step exchanges
 # (stop signals): they never wait for the GPU.
 _host_group: Any = None
 
 
-def setup(device: torch.device) -> Dist:
-    """Join the torchrun job (NCCL on CUDA, gloo on the CPU); return this process's place."""
+def setup(device: torch.device, d: Dist) -> None:
+    """Join the torchrun job `d` (NCCL on CUDA, gloo on the CPU)."""
     global _host_group
-    d = from_env()
     if not d.enabled or dist.is_initialized():
-        return d
+        return
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     _host_group = dist.new_group(backend="gloo") if backend != "gloo" else None
-    return d
+
+
+def world_size() -> int:
+    """How many processes train together (1 outside a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def teardown() -> None:
@@ -89,7 +88,7 @@ def device_for(name: str, d: Dist) -> torch.device:
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """The sum of `values` over all processes (the tensor itself when there is one)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
     return values
@@ -98,7 +97,7 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def any_flag(value: int | None) -> int | None:
     """A host-side value (a received signal number, or None) that any process has: the largest,
     so that every process takes the same decision at the same step."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return value
     flag = torch.tensor([value or 0])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_host_group)
@@ -107,33 +106,24 @@ def any_flag(value: int | None) -> int | None:
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order ([obj] alone without DDP)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world_size() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj, group=_host_group)
     return out
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's `obj` on every process."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0, group=_host_group)
-    return box[0]
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Rank 0's buffers (batch-norm running statistics) on every process. DDP does this before
     each training forward; after an epoch's last step each process holds the statistics of its
     own last batch, so they are made equal again before validation and checkpoints."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.barrier(group=_host_group)
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,10 +22,10 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from resnet_train.config import TrainerConfig, to_dict
+from resnet_train.config import TrainerConfig, complete, to_dict
 from resnet_train.data import build_loaders
 from resnet_train.data.transforms import build_batch_mixer
-from resnet_train.engine import distributed
+from resnet_train.engine import distributed, faults
 from resnet_train.engine.checkpoint import (
     FORMAT_VERSION,
     copy_checkpoint,
@@ -34,6 +35,7 @@ from resnet_train.engine.checkpoint import (
 )
 from resnet_train.engine.distributed import Dist
 from resnet_train.engine.early_stopping import Monitor
+from resnet_train.engine.plan import StepPlan, plan_steps
 from resnet_train.engine.preemption import Preempted, StopSignals, requeue_slurm_job
 from resnet_train.engine.resume import (
     ResumePoint,
@@ -45,7 +47,14 @@ from resnet_train.engine.resume import (
 from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer
 from resnet_train.models.build import build_model
-from resnet_train.optim import build_optimizer, build_scheduler, effective_lr
+from resnet_train.optim import (
+    build_optimizer,
+    build_scheduler,
+    configured_momentum,
+    cycled_momentum_floor,
+    depends_on_length,
+    rebuild_scheduler,
+)
 
 # Tqdm's loss/accuracy figures are read from the device every this many steps, not every step.
 BAR_REFRESH_STEPS = 10
@@ -114,7 +123,7 @@ class EpochSums:
         """The epoch's figures; under DDP summed over all processes (images/s of them all)."""
         loss, correct = self.loss.detach().float(), self.correct
         seen, untimed = self.seen, self.untimed_images
-        if torch.distributed.is_initialized():
+        if distributed.world_size() > 1:
             loss, correct = distributed.all_reduce_sum(loss), distributed.all_reduce_sum(correct)
             counts = torch.tensor([seen, untimed], device=loss.device)
             seen, untimed = distributed.all_reduce_sum(counts).tolist()
@@ -170,13 +179,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -320,7 +323,7 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
         compiling = t.compiled and tuple(images.shape) not in t.compiled_shapes
         if compiling:
             t.compiled_shapes.add(tuple(images.shape))
-            _sync(t.device)
+            sync_device(t.device)
             compile_start = time.perf_counter()
         group_start = i - i % k
         group_size = min(k, n_batches - group_start)
@@ -354,7 +357,7 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
                     t.writer.add_scalar("train/loss_step", group_loss.item(), t.global_step)
             group_loss = torch.zeros((), device=t.device)
         if compiling:  # this batch's shape was compiled: its time is not the model's
-            _sync(t.device)
+            sync_device(t.device)
             spent = time.perf_counter() - compile_start
             excluded += spent
             t.warmup_seconds += spent
@@ -391,7 +394,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = distributed.world_size()
     bar = progress_bar(math.ceil(len(loader.dataset) / world), desc, progress)
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
@@ -404,8 +407,10 @@ def evaluate(
         bar.update(targets.shape[0])
     bar.close()
     seconds = time.perf_counter() - start
-    loss_sum, correct = distributed.all_reduce_sum(loss_sum), distributed.all_reduce_sum(correct)
-    seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
+    if world > 1:
+        loss_sum = distributed.all_reduce_sum(loss_sum)
+        correct = distributed.all_reduce_sum(correct)
+        seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
     n = max(seen, 1)
     return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds)
 
@@ -423,8 +428,10 @@ def _metric(stats: EpochStats, name: str) -> float:
 class _Run:
     """One fit(): the training state, the monitor, and the checkpoints they make."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, t: Training, monitor: Monitor) -> None:
-        self.cfg, self.run_dir, self.t, self.monitor = cfg, run_dir, t, monitor
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, t: Training, monitor: Monitor, plan: StepPlan
+    ) -> None:
+        self.cfg, self.run_dir, self.t, self.monitor, self.plan = cfg, run_dir, t, monitor, plan
         self.epoch = 0  # epochs completed
         self.best_valid: dict[str, Any] | None = None
         self.signals: StopSignals | None = None
@@ -463,12 +470,28 @@ class _Run:
         if self.t.dist.main:
             save_checkpoint(state, self.run_dir / "last.pt", self.run_dir / "previous.pt")
 
+    def save_epoch_end(self, improved: bool, selected_weights: str) -> None:
+        """last.pt, and best.pt when the epoch improved. best.pt goes in place first: a last.pt
+        always names a best epoch whose best.pt is there. (A stop between the two leaves a
+        best.pt one epoch ahead of last.pt; the resumed run redoes that epoch and rewrites it.)"""
+        state, t, run_dir = self.state(mid_epoch=False), self.t, self.run_dir
+        if not t.dist.main:
+            return
+        best_copy = None
+        if improved and selected_weights == "ema":
+            best = {**state, "model": t.ema.module.state_dict(), "weights": "ema"}
+            save_checkpoint(best, run_dir / "best.pt")
+        elif improved:
+            best_copy = run_dir / "best.pt"  # the same bytes as last.pt
+        save_checkpoint(state, run_dir / "last.pt", run_dir / "previous.pt", also_as=best_copy)
+
     def received(self) -> int | None:
         """The stop signal received (by any process, under DDP: all stop at the same step)."""
         signum = self.signals.received if self.signals is not None else None
         return distributed.any_flag(signum) if self.t.dist.enabled else signum
 
     def after_step(self) -> None:
+        faults.point("step")
         every = self.cfg.trainer.checkpoint_every_steps
         signum = self.received()
         if signum is not None or (every and self.t.global_step % every == 0):
@@ -506,6 +529,7 @@ class _Run:
             raise CheckpointError(
                 f"{point.path} does not fit this run's model or optimizer: {first}"
             ) from None
+        self._fit_schedule_to_length(state)
         self.epoch = state["epoch"]
         self.best_valid = state.get("best_valid")
         t.global_step = state["global_step"]
@@ -518,6 +542,30 @@ class _Run:
             t.sums = EpochSums.from_state(sums, t.device)
         restore_rng(rng)
         return state.get("batch_in_epoch", 0)
+
+    def _fit_schedule_to_length(self, state: dict[str, Any]) -> None:
+        """trainer.epochs changed on resume: a schedule that anneals over the run (cosine,
+        one-cycle, step with a warm-up) is rebuilt for the new length and advanced to where
+        the run is, so the rest of the run follows the schedule of the new length; the others
+        do not depend on the length and go on as saved."""
+        cfg, t = self.cfg, self.t
+        before = state["config"]["trainer"]["epochs"]
+        if before == cfg.trainer.epochs or not depends_on_length(cfg.schedule):
+            return
+        if state["epoch"] >= cfg.trainer.epochs:  # nothing left to train: only the test runs
+            return
+        position, old_lr = t.scheduler.last_epoch, t.optimizer.param_groups[0]["lr"]
+        t.scheduler = rebuild_scheduler(
+            cfg.schedule, t.optimizer, self.plan.lr, cfg.trainer.epochs,
+            self.plan.steps_per_epoch, position,
+        )  # fmt: skip
+        unit = "step" if cfg.schedule.interval == "step" else "epoch"
+        log.info(
+            "trainer.epochs %d -> %d: schedule=%s rebuilt for %d epochs and continued at %s %d: "
+            "learning rate %.4g (%.4g on the old length)",
+            before, cfg.trainer.epochs, cfg.schedule.name, cfg.trainer.epochs, unit, position,
+            t.optimizer.param_groups[0]["lr"], old_lr,
+        )  # fmt: skip
 
 
 def _finished(point: ResumePoint, cfg: DictConfig) -> bool:
@@ -533,9 +581,10 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted.
     Under torchrun, every process trains with DistributedDataParallel on its share of the data
     and rank 0 alone logs and writes."""
+    complete(cfg)
     d = distributed.from_env()
     device = distributed.device_for(cfg.trainer.device, d)
-    distributed.setup(device)
+    distributed.setup(device, d)
     level = log.level
     if not d.main:  # warnings and errors only, on the console only
         log.setLevel(logging.WARNING)
@@ -581,10 +630,9 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         torch.manual_seed(cfg.seed + d.rank)
         np.random.seed(cfg.seed + d.rank)
         random.seed(cfg.seed + d.rank)
-    global_batch = cfg.data.batch_size * tc.accumulate_steps * d.world
-    lr = effective_lr(cfg.optim, global_batch)
+    plan = plan_steps(cfg, len(loaders.train.dataset), d.world)
+    global_batch, lr, steps_per_epoch = plan.global_batch, plan.lr, plan.steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model, lr)
-    steps_per_epoch = math.ceil(len(loaders.train) / tc.accumulate_steps)
     t = Training(
         model=model,
         optimizer=optimizer,
@@ -603,7 +651,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
             model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema.decay), use_buffers=True
         )
     es = tc.early_stopping
-    run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta))
+    run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta), plan)
     monitor = run.monitor
 
     start_batch = 0
@@ -636,15 +684,28 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         len(loaders.valid.dataset) if loaders.valid else 0, len(loaders.test.dataset), device,
         tc.precision,
     )  # fmt: skip
+    for note in plan.notes:
+        log.warning("%s", note)
     log.info(
-        "global batch %d (%d x %d accumulation steps%s), learning rate %.4g%s, %d optimizer "
+        "global batch %d (%d x %d accumulation steps%s%s), learning rate %.4g%s, %d optimizer "
         "steps per epoch",
         global_batch, cfg.data.batch_size, tc.accumulate_steps,
-        f" x {d.world} processes" if d.enabled else "", lr,
+        f" x {d.world} processes" if d.enabled else "",
+        ", capped at the training set" if plan.notes else "", lr,
         f" (optim.lr {cfg.optim.lr} x {global_batch}/{cfg.optim.reference_batch})"
         if cfg.optim.lr_scaling == "linear" else "",
         steps_per_epoch,
     )  # fmt: skip
+    if cfg.schedule.name == "onecycle":
+        top = configured_momentum(optimizer)
+        log.info(
+            "one-cycle: learning rate %.4g -> %.4g -> %.4g; momentum %s",
+            lr / cfg.schedule.div_factor, lr,
+            lr / cfg.schedule.div_factor / cfg.schedule.final_div_factor,
+            f"cycles {top:g} -> {cycled_momentum_floor(top):g} -> {top:g}"
+            if cfg.schedule.cycle_momentum
+            else f"stays {top:g} (schedule.cycle_momentum=false)",
+        )  # fmt: skip
     if loaders.valid is None:
         log.info(
             "no validation set (data.valid_ratio=%s): no model selection; the last checkpoint "
@@ -655,7 +716,9 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
 
     # A resumed run appends to the same event files; steps after its checkpoint are dropped.
     if d.main:
-        t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1 if point else None)
+        # (A run started afresh purges from step 1: what a run killed before its first
+        # checkpoint logged.)
+        t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1)
     else:
         t.writer = NullWriter()
     progress = tc.progress if d.main else False
@@ -673,8 +736,10 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                     break
                 tag = f"epoch {epoch + 1}/{epochs}"
                 lr_now = optimizer.param_groups[0]["lr"]
-                batch_size = cfg.data.batch_size
-                loaders.train.sampler.set_epoch(epoch, start=start_batch * batch_size)
+                # A stop after an epoch's last step resumes at its end: the last batch may be
+                # short, so the position is capped at the epoch's size.
+                start = min(start_batch * cfg.data.batch_size, plan.shard_images)
+                loaders.train.sampler.set_epoch(epoch, start=start)
                 if not start_batch:
                     t.sums = EpochSums.zeros(device)
                 start_batch = 0
@@ -690,7 +755,11 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                     )  # fmt: skip
                     t.warmup_seconds = 0.0
                 if not t.step_schedule_per_batch:
-                    t.scheduler.step()
+                    with warnings.catch_warnings():
+                        # A run resumed after an epoch's last step steps the schedule before
+                        # this process has stepped the optimizer: in order, as torch wants.
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                        t.scheduler.step()
                 epochs_run += 1
                 throughputs.append(train_stats.images_per_s)
                 line = (
@@ -728,15 +797,10 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                 log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
 
                 run.epoch = e
-                run.save_last(mid_epoch=False)
-                if improved and selected_weights == "ema":
-                    state = run.state(mid_epoch=False)
-                    state.update(model=t.ema.module.state_dict(), weights="ema")
-                    if d.main:
-                        save_checkpoint(state, run_dir / "best.pt")
-                elif improved and d.main:
-                    copy_checkpoint(run_dir / "last.pt", run_dir / "best.pt")
+                faults.point("validated")
+                run.save_epoch_end(improved, selected_weights)
                 w.flush()
+                faults.point("flushed")
                 if monitor.should_stop:
                     stop_reason = monitor.reason()
                     log.info("%s", stop_reason)
@@ -756,6 +820,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         final = load_checkpoint(run_dir / selected)
         model.load_state_dict(final["model"])
         test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
+        faults.point("tested")
         log.info(
             "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
             test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),

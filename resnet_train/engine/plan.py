@@ -1,0 +1,75 @@
+"""The run's arithmetic, worked out from the config and the data before anything is written: what
+one optimizer step sees, how many there are, the effective learning rate, and the checks that
+need these numbers (a warm-up that ends before the run, a floor below the rate)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from resnet_train.config import FLOORED_SCHEDULES
+from resnet_train.errors import ConfigError
+from resnet_train.optim import effective_lr
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    fit_images: int  # training images, all processes together
+    shard_images: int  # this process's share of an epoch (padded under DDP)
+    batches_per_epoch: int  # per process
+    steps_per_epoch: int  # optimizer steps
+    global_batch: int  # images a full optimizer step sees, over all processes
+    lr: float  # the effective learning rate (optim.lr, scaled with lr_scaling=linear)
+    schedule_length: int  # the run's length in the schedule's unit (epochs or steps)
+    notes: list[str] = field(default_factory=list)  # said at the start of the run
+
+
+def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
+    """The step arithmetic of a run of cfg over `fit_images` training images in `world`
+    processes; raise ConfigError where two keys disagree once the numbers are known."""
+    d, t, s = cfg.data, cfg.trainer, cfg.schedule
+    if fit_images < world:
+        raise ConfigError(
+            f"the training set has {fit_images} images for {world} processes: each process "
+            "needs at least one; use fewer processes or more data (data.train_size)"
+        )
+    shard = math.ceil(fit_images / world)
+    batches = math.ceil(shard / d.batch_size)
+    steps = math.ceil(batches / t.accumulate_steps)
+    notes = []
+    configured = d.batch_size * t.accumulate_steps
+    # A step never sees more than a process's whole share: a batch or an accumulation group
+    # larger than that is the share itself, and the rate is scaled for what a step sees.
+    per_process = min(configured, shard)
+    if per_process < configured:
+        notes.append(
+            f"data.batch_size={d.batch_size} x trainer.accumulate_steps={t.accumulate_steps} "
+            f"is more than the {shard} training images of "
+            + ("each process" if world > 1 else "the run")
+            + f": each optimizer step sees {shard}"
+        )
+    global_batch = per_process * world
+    lr = effective_lr(cfg.optim, global_batch)
+    length = t.epochs * (steps if s.interval == "step" else 1)
+    unit = "optimizer steps" if s.interval == "step" else "epochs"
+    if s.warmup >= length:
+        raise ConfigError(
+            f"schedule.warmup={s.warmup} is invalid: the warm-up must end before the run does, "
+            f"in less than its {length} {unit} (trainer.epochs={t.epochs}"
+            + (f" x {steps} steps per epoch" if s.interval == "step" else "")
+            + f", schedule.interval={s.interval})"
+        )
+    if s.name in FLOORED_SCHEDULES and s.min_lr >= lr:
+        scaled = (
+            f" (optim.lr={cfg.optim.lr} x global batch {global_batch} / "
+            f"optim.reference_batch={cfg.optim.reference_batch})"
+            if cfg.optim.lr_scaling == "linear"
+            else ""
+        )
+        raise ConfigError(
+            f"schedule.min_lr={s.min_lr} is invalid: the floor must be below the learning rate "
+            f"{lr:.4g}{scaled}, or schedule={s.name} would rise to it"
+        )
+    return StepPlan(fit_images, shard, batches, steps, global_batch, lr, length, notes)
