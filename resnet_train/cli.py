@@ -137,7 +137,7 @@ QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
 
 def main() -> None:
     args = sys.argv[1:]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(args):
+    if "WORLD_SIZE" in os.environ and {"-m", "--multirun"} & set(args):
         _fail(
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
             "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"

@@ -9,6 +9,7 @@ runs before any data is touched.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,10 @@ class TrainerConfig:
     requeue: bool = True
     # tqdm bars: null shows them only on a terminal.
     progress: bool | None = None
+    # Also evaluate the test set after every epoch: logged (test_by_epoch/ in TensorBoard, the
+    # history of metrics.json) for speed runs that report accuracy by epoch, and never used to
+    # choose best.pt or to stop.
+    test_every_epoch: bool = False
 
 
 @dataclass
@@ -255,8 +260,11 @@ AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 MONITORS = ("valid/acc", "valid/loss")
 # The direction in which each monitored metric improves.
 MONITOR_MODES = {"valid/acc": "max", "valid/loss": "min"}
-# The number of classes of the data sets whose classes are fixed.
+# The number of classes and the image size of the data sets whose files fix them.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
+DATASET_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
+# numpy's legacy seeding (data workers, np.random.seed) takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
 # Schedules whose rate has a floor (schedule.min_lr).
 FLOORED_SCHEDULES = ("cosine", "cosine_restarts")
 SHORTCUTS = ("A", "B", "none")
@@ -298,14 +306,24 @@ def validate(cfg: DictConfig) -> None:
     from resnet_train.models import list_models  # models import torch; keep config light
 
     _reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig), "")
+    _reject_non_finite(cfg, "")
     m, d, a, o = cfg.model, cfg.data, cfg.data.augment, cfg.optim
     s, t, es, ema = cfg.schedule, cfg.trainer, cfg.trainer.early_stopping, cfg.trainer.ema
     _one_of("task", cfg.task, TASKS)
+    _within("seed", cfg.seed, f"[0, {MAX_SEED}]")
+    if cfg.resume is not None:
+        _check(bool(cfg.resume), "resume", cfg.resume,
+               "auto, the path of a checkpoint, or null for a new run")  # fmt: skip
     _one_of("model.name", m.name, list_models())
     _optional("model.stem", m.stem, _one_of, STEMS)
     _optional("model.shortcut", m.shortcut, _one_of, SHORTCUTS)
     _optional("model.num_classes", m.num_classes, _at_least, 1)
     _within("model.dropout", m.dropout, "[0, 1)")
+    if m.weights is not None:
+        from pathlib import Path
+
+        _check(Path(m.weights).expanduser().is_file(), "model.weights", m.weights,
+               "no such file: give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 
     _one_of("data.name", d.name, DATASETS)
     _at_least("data.num_classes", d.num_classes, 1)
@@ -313,6 +331,9 @@ def validate(cfg: DictConfig) -> None:
         classes = DATASET_CLASSES[d.name]
         _check(d.num_classes == classes, "data.num_classes", d.num_classes,
                f"data={d.name} has {classes} classes")  # fmt: skip
+        size = DATASET_IMAGE_SIZE[d.name]
+        _check(d.image_size == size, "data.image_size", d.image_size,
+               f"data={d.name} has images of {size}x{size} pixels")  # fmt: skip
     if m.num_classes is not None:
         _check(
             m.num_classes >= d.num_classes,
@@ -325,14 +346,20 @@ def validate(cfg: DictConfig) -> None:
     _at_least("data.eval_resize", d.eval_resize, 0)
     _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
     _check(len(d.std) == 3 and min(d.std) > 0, "data.std", list(d.std), "must hold 3 values > 0")
-    _at_least("data.batch_size", d.batch_size, 1)
+    _check(
+        d.batch_size >= 2,
+        "data.batch_size",
+        d.batch_size,
+        "must be >= 2: BatchNorm cannot normalise a training batch of one image (for larger "
+        "steps from small batches, raise trainer.accumulate_steps)",
+    )
     _optional("data.num_workers", d.num_workers, _at_least, 0)
     _one_of("data.decoder", d.decoder, ("torchvision", "pil", "gpu"))
     _within("data.valid_ratio", d.valid_ratio, "[0, 1)")
     _optional("data.train_size", d.train_size, _at_least, 1)
     _optional("data.test_size", d.test_size, _at_least, 1)
     _one_of("data.augment.crop", a.crop, CROPS)
-    _at_least("data.augment.padding", a.padding, 0)
+    _within("data.augment.padding", a.padding, f"[0, {d.image_size}]")
     _optional("data.augment.autoaugment", a.autoaugment, _one_of, AUTOAUGMENT_POLICIES)
     policies = [k for k in ("autoaugment", "randaugment", "trivialaugment") if a[k]]
     if len(policies) > 1:
@@ -519,6 +546,20 @@ def complete(cfg: DictConfig) -> DictConfig:
     if es.mode is None:
         es.mode = MONITOR_MODES.get(es.monitor, "max")
     return cfg
+
+
+def _reject_non_finite(cfg: DictConfig, prefix: str) -> None:
+    """inf and nan pass the schema's float type; no key of ours means them."""
+    for key in cfg.keys():
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            _reject_non_finite(value, f"{prefix}{key}.")
+            continue
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                shown = list(value) if OmegaConf.is_list(value) else value
+                raise ConfigError(f"{prefix}{key}={shown!r} is invalid: must be a finite number")
 
 
 def _reject_unknown_keys(cfg: DictConfig, schema: DictConfig, prefix: str) -> None:

@@ -6,6 +6,9 @@ tensor data path against the DataLoader + PIL path, side by side in one process.
     # ResNet-50 on ImageNet-shaped synthetic batches, as on a GPU box:
     python scripts/benchmark.py --model resnet50 --image-size 224 --classes 1000 --batch 256 \
         --precision bf16 --device cuda --compile --skip-data
+    # ResNet-18 on CIFAR-sized images drawn and augmented by the tensor data path each step:
+    python scripts/benchmark.py --model resnet18 --batch 512 --precision bf16 --device cuda \
+        --compile --tensor-loader --skip-data
 
 Prints the figures (medians over the repeats, interleaved so both sides see the same machine
 state) and their ratios, and appends a row to BENCHMARKS.md.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -127,12 +131,24 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--skip-data", action="store_true", help="time the training step only")
+    parser.add_argument(
+        "--tensor-loader",
+        action="store_true",
+        help="both sides take their batches from the tensor data path (random uint8 images, "
+        "crop with padding and flip per step) instead of a fixed list of device batches",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument(
         "--output", type=Path, default=REPO / "BENCHMARKS.md", help=argparse.SUPPRESS
     )
     args = parser.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     channels_last = device.type == "cuda"
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -141,11 +157,18 @@ def main() -> None:
     stem = "cifar" if size <= 64 else "imagenet"
 
     # (a) and (b): the same model weights, batches, precision and memory format.
-    batches = Batches([
-        (torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory),
-         torch.randint(0, args.classes, (args.batch,), generator=g).to(device))
-        for _ in range(args.steps)
-    ])  # fmt: skip
+    if args.tensor_loader:  # both sides draw and augment each step's batch on the device
+        pixels = torch.randint(0, 256, (args.batch * args.steps, 3, size, size), generator=g,
+                               dtype=torch.uint8)  # fmt: skip
+        targets = torch.randint(0, args.classes, (args.batch * args.steps,), generator=g)
+        batches = TensorLoader(pixels.to(device), targets.to(device), args.batch, 0, True,
+                               AugmentConfig(), MEAN, STD, channels_last)  # fmt: skip
+    else:
+        batches = Batches([
+            (torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory),
+             torch.randint(0, args.classes, (args.batch,), generator=g).to(device))
+            for _ in range(args.steps)
+        ])  # fmt: skip
     base = create_model(args.model, num_classes=args.classes, stem=stem)
     base = base.to(device, memory_format=memory)
     bare_model = create_model(args.model, num_classes=args.classes, stem=stem)
@@ -225,10 +248,23 @@ def main() -> None:
             ("tensor path share of step time", f"{100 * data_share:.2f}%"),
         ]
     compiled = "compiled, " if args.compile else ""
-    print(f"{args.model}, batch {args.batch}, {size} px, {args.precision}, {device}, "
-          f"{compiled}{machine}, torch {torch.__version__}")  # fmt: skip
+    layout = "channels_last" if channels_last else "contiguous"
+    source = "tensor data path" if args.tensor_loader else "fixed batches"
+    print(f"{args.model}, batch {args.batch}, {size} px, {args.precision}, {layout}, {source}, "
+          f"{device}, {compiled}{machine}, torch {torch.__version__}")  # fmt: skip
     for name, value in rows:
         print(f"  {name:34s} {value}")
+    if args.json:
+        figures = {
+            "model": args.model, "batch": args.batch, "image_size": size,
+            "precision": args.precision, "channels_last": channels_last,
+            "compile": args.compile, "tensor_loader": args.tensor_loader,
+            "device": str(device), "machine": machine, "torch": torch.__version__,
+            "trainer_images_per_s": trainer_ips, "bare_images_per_s": bare_ips,
+            "trainer_over_bare": trainer_ips / bare_ips,
+            "tensor_data_images_per_s": tensor_ips, "pil_data_images_per_s": pil_ips,
+        }  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if not args.no_write:
         path = args.output
         if not path.exists():

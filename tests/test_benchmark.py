@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -35,3 +38,38 @@ def test_benchmark_prints_the_figures_and_adds_a_consistent_row_to_the_table(tmp
     speedup = float(cells[9].rstrip("x"))
     assert (tensor - 0.5) / (pil + 0.5) - 0.05 <= speedup <= (tensor + 0.5) / (pil - 0.5) + 0.05
     assert 0 < float(cells[10].rstrip("%")) < 100
+
+
+@pytest.mark.slow
+def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_path):
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path / "data", "cifar10", per_file=60)
+    benchmarks = (REPO / "BENCHMARKS.md").read_bytes()
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (REPO / "BENCHMARKS.md").read_bytes() == benchmarks  # --tiny writes nothing there
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "benchmark-rows.md", "proof.log", "results.json", "results.md"
+    ]  # fmt: skip
+    table = (out / "results.md").read_text()
+    assert result.stdout.endswith(table)
+    for part in ("cuda tests", "fast recipe seed 0", "fast recipe mean", "resnet50 64 px",
+                 "resnet18 32 px"):  # fmt: skip
+        assert f"| {part}" in table, table
+    results = json.loads((out / "results.json").read_text())
+    cuda_tests = (REPO / "tests" / "test_cuda.py").read_text().count("\ndef test_")
+    assert results["tests"]["skipped"] >= cuda_tests and results["tests"]["failed"] == 0
+    (seed,) = results["recipe"]["seeds"]
+    assert [e["epoch"] for e in seed["epochs"]] == [1, 2]
+    assert all(0 <= e["test_acc"] <= 100 for e in seed["epochs"])
+    assert seed["train_seconds"] > 0 and seed["test_acc"] == seed["epochs"][-1]["test_acc"]
+    for name in ("resnet50", "resnet18"):
+        assert results[name]["trainer_images_per_s"] > 0 and results[name]["exit"] == 0
+    rows = (out / "benchmark-rows.md").read_text().splitlines()
+    assert len(rows) == 3 and all(row.startswith(f"| {results['date']} |") for row in rows)

@@ -58,6 +58,17 @@ def test_experiment_overrides_groups():
         ("model.shortcut=C", "model.shortcut='C' is invalid: allowed: A, B, none"),
         ("model.dropout=1.0", "model.dropout=1.0 is invalid: must be in [0, 1)"),
         ("task=eval", "task='eval' is invalid: allowed: train, summary"),
+        ("seed=-1", "seed=-1 is invalid: must be in [0, 4294967295]"),
+        ("seed=99999999999", "seed=99999999999 is invalid: must be in [0, 4294967295]"),
+        ("optim.lr=inf", "optim.lr=inf is invalid: must be a finite number"),
+        ("optim.weight_decay=nan", "optim.weight_decay=nan is invalid: must be a finite number"),
+        ("data.augment.mixup_alpha=inf", "data.augment.mixup_alpha=inf is invalid: must be a fin"),
+        ("optim.betas=[0.9,inf]", "optim.betas=[0.9, inf] is invalid: must be a finite number"),
+        ("data.image_size=64", "data.image_size=64 is invalid: data=cifar10 has images of 32x32"),
+        ("data.batch_size=1", "data.batch_size=1 is invalid: must be >= 2: BatchNorm cannot"),
+        ("data.augment.padding=99", "data.augment.padding=99 is invalid: must be in [0, 32]"),
+        ("model.weights=/nowhere.pt", "model.weights='/nowhere.pt' is invalid: no such file"),
+        ("resume=''", "resume='' is invalid: auto, the path of a checkpoint, or null"),
     ],
 )
 def test_out_of_range_values_name_key_value_and_allowed(override, message):
@@ -268,3 +279,22 @@ def test_early_stopping_mode_follows_the_metric():
         validate(cfg)
         assert cfg.trainer.early_stopping.mode is None
         assert complete(cfg).trainer.early_stopping.mode == mode
+
+
+def test_resume_from_a_file_into_a_directory_that_holds_another_run_is_refused(
+    tmp_path, monkeypatch, capsys
+):
+    from resnet_train.cli import precheck
+    from resnet_train.engine.trainer import fit
+
+    for name, seed in (("p1", 0), ("p2", 1)):
+        fit(compose_config(*SMOKE, "data.train_size=64", f"seed={seed}"), tmp_path / name)
+    before = sorted(p.name for p in (tmp_path / "p2").iterdir())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        precheck([*SMOKE, "data.train_size=64", "seed=1", "hydra.run.dir=p2", "trainer.epochs=2",
+                  f"resume={tmp_path / 'p1' / 'last.pt'}"])  # fmt: skip
+    assert "run directory p2 already holds last.pt of another run: resume=" in (
+        capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == before

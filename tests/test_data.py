@@ -302,3 +302,23 @@ def test_cifar_subsets_of_five_are_five_images(cifar10_root):
                          "data.test_size=5", "data.valid_ratio=0.2").data  # fmt: skip
     splits = read_splits(cfg, seed=0)
     assert (len(splits.fit), len(splits.valid), len(splits.test)) == (4, 1, 5)
+
+
+@pytest.mark.parametrize("loader", ["torch", "tensor"])
+def test_a_last_batch_of_one_image_is_left_out_of_each_epoch(loader, tmp_path):
+    """129 training images in batches of 32: the last batch would hold one image, which
+    BatchNorm cannot normalise where ResNet-18's map has shrunk to 1x1 (it crashed at the end
+    of the epoch); the epoch trains on 128, a different one left out each time."""
+    from resnet_train.engine.trainer import fit
+
+    cfg = compose_config("model=resnet18", "model.stem=imagenet", "data=synthetic",
+                         "data.train_size=143", "trainer.device=cpu", "trainer.epochs=2",
+                         f"data.loader={loader}")  # fmt: skip
+    metrics = fit(cfg, tmp_path)
+    assert metrics["train"]["images"] == 128 and metrics["global_step"] == 2 * 4
+    loaders = build_loaders(cfg.data, 0, CPU)
+    seen = []
+    for epoch in (0, 1):
+        loaders.train.sampler.set_epoch(epoch)
+        seen.append([len(y) for _, y in loaders.train])
+    assert seen == [[32, 32, 32, 32]] * 2

@@ -26,10 +26,10 @@ from tests.test_resume import RUN as RESUME_RUN
 RUN = RESUME_RUN
 
 
-def torchrun(cwd: Path, *args: str) -> subprocess.Popen:
+def torchrun(cwd: Path, *args: str, processes: int = 2) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "resnet_train", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc_per_node={processes}", "-m", "resnet_train", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
@@ -267,3 +267,22 @@ def test_a_multirun_under_torchrun_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("resnet-train: error: -m/--multirun under torchrun")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_trains_in_a_process_group_and_resumes_without(tmp_path):
+    """One process under torchrun is DDP too (gloo here, NCCL on a GPU), and its checkpoint
+    continues in a plain process."""
+    small = ["model=resnet20", "data=synthetic", "data.train_size=64", "trainer.device=cpu",
+             "name=one"]  # fmt: skip
+    out = finish(torchrun(tmp_path, *small, "trainer.epochs=1", processes=1))
+    assert "global batch 32 (32 x 1 accumulation steps x 1 processes)" in out, out
+    assert "DDP: weights identical on all 1 processes" in out
+    state = load_checkpoint(tmp_path / "outputs" / "one" / "last.pt")
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_train", *small, "trainer.epochs=2", "resume=auto"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(tmp_path / "outputs" / "one" / "last.pt")["epoch"] == 2

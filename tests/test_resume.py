@@ -108,7 +108,7 @@ def test_killed_mid_epoch_resumes_bit_identical(tmp_path, reference):
     proc.kill()
     proc.wait()
     assert not (tmp_path / "outputs" / "run" / "metrics.json").exists()
-    assert state["epoch_sums"]["batches"] == state["batch_in_epoch"]
+    assert state["epoch_sums"][0]["batches"] == state["batch_in_epoch"]
     result = run_cli(*RUN, "trainer.checkpoint_every_steps=5", "resume=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout and "batch" in result.stdout
@@ -441,3 +441,30 @@ def test_every_key_that_may_change_on_resume_changes_without_changing_the_result
     ]
     fit(compose_config(*SMALL, "data.loader=torch", *changed, "resume=auto"), tmp_path)
     assert_same_result(tmp_path, small_references["torch"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_data_workers_ends_the_process(tmp_path):
+    """Workers ignore the group's stop signals; the process still exits after a Ctrl-C (it used
+    to wait forever for workers that ignored multiprocessing's SIGTERM at exit)."""
+    proc = start(tmp_path, *SMALL, "data.num_workers=2", "name=run",
+                 env={faults.ENV: "step:4:INT"})  # fmt: skip
+    proc.communicate(timeout=120)
+    assert proc.returncode not in (0, None)
+
+
+def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch, caplog):
+    import logging
+
+    cfg = [*SMALL, "schedule.interval=step"]
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "step:5:TERM")  # inside epoch 2
+    with pytest.raises(Preempted):
+        fit(compose_config(*cfg), tmp_path / "run")
+    monkeypatch.delenv(faults.ENV)
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(compose_config(*cfg, "resume=auto"), tmp_path / "run")
+        fit(compose_config(*cfg), tmp_path / "reference")
+    lines = [r.message for r in caplog.records if r.message.startswith("epoch 2/3")]
+    assert len(lines) == 2
+    assert lines[0].split("lr ")[-1] == lines[1].split("lr ")[-1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import multiprocessing
 import os
 import random
 import signal
@@ -298,6 +300,27 @@ def _init_worker(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+_registered_exit_handler = False
+
+
+def _register_exit_handler() -> None:
+    global _registered_exit_handler
+    atexit.register(_stop_workers_at_exit)
+    _registered_exit_handler = True
+
+
+def _stop_workers_at_exit() -> None:
+    """Data workers ignore SIGTERM (see _init_worker), so the SIGTERM that multiprocessing sends
+    its daemonic children when the interpreter exits (after a crash or a Ctrl-C with a DataLoader
+    still open) would leave the exit waiting for them forever. They hold nothing to save: end
+    them with SIGKILL first (this runs before multiprocessing's own exit handler)."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if children and hasattr(signal, "SIGCHLD"):  # torch's handler would report them as failed
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+
+
 def _loader(
     dataset: Dataset,
     cfg: DataConfig,
@@ -310,8 +333,12 @@ def _loader(
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
+    if worker_count(cfg) > 0 and not _registered_exit_handler:
+        _register_exit_handler()
     if train:
-        sampler: Any = EpochSampler(len(dataset), seed, rank=rank, world=world)
+        sampler: Any = EpochSampler(
+            len(dataset), seed, rank=rank, world=world, batch_size=cfg.batch_size
+        )
     else:
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
     return DataLoader(

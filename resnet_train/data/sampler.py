@@ -33,18 +33,34 @@ def shard(values: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return padded[rank::world]
 
 
+def epoch_length(shard_size: int, batch_size: int | None) -> int:
+    """How many of a process's `shard_size` images an epoch trains on: all, except that a last
+    batch of a single image is left out (BatchNorm cannot normalise one image whose feature map
+    has shrunk to 1x1, as ResNet-18's does on 32 px images). The order is shuffled every epoch, so
+    a different image is left out each time."""
+    if batch_size and shard_size > 1 and shard_size % batch_size == 1:
+        return shard_size - 1
+    return shard_size
+
+
 class EpochSampler(Sampler):
     """(index, augmentation seed) pairs of an epoch, from its start-th on; under DDP only this
     process's shard (`rank` of `world`), with each image keeping the seed it has without DDP."""
 
     def __init__(
-        self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        batch_size: int | None = None,
     ) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world = rank, world
-        self.shard_size = math.ceil(size / world)
+        self.shard_size = epoch_length(math.ceil(size / world), batch_size)
         self.epoch = 0
         self.start = 0
 
@@ -67,7 +83,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices, seeds = self.order(self.epoch)
-        yield from zip(indices[self.start :].tolist(), seeds[self.start :].tolist(), strict=True)
+        part = slice(self.start, self.shard_size)
+        yield from zip(indices[part].tolist(), seeds[part].tolist(), strict=True)
 
     def __len__(self) -> int:
         return self.shard_size - self.start

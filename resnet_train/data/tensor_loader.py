@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from resnet_train.config import AugmentConfig
-from resnet_train.data.sampler import epoch_generator, shard
+from resnet_train.data.sampler import epoch_generator, epoch_length, shard
 
 
 @dataclass
@@ -115,7 +115,9 @@ class TensorLoader:
         self.dataset = _Count(len(labels))
         if not train and world > 1:  # evaluation: this process's unpadded share, in order
             self.images, self.labels = images[rank::world], labels[rank::world]
-        self.shard_size = math.ceil(len(labels) / world) if train else len(self.labels)
+        self.shard_size = (
+            epoch_length(math.ceil(len(labels) / world), batch_size) if train else len(self.labels)
+        )
         self.sampler = self  # set_epoch() is the sampler's interface in the DataLoader path
         self.epoch, self.start = 0, 0
 
@@ -146,7 +148,7 @@ class TensorLoader:
             flip = torch.zeros_like(flip)
         pad = aug.padding if aug.crop == "pad" else 0
         for begin in range(self.start, self.shard_size, self.batch_size):
-            part = slice(begin, begin + self.batch_size)
+            part = slice(begin, min(begin + self.batch_size, self.shard_size))
             index = order[part]
             # index_select: ~100 times faster than images[index] for uint8 rows on the CPU.
             batch = torch.index_select(self.images, 0, index)

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun (DistributedDataParallel).
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for each process; without them (or with one
-process) every function here is the single-process identity. Rank 0 writes the run's files; the
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK for each process; without them every function here
+is the single-process identity. Rank 0 writes the run's files; the
 others train, evaluate their shard and take part in every reduction.
 """
 
@@ -20,10 +20,14 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # Started by torchrun (or a multi-task SLURM job): a process group even of one process, as
+    # torchvision's references do, so that `torchrun --nproc_per_node=1` runs the same DDP path
+    # (NCCL on a GPU) as eight processes do.
+    launched: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.launched or self.world > 1
 
     @property
     def main(self) -> bool:
@@ -41,10 +45,11 @@ def from_env() -> Dist:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return Dist(int(os.environ["RANK"]), world, local_rank, launched=True)
 
 
 # A CPU (gloo) group beside the training backend, for the host-side flags every step exchanges

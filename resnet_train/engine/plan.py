@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig
 
 from resnet_train.config import FLOORED_SCHEDULES
+from resnet_train.data.sampler import epoch_length
 from resnet_train.errors import ConfigError
 from resnet_train.optim import effective_lr
 
@@ -17,7 +18,7 @@ from resnet_train.optim import effective_lr
 @dataclass(frozen=True)
 class StepPlan:
     fit_images: int  # training images, all processes together
-    shard_images: int  # this process's share of an epoch (padded under DDP)
+    shard_images: int  # the images this process trains on per epoch (padded under DDP)
     batches_per_epoch: int  # per process
     steps_per_epoch: int  # optimizer steps
     global_batch: int  # images a full optimizer step sees, over all processes
@@ -30,15 +31,24 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
     """The step arithmetic of a run of cfg over `fit_images` training images in `world`
     processes; raise ConfigError where two keys disagree once the numbers are known."""
     d, t, s = cfg.data, cfg.trainer, cfg.schedule
-    if fit_images < world:
+    if fit_images < 2 * world:
         raise ConfigError(
-            f"the training set has {fit_images} images for {world} processes: each process "
-            "needs at least one; use fewer processes or more data (data.train_size)"
+            f"the training set has {fit_images} images for {world} process(es): each process "
+            "needs at least two (BatchNorm normalises a batch); use more data (data.train_size, "
+            "a lower data.valid_ratio) or fewer processes"
         )
-    shard = math.ceil(fit_images / world)
+    whole = math.ceil(fit_images / world)
+    shard = epoch_length(whole, d.batch_size)
     batches = math.ceil(shard / d.batch_size)
     steps = math.ceil(batches / t.accumulate_steps)
     notes = []
+    if shard < whole:
+        notes.append(
+            f"the last batch of each epoch would hold a single image ({whole} training images"
+            + (" per process" if world > 1 else "")
+            + f" in batches of {d.batch_size}), which BatchNorm cannot always normalise: each "
+            f"epoch trains on {shard} of them, leaving out a different one each time"
+        )
     configured = d.batch_size * t.accumulate_steps
     # A step never sees more than a process's whole share: a batch or an accumulation group
     # larger than that is the share itself, and the rate is scaled for what a step sees.

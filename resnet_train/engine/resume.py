@@ -34,6 +34,7 @@ MAY_CHANGE = (
     "trainer.checkpoint_every_steps",
     "trainer.requeue",
     "trainer.early_stopping.patience",
+    "trainer.test_every_epoch",
 )
 
 
@@ -117,6 +118,12 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume).expanduser()
+        if existing and path.resolve().parent != run_dir.resolve():
+            raise RunDirError(
+                f"run directory {run_dir} already holds {', '.join(existing)} of another run: "
+                f"resume={cfg.resume} continues that checkpoint in a directory of its own "
+                "(name=NEW_NAME); resume=auto continues the run that is there"
+            )
         return ResumePoint(path, load_checkpoint(path))
     points, problems = _valid_checkpoints(run_dir)
     for problem in problems:

@@ -93,6 +93,7 @@ class EpochSums:
     batches: int = 0
     seconds: float = 0.0
     untimed_images: int = 0
+    lr: float | None = None  # the rate at the epoch's start (what its summary line shows)
 
     @classmethod
     def zeros(cls, device: torch.device) -> EpochSums:
@@ -106,6 +107,7 @@ class EpochSums:
             "batches": self.batches,
             "seconds": self.seconds,
             "untimed_images": self.untimed_images,
+            "lr": self.lr,
         }
 
     @classmethod
@@ -117,6 +119,7 @@ class EpochSums:
             state["batches"],
             state["seconds"],
             state.get("untimed_images", 0),
+            state.get("lr"),
         )
 
     def stats(self) -> EpochStats:
@@ -435,14 +438,15 @@ class _Run:
         self.epoch = 0  # epochs completed
         self.best_valid: dict[str, Any] | None = None
         self.signals: StopSignals | None = None
+        self.history: list[dict[str, Any]] = []  # one record per finished epoch
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
         running sums of all processes are gathered into it), and rank 0 writes it."""
         t = self.t
-        rng, sums = capture_rng(), t.sums.state_dict() if mid_epoch else None
-        if t.dist.enabled:
-            rng, sums = distributed.gather_objects(rng), distributed.gather_objects(sums)
+        # One random state and one set of running sums per process (a list of one without DDP).
+        rng = distributed.gather_objects(capture_rng())
+        sums = distributed.gather_objects(t.sums.state_dict()) if mid_epoch else None
         return {
             "format_version": FORMAT_VERSION,
             "model": t.model.state_dict(),
@@ -457,9 +461,10 @@ class _Run:
             "epoch_sums": sums if mid_epoch else None,
             "global_step": t.global_step,
             "skipped_in_a_row": int(t.guard.skips) if t.guard is not None else 0,
-            "rng": rng,  # a list, one per process, under DDP
+            "rng": rng,
             "world_size": t.dist.world,
             "best_valid": self.best_valid,
+            "history": self.history,
             "weights": "raw",
             "config": to_dict(self.cfg),
             "torch_version": str(torch.__version__),
@@ -532,11 +537,12 @@ class _Run:
         self._fit_schedule_to_length(state)
         self.epoch = state["epoch"]
         self.best_valid = state.get("best_valid")
+        self.history = list(state.get("history", []))
         t.global_step = state["global_step"]
         t.guard = FiniteGuard(t.device)
         t.guard.skips.fill_(state.get("skipped_in_a_row", 0))
         rng, sums = state["rng"], state.get("epoch_sums")
-        if t.dist.enabled:  # this process's own
+        if isinstance(rng, list):  # this process's own (older single-process files: a dict)
             rng, sums = rng[t.dist.rank], sums[t.dist.rank] if sums else None
         if sums:
             t.sums = EpochSums.from_state(sums, t.device)
@@ -712,6 +718,8 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
             "is kept and evaluated on the test set",
             cfg.data.valid_ratio,
         )
+    if d.enabled:
+        log.info("DDP: %d process(es), %s backend", d.world, torch.distributed.get_backend())
     log.info("run directory: %s", run_dir)
 
     # A resumed run appends to the same event files; steps after its checkpoint are dropped.
@@ -735,19 +743,21 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                 if stop_reason:
                     break
                 tag = f"epoch {epoch + 1}/{epochs}"
-                lr_now = optimizer.param_groups[0]["lr"]
                 # A stop after an epoch's last step resumes at its end: the last batch may be
                 # short, so the position is capped at the epoch's size.
                 start = min(start_batch * cfg.data.batch_size, plan.shard_images)
                 loaders.train.sampler.set_epoch(epoch, start=start)
                 if not start_batch:
                     t.sums = EpochSums.zeros(device)
+                    t.sums.lr = optimizer.param_groups[0]["lr"]
                 start_batch = 0
+                lr_now = t.sums.lr if t.sums.lr is not None else optimizer.param_groups[0]["lr"]
                 train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
                 if d.enabled:
                     distributed.broadcast_buffers(model)
                     if t.ema is not None:
                         distributed.broadcast_buffers(t.ema)
+                compile_seconds = t.warmup_seconds
                 if t.warmup_seconds:
                     log.info(
                         "torch.compile: %.1f s compiling (%d images) left out of the epoch time "
@@ -772,6 +782,15 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                 w.add_scalar("train/acc", train_stats.acc, step)
                 w.add_scalar("train/images_per_s", train_stats.images_per_s, step)
                 w.add_scalar("train/epoch_time_s", train_stats.seconds, step)
+                record = {
+                    "epoch": e,
+                    "lr": lr_now,
+                    "train_loss": train_stats.loss,
+                    "train_acc": train_stats.acc,
+                    "train_seconds": train_stats.seconds,
+                    "compile_seconds": compile_seconds,
+                    "images_per_s": train_stats.images_per_s,
+                }
 
                 improved, selected_weights = False, "raw"
                 if loaders.valid is not None:
@@ -794,6 +813,16 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                         "weights": selected_weights,
                     }
                     improved = monitor.update(_metric(chosen, monitor.metric), e)
+                    record.update(valid_loss=chosen.loss, valid_acc=chosen.acc)
+                if tc.test_every_epoch:  # reported only: never chooses or stops anything
+                    tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
+                                      progress)  # fmt: skip
+                    w.add_scalar("test_by_epoch/loss", tested.loss, step)
+                    w.add_scalar("test_by_epoch/acc", tested.acc, step)
+                    line += f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
+                    record.update(test_loss=tested.loss, test_acc=tested.acc,
+                                  test_seconds=tested.seconds)  # fmt: skip
+                run.history.append(record)
                 log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
 
                 run.epoch = e
@@ -853,6 +882,9 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         "test": {"loss": test_stats.loss, "acc": test_stats.acc},
         "images_per_s": float(np.median(throughputs)) if throughputs else None,
         "wall_time_s": time.perf_counter() - wall_start,
+        # Per epoch, this run's and those of the processes it resumed: rate, train figures,
+        # training seconds (compilation apart), validation and, if asked, test figures.
+        "history": run.history,
     }
     if d.main:
         _write_json(run_dir / "metrics.json", metrics)
