@@ -560,7 +560,7 @@ class _Run:
             return
         if state["epoch"] >= cfg.trainer.epochs:  # nothing left to train: only the test runs
             return
-        position, old_lr = t.scheduler.last_epoch, t.optimizer.param_groups[0]["lr"]
+        position = t.scheduler.last_epoch
         t.scheduler = rebuild_scheduler(
             cfg.schedule, t.optimizer, self.plan.lr, cfg.trainer.epochs,
             self.plan.steps_per_epoch, position,
@@ -568,9 +568,9 @@ class _Run:
         unit = "step" if cfg.schedule.interval == "step" else "epoch"
         log.info(
             "trainer.epochs %d -> %d: schedule=%s rebuilt for %d epochs and continued at %s %d: "
-            "learning rate %.4g (%.4g on the old length)",
+            "learning rate %.4g",
             before, cfg.trainer.epochs, cfg.schedule.name, cfg.trainer.epochs, unit, position,
-            t.optimizer.param_groups[0]["lr"], old_lr,
+            t.optimizer.param_groups[0]["lr"],
         )  # fmt: skip
 
 
