@@ -214,17 +214,16 @@ def check_data(cfg: DataConfig) -> None:
         cifar_files(cfg.name, cfg.root, train=True, download=cfg.download)
         cifar_files(cfg.name, cfg.root, train=False, download=False)
     elif cfg.name == "imagenet":
-        root = Path(cfg.root).expanduser()
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise DataError(_missing_image_folders(root, split))
+        _check_image_folders(Path(cfg.root).expanduser())
 
 
-def _missing_image_folders(root: Path, split: str) -> str:
-    return (
-        f"{root / split} is missing: data=imagenet reads class folders under "
-        f"{root}/train and {root}/val; set data.root to the folder that holds them"
-    )
+def _check_image_folders(root: Path) -> None:
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(
+                f"{root / split} is missing: data=imagenet reads class folders under "
+                f"{root}/train and {root}/val; set data.root to the folder that holds them"
+            )
 
 
 def decode_image_file(path: str) -> torch.Tensor:
@@ -260,9 +259,7 @@ def _read_image_folders(
     from torchvision.datasets import ImageFolder
 
     root = Path(root_name).expanduser()
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise DataError(_missing_image_folders(root, split))
+    _check_image_folders(root)
     sets = []
     for split in ("train", "val"):
         folder = root / split
@@ -300,13 +297,10 @@ def _init_worker(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-_registered_exit_handler = False
-
-
+@functools.cache
 def _register_exit_handler() -> None:
-    global _registered_exit_handler
+    """Once per process, the first time a loader with workers is built."""
     atexit.register(_stop_workers_at_exit)
-    _registered_exit_handler = True
 
 
 def _stop_workers_at_exit() -> None:
@@ -333,7 +327,7 @@ def _loader(
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
-    if worker_count(cfg) > 0 and not _registered_exit_handler:
+    if worker_count(cfg) > 0:
         _register_exit_handler()
     if train:
         sampler: Any = EpochSampler(
