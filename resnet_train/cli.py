@@ -19,7 +19,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from resnet_train.config import TrainConfig, complete, register_configs, validate
+from resnet_train.config import WEIGHTS_TASKS, TrainConfig, complete, register_configs, validate
 from resnet_train.errors import UserError
 
 CONFIG_MODULE = "resnet_train.configs"
@@ -79,6 +79,9 @@ def precheck(args: list[str]) -> None:
         if cfg.task == "summary":
             print_summary(cfg)
             sys.exit(0)
+        if cfg.task in WEIGHTS_TASKS:
+            _check_deploy(cfg, args, run_dir)
+            return
         from resnet_train.data import check_data
 
         check_data(cfg.data)
@@ -86,6 +89,46 @@ def precheck(args: list[str]) -> None:
         _check_run_dir(cfg, run_dir)
     except UserError as e:
         _fail(e)
+
+
+# What each task that reads a trained model writes into its run directory.
+DEPLOY_RECORDS = {"eval": "eval.json", "export": "export.json"}
+
+
+def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
+    """task=eval/export: the weights file fits the model, the data and the split are there,
+    the optional dependencies are installed, the run directory is free."""
+    from resnet_train.data import check_data
+    from resnet_train.data.loaders import read_splits, split_indices
+    from resnet_train.deploy.source import load_trained, require
+
+    if cfg.task == "export" and cfg.export.format == "onnx":
+        require("onnx", "export.format=onnx")
+        require("onnxruntime", "export.format=onnx")
+        if cfg.export.quantize:
+            require("onnxruntime.quantization", "export.quantize=int8")
+    trained = load_trained(cfg, args)
+    check_data(trained.cfg.data)
+    splits = read_splits(trained.cfg.data, trained.cfg.seed)
+    split_indices(splits, trained.cfg.eval.split, trained.cfg.data)
+    _check_deploy_run_dir(cfg.task, run_dir)
+
+
+def _check_deploy_run_dir(task: str, run_dir: Path, own_record: bool = True) -> None:
+    from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
+    from resnet_train.errors import RunDirError
+
+    if any((run_dir / n).exists() for n in (*CHECKPOINT_NAMES, "metrics.json")):
+        raise RunDirError(
+            f"{run_dir} holds a training run; task={task} writes into a directory of its own: "
+            "give another name="
+        )
+    record = DEPLOY_RECORDS[task]
+    if own_record and (run_dir / record).exists():
+        raise RunDirError(
+            f"{run_dir} already holds the {record} of an earlier task={task}; give another "
+            "name= or remove that directory"
+        )
 
 
 def _check_steps(cfg: DictConfig) -> None:
@@ -110,24 +153,51 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         check_config(point, cfg)
 
 
-@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
-def train(cfg: DictConfig) -> float | None:
+def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
     from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
     from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
 
     try:
-        validate(cfg)
-        if cfg.task == "summary":
-            print_summary(cfg)
-            return None
-        metrics = fit(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (UserError, FloatingPointError) as e:
-        _fail(e)
+        metrics = fit(cfg, run_dir)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)  # fit() has logged where the checkpoint is
-    # The return value is what Hydra sweepers (Optuna, Ax) optimise.
     valid = metrics.get("valid")
     return valid["acc"] if valid else None
+
+
+def run_summary(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    print_summary(cfg)
+
+
+def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+    from resnet_train.deploy.evaluate import run_eval as evaluate
+
+    _check_deploy_run_dir("eval", run_dir)  # a multirun's job is checked here, not before
+    return evaluate(cfg, run_dir, overrides)["top1"]
+
+
+def run_export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    from resnet_train.deploy.export import run_export as export
+
+    _check_deploy_run_dir("export", run_dir)
+    export(cfg, run_dir, overrides)
+
+
+# task=NAME -> what runs it: (config, run directory, the command line's overrides) -> the
+# figure Hydra sweepers (Optuna, Ax) optimise, or None.
+TASKS = {"train": run_train, "summary": run_summary, "eval": run_eval, "export": run_export}
+
+
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
+def train(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    try:
+        validate(cfg)
+        return TASKS[cfg.task](
+            cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+        )
+    except (UserError, FloatingPointError) as e:
+        _fail(e)
 
 
 # Under torchrun, the processes other than rank 0 share rank 0's run directory and write no

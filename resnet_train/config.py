@@ -210,6 +210,38 @@ class TrainerConfig:
     # history of metrics.json) for speed runs that report accuracy by epoch, and never used to
     # choose best.pt or to stop.
     test_every_epoch: bool = False
+    # Quantization-aware training: fake-quantize every conv and linear layer as the int8 export
+    # does (per-channel symmetric int8 weights, uint8 input activations over each batch's range),
+    # so that the weights learn to survive it; usually a short fine-tune from model.weights.
+    qat: bool = False
+
+
+@dataclass
+class EvalConfig:
+    # task=eval: the part of the data to evaluate: train (the images trained on, without
+    # augmentation), valid (the data.valid_ratio hold-out) or test.
+    split: str = "test"
+    # Test-time augmentation: average the logits of each image and of its mirror image.
+    tta: bool = False
+    # Expected calibration error over this many equal-width confidence bins (Guo et al. 2017).
+    calibration_bins: int = 15
+
+
+@dataclass
+class ExportConfig:
+    # task=export: "onnx" (ONNX Runtime and friends; dynamic batch size) or "pt2" (a
+    # torch.export program, loaded with torch.export.load).
+    format: str = "onnx"
+    # null, or "int8": also write an ONNX Runtime static int8 model (QDQ, per-channel int8
+    # weights, uint8 activations) calibrated on images of the training split.
+    quantize: str | None = None
+    # How many training-split images calibrate the int8 activation ranges (never test images).
+    calibration_images: int = 512
+    # How many test-split images the exported file is checked on against PyTorch.
+    check_images: int = 64
+    # Largest relative error (L2 norm of the difference over that of PyTorch's logits) that the
+    # fp32 export may show on those images.
+    check_tolerance: float = 1.0e-4
 
 
 @dataclass
@@ -219,8 +251,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
-    # "train", or "summary": print the model's parameters, MACs and stage shapes, and stop.
+    # "train"; "summary": print the model's parameters, MACs and stage shapes, and stop;
+    # "eval": evaluate model.weights on eval.split; "export": write model.weights as ONNX or a
+    # torch.export program (export.*).
     task: str = "train"
     # The run's directory is outputs/<name>; null names it after the command line's overrides.
     name: str | None = None
@@ -268,7 +304,11 @@ MAX_SEED = 2**32 - 1
 # Schedules whose rate has a floor (schedule.min_lr).
 FLOORED_SCHEDULES = ("cosine", "cosine_restarts")
 SHORTCUTS = ("A", "B", "none")
-TASKS = ("train", "summary")
+TASKS = ("train", "summary", "eval", "export")
+# The tasks that read a trained model from model.weights.
+WEIGHTS_TASKS = ("eval", "export")
+SPLITS = ("train", "valid", "test")
+EXPORT_FORMATS = ("onnx", "pt2")
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -525,6 +565,7 @@ def validate(cfg: DictConfig) -> None:
         t.sync_batchnorm,
         "SyncBatchNorm runs on CUDA devices only; use false on the CPU",
     )
+    _check_deploy(cfg)
     if d.decoder == "gpu":
         import torch
 
@@ -535,6 +576,40 @@ def validate(cfg: DictConfig) -> None:
             d.decoder,
             "decodes image files (data=imagenet) on a CUDA trainer.device; "
             "use torchvision on the CPU",
+        )
+
+
+def _check_deploy(cfg: DictConfig) -> None:
+    """The keys of task=eval and task=export, and QAT's."""
+    ev, ex = cfg.eval, cfg.export
+    _one_of("eval.split", ev.split, SPLITS)
+    _at_least("eval.calibration_bins", ev.calibration_bins, 1)
+    _one_of("export.format", ex.format, EXPORT_FORMATS)
+    _optional("export.quantize", ex.quantize, _one_of, ("int8",))
+    _check(
+        ex.quantize is None or ex.format == "onnx",
+        "export.quantize",
+        ex.quantize,
+        "int8 models are made with ONNX Runtime: use export.format=onnx",
+    )
+    _at_least("export.calibration_images", ex.calibration_images, 1)
+    _at_least("export.check_images", ex.check_images, 1)
+    _positive("export.check_tolerance", ex.check_tolerance)
+    if cfg.task in WEIGHTS_TASKS:
+        _check(
+            cfg.model.weights is not None,
+            "model.weights",
+            None,
+            f"task={cfg.task} needs the model to {cfg.task}: model.weights=PATH (a resnet-train "
+            "checkpoint such as outputs/RUN/best.pt, or a torchvision .pth)",
+        )
+    if cfg.trainer.qat:
+        _check(
+            cfg.trainer.precision == "fp32",
+            "trainer.qat",
+            cfg.trainer.qat,
+            f"fake quantization runs in fp32: set trainer.precision=fp32 "
+            f"(not {cfg.trainer.precision})",
         )
 
 
@@ -589,6 +664,16 @@ def _is_device(name: str) -> bool:
     if device.type == "mps":
         return torch.backends.mps.is_available()
     return device.type == "cpu"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"a.b.c": leaf}."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

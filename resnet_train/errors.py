@@ -19,3 +19,7 @@ class CheckpointError(UserError):
 
 class RunDirError(UserError):
     """A run directory that already holds another run."""
+
+
+class MissingDependencyError(UserError):
+    """An optional dependency (an extra of the package) that a feature needs is not installed."""

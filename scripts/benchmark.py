@@ -39,11 +39,11 @@ from resnet_train.config import AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine.trainer import (
     Training,
-    autocast,
     build_criterion,
     sync_device,
     train_one_epoch,
 )
+from resnet_train.precision import autocast
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,8 @@ from resnet_train.data import build_loaders
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine import faults
 from resnet_train.engine.checkpoint import load_checkpoint
-from resnet_train.engine.trainer import NonFiniteLossError, autocast, fit
+from resnet_train.engine.trainer import NonFiniteLossError, fit
+from resnet_train.precision import autocast
 from tests.conftest import compose_config, make_image_folders, run_cli
 from tests.test_train import scalars
 

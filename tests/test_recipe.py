@@ -18,13 +18,13 @@ from resnet_train.config import AugmentConfig, DataConfig, TrainerConfig
 from resnet_train.data.transforms import Cutout, build_batch_mixer, build_transform
 from resnet_train.engine.checkpoint import load_checkpoint
 from resnet_train.engine.trainer import (
-    DTYPES,
     NonFiniteLossError,
     Training,
     build_criterion,
     fit,
     train_one_epoch,
 )
+from resnet_train.precision import DTYPES
 from tests.conftest import SMOKE, compose_config, run_cli
 from tests.test_train import scalars
 

@@ -74,3 +74,18 @@ def load_cifar(
     label_key = LAYOUTS[name][3]
     parts = [_read_batch(f, label_key) for f in cifar_files(name, root, train, download)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def read_class_names(name: str, root: str | Path) -> list[str] | None:
+    """The label names of the release's meta file ("airplane", ...), or None without one."""
+    folder = LAYOUTS[name][0]
+    meta, key = {
+        "cifar10": ("batches.meta", "label_names"),
+        "cifar100": ("meta", "fine_label_names"),
+    }[name]
+    try:
+        with open(Path(root).expanduser() / folder / meta, "rb") as f:
+            names = pickle.load(f, encoding="latin1")[key]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+        return None
+    return [str(n) for n in names]

@@ -348,32 +348,42 @@ def _loader(
     )
 
 
-def _tensor_loaders(
+def _tensor_part(
     cfg: DataConfig,
     seed: int,
     device: torch.device,
-    train_base: ArrayImages,
-    test_base: ArrayImages,
-    fit_idx: np.ndarray,
-    valid_idx: np.ndarray,
-    test_idx: np.ndarray,
+    base: ArrayImages,
+    idx: np.ndarray,
+    train: bool,
     channels_last: bool,
-    rank: int,
-    world: int,
-) -> Loaders:
-    def part(base: ArrayImages, idx: np.ndarray, train: bool) -> TensorLoader:
-        images = base.images[torch.from_numpy(idx)].contiguous().to(device)
-        labels = torch.from_numpy(np.asarray(base.targets)[idx]).long().to(device)
-        return TensorLoader(images, labels, cfg.batch_size, seed, train, cfg.augment,
-                            list(cfg.mean), list(cfg.std), channels_last, rank, world)  # fmt: skip
+    rank: int = 0,
+    world: int = 1,
+) -> TensorLoader:
+    images = base.images[torch.from_numpy(idx)].contiguous().to(device)
+    labels = torch.from_numpy(np.asarray(base.targets)[idx]).long().to(device)
+    return TensorLoader(images, labels, cfg.batch_size, seed, train, cfg.augment,
+                        list(cfg.mean), list(cfg.std), channels_last, rank, world)  # fmt: skip
 
-    valid = part(train_base, valid_idx, False) if len(valid_idx) else None
-    return Loaders(
-        train=part(train_base, fit_idx, True),
-        valid=valid,
-        test=part(test_base, test_idx, False),
-        num_classes=cfg.num_classes,
-    )
+
+def _torch_part(
+    cfg: DataConfig,
+    seed: int,
+    device: torch.device,
+    base: Any,
+    idx: np.ndarray,
+    transform: Any,
+    train: bool,
+    reused: bool,
+    rank: int = 0,
+    world: int = 1,
+) -> Any:
+    if cfg.decoder == "gpu" and cfg.name == "imagenet":
+        files = FileBytesSubset(base, idx)
+        return DeviceDecodeLoader(
+            _loader(files, cfg, seed, device, train, reused, rank, world), transform, device
+        )
+    subset = TransformedSubset(base, idx, transform)
+    return _loader(subset, cfg, seed, device, train, reused, rank, world)
 
 
 def build_loaders(
@@ -392,20 +402,70 @@ def build_loaders(
     fit_idx, valid_idx, test_idx = sp.fit, sp.valid, sp.test
 
     if cfg.loader == "tensor":
-        return _tensor_loaders(cfg, seed, device, train_base, test_base, fit_idx, valid_idx,
-                               test_idx, channels_last, rank, world)  # fmt: skip
-    train_tf, eval_tf = build_transform(cfg, train=True), build_transform(cfg, train=False)
 
-    def part(base: Any, idx: np.ndarray, transform: Any, train: bool, reused: bool) -> Any:
-        if cfg.decoder == "gpu" and cfg.name == "imagenet":
-            files = FileBytesSubset(base, idx)
-            return DeviceDecodeLoader(
-                _loader(files, cfg, seed, device, train, reused, rank, world), transform, device
+        def part(base: Any, idx: np.ndarray, train: bool, reused: bool) -> Any:
+            return _tensor_part(cfg, seed, device, base, idx, train, channels_last, rank, world)
+    else:
+        transforms = {train: build_transform(cfg, train=train) for train in (True, False)}
+
+        def part(base: Any, idx: np.ndarray, train: bool, reused: bool) -> Any:
+            return _torch_part(
+                cfg, seed, device, base, idx, transforms[train], train, reused, rank, world
             )
-        subset = TransformedSubset(base, idx, transform)
-        return _loader(subset, cfg, seed, device, train, reused, rank, world)
 
-    train = part(train_base, fit_idx, train_tf, True, True)
-    valid = part(train_base, valid_idx, eval_tf, False, True) if len(valid_idx) else None
-    test = part(test_base, test_idx, eval_tf, False, False)
+    train = part(train_base, fit_idx, True, True)
+    valid = part(train_base, valid_idx, False, True) if len(valid_idx) else None
+    test = part(test_base, test_idx, False, False)
     return Loaders(train=train, valid=valid, test=test, num_classes=cfg.num_classes)
+
+
+def split_indices(sp: Splits, split: str, cfg: DataConfig) -> tuple[Any, np.ndarray]:
+    """(the base data set, the indices) of one part of the data: "train" (the images a run
+    trains on), "valid" or "test"; a UserError when the part is empty."""
+    if split == "valid" and len(sp.valid) == 0:
+        raise ConfigError(
+            f"eval.split=valid is invalid: data.valid_ratio={cfg.valid_ratio} holds out no "
+            "validation images; use train or test, or set data.valid_ratio > 0"
+        )
+    return {
+        "train": (sp.train_base, sp.fit),
+        "valid": (sp.train_base, sp.valid),
+        "test": (sp.test_base, sp.test),
+    }[split]
+
+
+def build_eval_loader(
+    cfg: DataConfig,
+    seed: int,
+    device: torch.device,
+    split: str,
+    channels_last: bool = False,
+    sample: int | None = None,
+) -> Any:
+    """A loader over one part of the data ("train", "valid", "test") with the evaluation
+    transform (no augmentation), in order, of the kind build_loaders makes for the run (so that
+    it yields the same batches as the run's own evaluation); with `sample`, only that many of
+    the part's images, drawn at random with the seed (kept in their order)."""
+    sp = read_splits(cfg, seed)
+    base, idx = split_indices(sp, split, cfg)
+    if sample is not None and sample < len(idx):
+        idx = idx[np.sort(np.random.default_rng(seed).choice(len(idx), sample, replace=False))]
+    if cfg.loader == "tensor":
+        return _tensor_part(cfg, seed, device, base, idx, False, channels_last)
+    transform = build_transform(cfg, train=False)
+    return _torch_part(cfg, seed, device, base, idx, transform, False, False)
+
+
+def class_names(cfg: DataConfig) -> list[str]:
+    """The data set's class names, in label order: CIFAR's meta file, ImageNet's class folders,
+    class0, class1, ... where the data set names none."""
+    if cfg.name in ("cifar10", "cifar100"):
+        from resnet_train.data.cifar import read_class_names
+
+        names = read_class_names(cfg.name, cfg.root)
+        if names is not None and len(names) == cfg.num_classes:
+            return names
+    elif cfg.name == "imagenet":
+        base = _read_sets(cfg, 0)[0]
+        return list(base.classes)
+    return [f"class{i}" for i in range(cfg.num_classes)]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from resnet_train.config import to_dict
+from resnet_train.config import flatten, to_dict
 from resnet_train.engine.checkpoint import CHECKPOINT_NAMES, load_checkpoint
 from resnet_train.errors import CheckpointError, RunDirError
 from resnet_train.logging import log
@@ -42,15 +42,6 @@ MAY_CHANGE = (
 class ResumePoint:
     path: Path
     state: dict[str, Any]
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:

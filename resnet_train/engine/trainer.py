@@ -47,6 +47,7 @@ from resnet_train.engine.resume import (
 from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer
 from resnet_train.models.build import build_model
+from resnet_train.models.qat import prepare_qat
 from resnet_train.optim import (
     build_optimizer,
     build_scheduler,
@@ -55,13 +56,13 @@ from resnet_train.optim import (
     depends_on_length,
     rebuild_scheduler,
 )
+from resnet_train.precision import autocast
 
 # Tqdm's loss/accuracy figures are read from the device every this many steps, not every step.
 BAR_REFRESH_STEPS = 10
 # Under fp16 the gradient scaler skips steps whose gradients overflow and lowers its scale; this
 # many skipped in a row means the gradients are not finite at any scale: the run stops.
 MAX_SKIPPED_STEPS = 20
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -191,12 +192,6 @@ def build_criterion(label_smoothing: float) -> nn.Module:
     """Training loss: cross-entropy on int labels, or on the soft labels of MixUp / CutMix, with
     label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def _log_grad_norms(t: Training) -> None:
@@ -627,7 +622,11 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loaders = build_loaders(cfg.data, cfg.seed, device, channels_last, d.rank, d.world)
-    model = build_model(cfg).to(device, memory_format=memory_format)
+    model = build_model(cfg)
+    if tc.qat:
+        layers = prepare_qat(model)
+        log.info("QAT: fake int8 quantization in %d conv and linear layers", layers)
+    model = model.to(device, memory_format=memory_format)
     if d.enabled:
         if tc.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,26 +21,59 @@ def _short(keys: list[str], limit: int = 4) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def load_weights(model: nn.Module, path: str | Path) -> bool:
-    """Load a state dict from `path` into `model` (strict but for the classifier). A classifier of
-    another number of classes is left freshly initialised, for fine-tuning; returns whether it was.
-    """
+@dataclass
+class WeightsFile:
+    """A weights file as read: its state dict, and the run's config when it is a resnet-train
+    checkpoint (None for torchvision's and other bare state dicts)."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    config: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None
+
+
+def read_weights(path: str | Path, key: str = "model.weights") -> WeightsFile:
+    """Read a torchvision .pth, a resnet-train checkpoint or a DDP dump; raise CheckpointError
+    naming `key` when the file is missing, unreadable or holds no state dict."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"model.weights={path} does not exist")
+        raise CheckpointError(f"{key}={path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"model.weights={path} is unreadable ({type(e).__name__})") from None
+        raise CheckpointError(f"{key}={path} is unreadable ({type(e).__name__})") from None
+    checkpoint = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a resnet-train checkpoint
-    if not isinstance(state, dict):
-        raise CheckpointError(f"model.weights={path} holds no state dict")
+        checkpoint, state = state, state["model"]  # a resnet-train checkpoint
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{key}={path} holds no state dict of model weights")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DDP
+    config = checkpoint.get("config") if checkpoint is not None else None
+    return WeightsFile(path, state, config if isinstance(config, dict) else None, checkpoint)
 
+
+def load_weights(
+    model: nn.Module, path: str | Path, replace_classifier: bool = True, key: str = "model.weights"
+) -> bool:
+    """Load a state dict from `path` into `model`, strictly; with replace_classifier, a classifier
+    of another number of classes is left freshly initialised, for fine-tuning. Returns whether it
+    was."""
+    return load_state(model, read_weights(path, key), replace_classifier, key)
+
+
+def load_state(
+    model: nn.Module, weights: WeightsFile, replace_classifier: bool, key: str = "model.weights"
+) -> bool:
+    path, state = weights.path, weights.state
     own = model.state_dict()
     file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
-    replaced = "fc.weight" in state and state["fc.weight"].shape != own["fc.weight"].shape
+    replaced = (
+        replace_classifier
+        and "fc.weight" in state
+        and state["fc.weight"].shape != own["fc.weight"].shape
+    )
     if replaced:
         state = {k: v for k, v in state.items() if k not in CLASSIFIER}
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
@@ -59,9 +94,12 @@ def load_weights(model: nn.Module, path: str | Path) -> bool:
             kernel = state["conv1.weight"].shape[-1]
             hint = f"; the file has the {'imagenet' if kernel == 7 else 'cifar'} stem: set "
             hint += f"model.stem={'imagenet' if kernel == 7 else 'cifar'}"
-        raise CheckpointError(
-            f"model.weights={path} does not fit this model ({'; '.join(problems)}){hint}"
-        )
+        elif "fc.weight" in mismatched:
+            hint = (
+                f"; the file's classifier has {file_classes} classes, this model "
+                f"{own['fc.weight'].shape[0]}"
+            )
+        raise CheckpointError(f"{key}={path} does not fit this model ({'; '.join(problems)}){hint}")
     model.load_state_dict(state, strict=not replaced)
     if replaced:
         log.info(

@@ -1,0 +1,306 @@
+"""task=export: a trained model as a file that runs without resnet-train.
+
+BN folded first (deploy.fold), then ONNX (torch's exporter, a dynamic batch size) or a
+torch.export program (.pt2). The file carries what a user needs to feed it: class names, image
+size, eval resize, mean and std (ONNX metadata_props; the .pt2's extra file
+"resnet_train.json"). Nothing is reported done before it is checked: the written file, loaded
+back (ONNX Runtime; torch.export.load), must give PyTorch's logits of the unfolded model on test
+images within export.check_tolerance, at the check batch and at batch 1. With
+export.quantize=int8 an int8 ONNX model is written too (deploy.quantize), calibrated on training
+images, and its top-1 on eval.split is compared with the fp32 model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from resnet_train.data.loaders import build_eval_loader, class_names
+from resnet_train.deploy.evaluate import write_json
+from resnet_train.deploy.fold import fold_batchnorm
+from resnet_train.deploy.quantize import quantize_int8
+from resnet_train.deploy.source import Trained, file_sha256, load_trained, require
+from resnet_train.errors import UserError
+
+log = logging.getLogger("resnet_train")
+INPUT, OUTPUT = "images", "logits"
+
+
+class ExportCheckError(UserError):
+    """An exported file whose outputs differ from PyTorch's."""
+
+
+def relative_error(got: torch.Tensor | np.ndarray, want: torch.Tensor) -> float:
+    got = torch.as_tensor(got, dtype=torch.float64)
+    want = want.to(torch.float64)
+    return float((got - want).norm() / want.norm().clamp(min=1e-30))
+
+
+def metadata(trained: Trained, names: list[str]) -> dict[str, Any]:
+    d = trained.cfg.data
+    return {
+        "model": trained.cfg.model.name,
+        "data": d.name,
+        "class_names": names,
+        "image_size": int(d.image_size),
+        "eval_resize": int(d.eval_resize),
+        "mean": [float(v) for v in d.mean],
+        "std": [float(v) for v in d.std],
+        "input": f"{INPUT}: float32 N x 3 x {d.image_size} x {d.image_size}, RGB scaled to [0, 1], "
+        "then (x - mean) / std per channel",
+        "output": f"{OUTPUT}: float32 N x {len(names)}, one logit per class (softmax for "
+        "probabilities)",
+        "source": str(trained.weights.path),
+        "source_sha256": trained.sha256,
+    }
+
+
+def _images(trained: Trained, split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` images of a split (a seeded random choice), as one CPU batch, and their labels."""
+    cfg = trained.cfg
+    loader = build_eval_loader(cfg.data, cfg.seed, torch.device("cpu"), split, sample=count)
+    images, labels = zip(*[(x.cpu(), y.cpu()) for x, y in loader], strict=True)
+    return torch.cat(images).contiguous(), torch.cat(labels)
+
+
+def _batches(trained: Trained, split: str, count: int | None) -> Any:
+    cfg = trained.cfg
+    loader = build_eval_loader(cfg.data, cfg.seed, torch.device("cpu"), split, sample=count)
+    for images, labels in loader:
+        yield images.cpu().contiguous().numpy(), labels.cpu().numpy()
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """torch.export-based ONNX export where this torch has it (2.5+), else the TorchScript one;
+    the batch dimension dynamic, the weights inside the one file."""
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        from torch.export import Dim
+
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, input_names=[INPUT],
+            output_names=[OUTPUT], dynamic_shapes=({0: Dim("batch")},), external_data=False,
+            verbose=False,
+        )  # fmt: skip
+        return
+    torch.onnx.export(
+        model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
+        dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17,
+    )  # fmt: skip
+
+
+def onnx_session(path: Path, threads: int | None = None, optimized: Path | None = None) -> Any:
+    """An ONNX Runtime CPU session; with `optimized`, the graph after ONNX Runtime's
+    device-independent fusions (Conv+BN, Conv+ReLU -> FusedConv, ...) is written there."""
+    ort = require("onnxruntime", "export.format=onnx")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """The exporters and ONNX Runtime's quantization log every pass at INFO (a line per
+    de-duplicated initializer): warnings and errors only."""
+    names = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _write_onnx(folded, trained, meta, example, tmp: Path) -> dict[str, Any]:
+    onnx = require("onnx", "export.format=onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' notes on their own internals
+        export_onnx(folded, example, tmp)
+    model = onnx.load(str(tmp))
+    model.metadata_props.add(key="resnet_train", value=json.dumps(meta))
+    for key in ("class_names", "mean", "std", "image_size"):
+        model.metadata_props.add(key=key, value=json.dumps(meta[key]))
+    onnx.save(model, str(tmp))
+    # What ONNX Runtime makes of it: the Conv+ReLU pairs it fuses.
+    optimized = tmp.with_name(tmp.name + ".optimized")
+    onnx_session(tmp, optimized=optimized)
+    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    optimized.unlink(missing_ok=True)
+    return {"onnx_runtime_nodes": len(ops), "fused_conv": ops.count("FusedConv"),
+            "conv": ops.count("Conv")}  # fmt: skip
+
+
+def _run_file(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
+    if fmt == "onnx":
+        return onnx_session(path).run(None, {INPUT: images.numpy()})[0]
+    program = torch.export.load(str(path)).module()
+    with torch.no_grad():
+        return program(images).numpy()
+
+
+def _write_pt2(folded, meta, example, tmp: Path) -> dict[str, Any]:
+    from torch.export import Dim
+
+    batch = Dim("batch")
+    with torch.no_grad():
+        program = torch.export.export(folded, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp), extra_files={"resnet_train.json": json.dumps(meta)})
+    return {}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return 100 * float((logits.argmax(1) == labels).mean())
+
+
+def onnx_accuracy(path: Path, trained: Trained, split: str) -> tuple[float, int]:
+    session = onnx_session(path)
+    correct = seen = 0
+    for images, labels in _batches(trained, split, None):
+        correct += int((session.run(None, {INPUT: images})[0].argmax(1) == labels).sum())
+        seen += len(labels)
+    return 100 * correct / seen, seen
+
+
+def run_export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Fold, export, check (and with export.quantize=int8, quantize and compare); write the
+    files and export.json into run_dir."""
+    with quiet_exporters():
+        return _export(cfg, run_dir, overrides)
+
+
+def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    ex = cfg.export
+    if ex.format == "onnx":
+        require("onnx", "export.format=onnx")
+        require("onnxruntime", "export.format=onnx")
+    trained = load_trained(cfg, overrides)
+    cfg = trained.cfg
+    model = trained.model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+    folded, report = fold_batchnorm(model)
+    log.info("%s", report.describe())
+    names = class_names(cfg.data)
+    meta = metadata(trained, names)
+    images, labels = _images(trained, "test", ex.check_images)
+    if len(images) == 1:  # the example fixes no batch size: give it two
+        images, labels = images.repeat(2, 1, 1, 1), labels.repeat(2)
+    with torch.no_grad():
+        want = model(images)
+        fold_error = relative_error(folded(images), want)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"model.{ex.format}"
+    tmp = run_dir / f".model.{os.getpid()}.tmp.{ex.format}"
+    try:
+        if ex.format == "onnx":
+            graph = _write_onnx(folded, trained, meta, images[:2], tmp)
+        else:
+            graph = _write_pt2(folded, meta, images[:2], tmp)
+        errors = {
+            len(images): relative_error(_run_file(ex.format, tmp, images), want),
+            1: relative_error(_run_file(ex.format, tmp, images[:1]), want[:1]),
+        }
+        worst = max(errors.values())
+        if not worst <= ex.check_tolerance:
+            raise ExportCheckError(
+                f"the exported {ex.format} model's logits differ from PyTorch's on "
+                f"{len(images)} test images: relative error {worst:.2e} > "
+                f"export.check_tolerance={ex.check_tolerance:g}; nothing written"
+            )
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    runtime = "ONNX Runtime" if ex.format == "onnx" else "torch.export.load"
+    log.info(
+        "wrote %s (%.2f MB); checked: %s gives PyTorch's logits on %d test images within a "
+        "relative error of %.1e (batch %d) and %.1e (batch 1), tolerance %.0e",
+        final, final.stat().st_size / 1e6, runtime, len(images), errors[len(images)],
+        len(images), errors[1], ex.check_tolerance,
+    )  # fmt: skip
+    if graph.get("fused_conv"):
+        log.info("ONNX Runtime fuses %d Conv+ReLU pairs into FusedConv (%d nodes after its "
+                 "optimisation)", graph["fused_conv"], graph["onnx_runtime_nodes"])  # fmt: skip
+    result: dict[str, Any] = {
+        "format": ex.format,
+        "file": str(final),
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+        "fold": {**report.__dict__, "relative_error": fold_error},
+        "check": {
+            "images": len(images),
+            "relative_error": {str(k): v for k, v in errors.items()},
+            "tolerance": ex.check_tolerance,
+            "runtime": runtime,
+        },
+        "graph": graph,
+        "metadata": meta,
+    }
+    if ex.quantize == "int8":
+        result["int8"] = _export_int8(trained, final, images, run_dir)
+    write_json(run_dir / "export.json", result)
+    return result
+
+
+def _export_int8(trained: Trained, fp32: Path, images: torch.Tensor, run_dir: Path) -> dict:
+    ex, split = trained.cfg.export, trained.cfg.eval.split
+    final = run_dir / "model.int8.onnx"
+    tmp = run_dir / f".model.int8.{os.getpid()}.tmp.onnx"
+    calibrated = min(ex.calibration_images, _split_size(trained, "train"))
+    calibration = (x for x, _ in _batches(trained, "train", calibrated))
+    try:
+        quantize_int8(fp32, tmp, calibration, INPUT)
+        fp32_logits = onnx_session(fp32).run(None, {INPUT: images.numpy()})[0]
+        int8_logits = onnx_session(tmp).run(None, {INPUT: images.numpy()})[0]
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    agreement = 100 * float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())
+    fp32_top1, n = onnx_accuracy(fp32, trained, split)
+    int8_top1, _ = onnx_accuracy(final, trained, split)
+    log.info(
+        "wrote %s (%.2f MB): int8 weights and activations, calibrated on %d training images; "
+        "on %s (%d images) top-1 %.2f%% against fp32's %.2f%% (%+.2f points); on the %d check "
+        "images it predicts fp32's class for %.1f%%",
+        final, final.stat().st_size / 1e6, calibrated, split, n, int8_top1,
+        fp32_top1, int8_top1 - fp32_top1, len(images), agreement,
+    )  # fmt: skip
+    if fp32_top1 - int8_top1 > 1.0:
+        log.warning(
+            "int8 loses %.2f points of top-1: fine-tune with quantization-aware training "
+            "(trainer.qat=true model.weights=%s, a few epochs at a low rate) and export that",
+            fp32_top1 - int8_top1, trained.weights.path,
+        )  # fmt: skip
+    return {
+        "file": str(final),
+        "bytes": final.stat().st_size,
+        "sha256": file_sha256(final),
+        "calibration_images": calibrated,
+        "split": split,
+        "images": n,
+        "fp32_top1": fp32_top1,
+        "int8_top1": int8_top1,
+        "top1_change": int8_top1 - fp32_top1,
+        "check_agreement": agreement,
+    }
+
+
+def _split_size(trained: Trained, split: str) -> int:
+    cfg = trained.cfg
+    return len(build_eval_loader(cfg.data, cfg.seed, torch.device("cpu"), split).dataset)

@@ -1,0 +1,143 @@
+"""The trained model that task=eval and task=export work on: model.weights, with the settings of
+the run that made it.
+
+A resnet-train checkpoint carries its run's config: its model, its data settings (the split, the
+subsets, mean and std, image size, batch size), its seed and its precision are taken from it, so
+that `task=eval model.weights=outputs/RUN/best.pt` evaluates exactly the images and the model the
+run did. Keys given on the command line win (data.root, data.test_size=null, ...); a data set
+chosen with `data=NAME` replaces the saved data settings as a whole. A torchvision .pth carries no
+config: the command line's model and data are used as they are.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from resnet_train.config import flatten, validate
+from resnet_train.errors import MissingDependencyError
+from resnet_train.models.build import build_model
+from resnet_train.models.weights import WeightsFile, load_state, read_weights
+
+log = logging.getLogger("resnet_train")
+
+# The settings a checkpoint's own run decides, unless given on the command line.
+ADOPTED_SECTIONS = ("model", "data")
+ADOPTED_KEYS = ("seed", "trainer.precision", "trainer.channels_last")
+# Where this machine keeps things: never taken from the checkpoint.
+LOCAL_KEYS = ("model.weights", "data.root", "data.download", "data.num_workers")
+_ABSENT = object()
+
+
+@dataclass
+class Trained:
+    """A trained model ready for inference (eval mode, on its device) and what describes it."""
+
+    cfg: DictConfig  # the effective config: the checkpoint's settings under the command line's
+    model: nn.Module
+    weights: WeightsFile
+    sha256: str
+    device: torch.device
+    channels_last: bool
+    adopted: list[str]  # the keys taken from the checkpoint
+
+
+def given_keys(overrides: list[str]) -> set[str]:
+    """The keys and groups set on the command line ("data.root=x" -> "data.root", "data=cifar100"
+    -> "data")."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def _given(key: str, given: set[str]) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in given for i in range(1, len(parts) + 1))
+
+
+def adopt_config(
+    cfg: DictConfig, saved: dict[str, Any], given: set[str]
+) -> tuple[DictConfig, list[str]]:
+    """cfg with the saved run's settings (ADOPTED_SECTIONS, ADOPTED_KEYS) wherever the command
+    line did not set them; returns it and the keys whose value changed."""
+    out = copy.deepcopy(cfg)
+    saved_leaves = flatten(saved)
+    adopted = []
+    for key, value in saved_leaves.items():
+        section = key.split(".", 1)[0]
+        if section not in ADOPTED_SECTIONS and key not in ADOPTED_KEYS:
+            continue
+        if key in LOCAL_KEYS or _given(key, given):
+            continue
+        current = OmegaConf.select(out, key, default=_ABSENT)
+        if current is _ABSENT:  # a key this version no longer has
+            continue
+        if OmegaConf.is_config(current):
+            current = OmegaConf.to_container(current)
+        if current != value:
+            OmegaConf.update(out, key, value, merge=False)
+            adopted.append(key)
+    return out, adopted
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_trained(cfg: DictConfig, overrides: list[str]) -> Trained:
+    """Read model.weights, settle the config it runs under, build the model and load it strictly
+    (a classifier of another size is an error here, not a fine-tuning start)."""
+    weights = read_weights(cfg.model.weights)
+    adopted: list[str] = []
+    if weights.config is not None:
+        cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides))
+        validate(cfg)
+    model = build_model(_without_weights(cfg))
+    load_state(model, weights, replace_classifier=False)
+    device = resolve_device(cfg.trainer.device)
+    channels_last = (
+        cfg.trainer.channels_last
+        if cfg.trainer.channels_last is not None
+        else device.type == "cuda"
+    )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format).eval()
+    if adopted:
+        log.info("from the checkpoint's run: %s", ", ".join(
+            f"{k}={OmegaConf.select(cfg, k)}" for k in adopted))  # fmt: skip
+    return Trained(cfg, model, weights, file_sha256(weights.path), device, channels_last, adopted)
+
+
+def _without_weights(cfg: DictConfig) -> DictConfig:
+    """build_model would load model.weights itself, leniently; here it is loaded strictly."""
+    out = copy.deepcopy(cfg)
+    out.model.weights = None
+    return out
+
+
+def require(module: str, feature: str) -> Any:
+    """Import an optional dependency of the deploy extra, or fail with the pip command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{feature} needs {module}, which is not installed: pip install 'resnet-train[deploy]'"
+        ) from None

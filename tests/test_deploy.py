@@ -1,0 +1,397 @@
+"""After training: task=eval, BN folding, task=export (ONNX, pt2, int8) and QAT."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from resnet_train import cli
+from resnet_train.config import TASKS
+from resnet_train.data.cifar import read_class_names
+from resnet_train.deploy.evaluate import calibration, classification_metrics, collect_logits
+from resnet_train.deploy.fold import fold_batchnorm
+from resnet_train.deploy.source import adopt_config, given_keys, require
+from resnet_train.engine.trainer import fit
+from resnet_train.errors import MissingDependencyError
+from resnet_train.models import create_model, list_models
+from resnet_train.models.qat import (
+    FakeQuantConv2d,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    prepare_qat,
+)
+from resnet_train.models.weights import load_weights
+from tests.conftest import SHARED_DATA, compose_config, run_cli
+from tests.test_train import scalars
+
+TINY = [
+    "model=resnet20",
+    "data=synthetic",
+    "data.train_size=192",
+    "data.test_size=96",
+    "data.batch_size=32",
+    "data.num_workers=0",
+    "trainer.epochs=2",
+    "trainer.device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny finished run: its directory, with best.pt and metrics.json."""
+    run_dir = tmp_path_factory.mktemp("deploy") / "outputs" / "tr"
+    fit(compose_config(*TINY), run_dir)
+    return run_dir
+
+
+def real_images(n: int) -> torch.Tensor:
+    """n real CIFAR-10 test images (normalised) where the release is beside the project, else
+    a fixed random batch."""
+    batch = SHARED_DATA / "cifar-10-batches-py" / "test_batch"
+    if batch.is_file():
+        import pickle
+
+        with open(batch, "rb") as f:
+            rows = pickle.load(f, encoding="latin1")["data"][:n]
+        x = torch.from_numpy(rows.reshape(-1, 3, 32, 32).astype(np.float32) / 255)
+    else:
+        x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def trained_looking(model: nn.Module) -> nn.Module:
+    """BN statistics and affine parameters far from their initial values, so that a wrong fold
+    shows (at initialisation every BN of eval mode is nearly the identity)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_((torch.rand(c, generator=g) - 0.5) * 0.4)
+    return model.eval()
+
+
+# Every architecture of the zoo but the largest of each family (same code, more layers).
+FOLD_MODELS = [
+    n
+    for n in list_models()
+    if n
+    not in (
+        "resnet1202",
+        "resnet152",
+        "resnet101",
+        "resnext101_32x8d",
+        "resnext101_64x4d",
+        "wide_resnet101_2",
+        "resnext29_16x64d",
+        "wrn28_10",
+    )  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("name", FOLD_MODELS)
+def test_folded_model_gives_the_same_outputs_with_fewer_modules_and_parameters(name):
+    torch.manual_seed(0)
+    model = trained_looking(create_model(name, num_classes=10, stem="cifar"))
+    images = real_images(8)
+    folded, report = fold_batchnorm(model)
+    with torch.no_grad():
+        want, got = model(images), folded(images)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert report.folded >= 1
+    assert report.modules_after == report.modules_before - report.folded
+    assert report.parameters_after < report.parameters_before
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == (
+        report.batchnorms - report.folded
+    )
+    if not name.startswith(("preact", "wrn")):  # post-activation: every BN follows a conv
+        assert report.folded == report.batchnorms
+    assert model.bn1 is not None or name.startswith(("preact", "wrn"))  # the original is intact
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+def test_both_shortcut_options_fold(shortcut):
+    model = trained_looking(create_model("resnet20", num_classes=10, shortcut=shortcut))
+    folded, report = fold_batchnorm(model)
+    images = real_images(4)
+    with torch.no_grad():
+        assert float((folded(images) - model(images)).norm() / model(images).norm()) <= 1e-5
+    # option B adds a projection conv + BN per stage change: two more pairs
+    assert report.folded == (19 if shortcut == "A" else 21)
+
+
+def test_fake_quantized_weights_take_at_most_255_levels_per_channel_and_pass_gradients():
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    q = fake_quantize_weight(w)
+    for c in range(8):
+        scale = w[c].abs().max().item() / 127
+        levels = torch.round(q[c] / scale)
+        assert levels.unique().numel() <= 255
+        torch.testing.assert_close(levels * scale, q[c], rtol=0, atol=1e-6)
+        assert float((q[c] - w[c]).detach().abs().max()) <= scale / 2 + 1e-6
+    q.sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones_like(w))  # straight through
+    x = torch.randn(2, 3, 5, 5) * 3
+    a = fake_quantize_activation(x)
+    assert a.unique().numel() <= 256
+    assert float((a - x).abs().max()) <= float(x.max() - x.min()) / 255 / 2 + 1e-5
+
+
+def test_qat_model_keeps_its_names_and_loads_into_the_plain_model():
+    plain = create_model("resnet20", num_classes=10)
+    model = create_model("resnet20", num_classes=10)
+    assert prepare_qat(model) == 20  # 19 convs and the classifier
+    assert isinstance(model.conv1, FakeQuantConv2d)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(model.state_dict())
+    images = real_images(4)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        fq, fp = model(images), plain(images)
+    assert not torch.equal(fq, fp)  # quantization changes the outputs ...
+    assert float((fq - fp).norm() / fp.norm()) < 0.2  # ... a little
+
+
+def test_calibration_error_of_a_perfectly_calibrated_and_an_overconfident_model():
+    confidence = torch.tensor([0.95] * 20 + [0.55] * 20)
+    correct = torch.tensor([True] * 19 + [False] + [True] * 11 + [False] * 9)
+    ece, bins = calibration(confidence, correct, 15)
+    assert ece == pytest.approx(0.0, abs=1e-4)
+    assert sum(b["count"] for b in bins) == 40
+    ece, _ = calibration(torch.full((10,), 0.9), torch.tensor([True] * 5 + [False] * 5), 15)
+    assert ece == pytest.approx(40.0, abs=1e-4)
+
+
+def test_metrics_of_known_logits():
+    names = ["a", "b", "c"]
+    logits = torch.tensor([[3.0, 1, 0], [0, 2, 1], [0, 3, 1], [1, 0, 2]])
+    labels = torch.tensor([0, 1, 2, 0])
+    m = classification_metrics(logits, labels, names, 15)
+    assert m["top1"] == 50.0 and m["top5"] == 100.0 and m["images"] == 4
+    assert m["per_class_accuracy"] == {"a": 50.0, "b": 100.0, "c": 0.0}
+    assert m["confusion"].tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 0]]
+    assert m["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+
+
+def test_cifar_class_names_come_from_the_release(cifar10_root):
+    root, _ = cifar10_root
+    assert read_class_names("cifar10", root) == [f"class{i}" for i in range(10)]
+    real = read_class_names("cifar10", SHARED_DATA)
+    if real is not None:
+        assert real[:3] == ["airplane", "automobile", "bird"]
+
+
+def test_a_checkpoint_decides_its_settings_unless_the_command_line_does():
+    cfg = compose_config("data.root=/here", "data.test_size=50")
+    saved = {"model": {"name": "resnet56"}, "data": {"name": "synthetic", "test_size": 10,
+             "root": "/there", "batch_size": 7}, "seed": 3}  # fmt: skip
+    given = given_keys(["data.root=/here", "+data.test_size=50"])
+    out, adopted = adopt_config(cfg, saved, given)
+    assert (out.model.name, out.data.name, out.data.batch_size, out.seed) == (
+        "resnet56", "synthetic", 7, 3)  # fmt: skip
+    assert (out.data.root, out.data.test_size) == ("/here", 50)
+    assert "data.root" not in adopted and "model.name" in adopted
+    # a data set chosen as a group replaces the saved data settings as a whole
+    out, _ = adopt_config(compose_config("data=cifar100"), saved, given_keys(["data=cifar100"]))
+    assert out.data.name == "cifar100" and out.model.name == "resnet56"
+
+
+def test_every_task_name_has_its_entry_in_the_dispatch_table():
+    assert set(cli.TASKS) == set(TASKS)
+
+
+def test_a_missing_optional_dependency_names_the_pip_command(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name == "onnxruntime":
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'resnet-train\[deploy\]'"):
+        require("onnxruntime", "export.format=onnx")
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_runs_test_accuracy_and_writes_its_records(trained):
+    work = trained.parents[1]
+    reported = json.loads((trained / "metrics.json").read_text())["test"]["acc"]
+    r = run_cli("task=eval", f"model.weights={trained / 'best.pt'}", "name=ev", cwd=work)
+    assert r.returncode == 0, r.stderr
+    out = work / "outputs" / "ev"
+    result = json.loads((out / "eval.json").read_text())
+    assert result["top1"] == reported  # exactly: the same images, batches and weights
+    assert result["split"] == "test" and result["images"] == 96
+    assert 0 <= result["ece"] <= 100 and result["top5"] >= result["top1"]
+    assert set(result["per_class_accuracy"]) == {f"class{i}" for i in range(10)}
+    assert result["training_reported_test_acc"] == reported
+    assert "the same" in r.stdout + r.stderr
+    rows = list(csv.reader((out / "confusion_matrix.csv").open()))
+    assert rows[0][1:] == [f"class{i}" for i in range(10)]
+    counts = np.array([[int(v) for v in row[1:]] for row in rows[1:]])
+    assert counts.sum() == 96 and np.trace(counts) == round(reported * 96 / 100)
+    for picture in ("confusion_matrix.png", "reliability.png"):
+        with Image.open(out / picture) as image:
+            assert image.size[0] >= 400 and image.size[1] >= 400
+    tags = scalars(out)
+    assert tags["eval/test/top1"][0][1] == pytest.approx(reported)
+
+
+@pytest.mark.slow
+def test_eval_of_the_validation_and_training_splits(trained):
+    work = trained.parents[1]
+    weights = f"model.weights={trained / 'best.pt'}"
+    r = run_cli("task=eval", weights, "eval.split=valid", "name=ev2", cwd=work)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((work / "outputs" / "ev2" / "eval.json").read_text())
+    best = torch.load(trained / "best.pt", weights_only=True)
+    assert result["split"] == "valid" and result["images"] == 19  # 10% of 192, stratified
+    assert result["top1"] == best["best_valid"]["acc"]  # what the run measured when it kept it
+    r = run_cli("task=eval", weights, "eval.split=train", "name=ev3", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((work / "outputs" / "ev3" / "eval.json").read_text())["images"] == 173
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_image():
+    model = trained_looking(create_model("resnet20", num_classes=10))
+    images, labels = real_images(6), torch.arange(6)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), 4)
+    plain, _ = collect_logits(model, loader, torch.device("cpu"))
+    tta, seen = collect_logits(model, loader, torch.device("cpu"), tta=True)
+    with torch.no_grad():
+        mirrored = model(images.flip(3))
+    torch.testing.assert_close(tta, (plain + mirrored) / 2)
+    assert torch.equal(seen, labels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.weights=nowhere.pt"], "model.weights='nowhere.pt' is invalid: no such file"),
+        (["model.weights=notes.txt"], "model.weights=notes.txt is unreadable"),
+        (["model.weights=dict.pt"], "holds no state dict of model weights"),
+        (["model.weights=WEIGHTS", "model=resnet32"], "does not fit this model (missing"),
+        (["model.weights=WEIGHTS", "model.num_classes=12"], "classifier has 10 classes"),
+        (["model.weights=WEIGHTS", "eval.split=valid", "data.valid_ratio=0"],
+         "eval.split=valid is invalid: data.valid_ratio=0.0 holds out no validation images"),
+        (["model.weights=WEIGHTS", "eval.split=dev"], "eval.split='dev' is invalid: allowed"),
+        (["task=export", "model.weights=WEIGHTS", "export.format=tflite"],
+         "export.format='tflite' is invalid: allowed: onnx, pt2"),
+        (["task=export", "model.weights=WEIGHTS", "export.format=pt2", "export.quantize=int8"],
+         "int8 models are made with ONNX Runtime: use export.format=onnx"),
+        (["task=export"], "task=export needs the model to export: model.weights=PATH"),
+        (["model.weights=WEIGHTS", "name=tr"], "holds a training run; task=eval writes into"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, args, message):
+    work = trained.parents[1]
+    (work / "notes.txt").write_text("not a checkpoint\n")
+    torch.save({"model": {"a": 1}}, work / "dict.pt")
+    args = [a.replace("WEIGHTS", str(trained / "best.pt")) for a in args]
+    if not any(a.startswith("task=") for a in args):
+        args.insert(0, "task=eval")
+    before = sorted(p.name for p in (work / "outputs").iterdir())
+    r = run_cli(*args, cwd=work)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert sorted(p.name for p in (work / "outputs").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_export_onnx_with_int8_checks_and_carries_what_a_user_needs(trained):
+    import onnx
+    import onnxruntime as ort
+
+    work = trained.parents[1]
+    r = run_cli("task=export", f"model.weights={trained / 'best.pt'}", "export.quantize=int8",
+                "export.calibration_images=64", "name=ex", cwd=work)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = work / "outputs" / "ex"
+    assert "ONNX Runtime gives PyTorch's logits on 64 test images" in r.stdout + r.stderr
+    record = json.loads((out / "export.json").read_text())
+    assert max(record["check"]["relative_error"].values()) <= 1e-4
+    assert record["fold"]["folded"] == 19
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == [f"class{i}" for i in range(10)]
+    assert json.loads(meta["mean"]) == [0.5, 0.5, 0.5] and json.loads(meta["image_size"]) == 32
+    # the file runs by itself, at any batch size, and gives the checkpoint's logits
+    model = create_model("resnet20", num_classes=10)
+    load_weights(model, trained / "best.pt")
+    images = real_images(5)
+    with torch.no_grad():
+        want = model.eval()(images)
+    for name in ("model.onnx", "model.int8.onnx"):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        assert got.shape == (5, 10)
+        if name == "model.onnx":
+            assert float((got - want).norm() / want.norm()) <= 1e-4
+    int8 = record["int8"]
+    assert int8["calibration_images"] == 64 and int8["images"] == 96
+    assert (
+        abs(int8["top1_change"]) <= 100
+        and (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size / 2
+    )
+    meta8 = {p.key: p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
+    assert meta8["class_names"] == meta["class_names"]
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_export_pt2_loads_back_with_its_metadata(trained):
+    work = trained.parents[1]
+    r = run_cli("task=export", f"model.weights={trained / 'best.pt'}", "export.format=pt2",
+                "name=ex2", cwd=work)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    extra = {"resnet_train.json": ""}
+    program = torch.export.load(str(work / "outputs" / "ex2" / "model.pt2"), extra_files=extra)
+    meta = json.loads(extra["resnet_train.json"])
+    assert meta["class_names"][0] == "class0" and meta["std"] == [0.25, 0.25, 0.25]
+    model = create_model("resnet20", num_classes=10)
+    load_weights(model, trained / "best.pt")
+    images = real_images(3)
+    with torch.no_grad():
+        got, want = program.module()(images), model.eval()(images)
+    assert float((got - want).norm() / want.norm()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_an_export_that_fails_its_check_leaves_no_file(trained):
+    work = trained.parents[1]
+    r = run_cli("task=export", f"model.weights={trained / 'best.pt'}", "name=ex3",
+                "export.check_tolerance=1e-12", cwd=work)  # fmt: skip
+    assert r.returncode == 2
+    assert "> export.check_tolerance=1e-12; nothing written" in r.stderr.strip().splitlines()[-1]
+    out = work / "outputs" / "ex3"
+    assert not (out / "model.onnx").exists() and not (out / "export.json").exists()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.slow
+def test_qat_fine_tune_resumes_bit_identical_and_exports(tmp_path, trained):
+    """trainer.qat=true from a checkpoint: stopped after its first epoch and resumed, it ends
+    with the weights of the uninterrupted run; its checkpoint is a plain model's."""
+    qat = [*TINY, f"model.weights={trained / 'best.pt'}", "trainer.qat=true"]
+    fit(compose_config(*qat), tmp_path / "whole")
+    fit(compose_config(*qat, "trainer.epochs=1"), tmp_path / "parts")
+    fit(compose_config(*qat, "resume=auto"), tmp_path / "parts")
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parts" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    plain = create_model("resnet20", num_classes=10)
+    plain.load_state_dict(a)
