@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +278,6 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_image():
     assert torch.equal(seen, labels)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -297,18 +297,27 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_image():
         (["model.weights=WEIGHTS", "name=tr"], "holds a training run; task=eval writes into"),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(trained, args, message):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    trained, args, message, monkeypatch, capsys
+):
+    """The command line's own entry point, in this process (the subprocess tests above and
+    below cover the process boundary)."""
     work = trained.parents[1]
+    monkeypatch.chdir(work)
     (work / "notes.txt").write_text("not a checkpoint\n")
     torch.save({"model": {"a": 1}}, work / "dict.pt")
     args = [a.replace("WEIGHTS", str(trained / "best.pt")) for a in args]
     if not any(a.startswith("task=") for a in args):
         args.insert(0, "task=eval")
     before = sorted(p.name for p in (work / "outputs").iterdir())
-    r = run_cli(*args, cwd=work)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], r.stderr
+    monkeypatch.setattr(sys, "argv", ["resnet-train", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     assert sorted(p.name for p in (work / "outputs").iterdir()) == before
 
 

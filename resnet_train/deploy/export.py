@@ -99,14 +99,16 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
     )  # fmt: skip
 
 
-def onnx_session(path: Path, threads: int | None = None, optimized: Path | None = None) -> Any:
+def onnx_session(path: Path, spin: bool = True, optimized: Path | None = None) -> Any:
     """An ONNX Runtime CPU session; with `optimized`, the graph after ONNX Runtime's
-    device-independent fusions (Conv+BN, Conv+ReLU -> FusedConv, ...) is written there."""
+    device-independent fusions (Conv+BN, Conv+ReLU -> FusedConv, ...) is written there.
+    spin=False stops its threads from busy-waiting between runs (they would take the CPU from
+    anything running beside them, such as PyTorch in a side-by-side benchmark)."""
     ort = require("onnxruntime", "export.format=onnx")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
-    if threads is not None:
-        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

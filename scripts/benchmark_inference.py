@@ -1,0 +1,197 @@
+"""Inference speed on this machine's CPU: eager PyTorch (fp32, channels_last, BN folded),
+torch.compile, ONNX Runtime fp32 and int8, side by side in one process.
+
+    python scripts/benchmark_inference.py [--models resnet20 resnet56] [--weights A.pt B.pt]
+        [--data-root ../shared/data] [--batches 1 64 256] [--seconds 3] [--skip-compile]
+        [--no-write]
+
+Batch 1: latency per call, median and 90th percentile; larger batches: images/s from the
+median call. Each variant is measured in rounds interleaved with the others, so that all see the
+same machine state. Without --weights the models are freshly initialised (speed does not depend
+on the weights); int8 is calibrated on CIFAR-10 training images from --data-root when they are
+there, else on random images. Prints a table and appends its rows to BENCHMARKS.md ("Inference
+on the CPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa: E402
+from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
+from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
+from resnet_train.models import create_model  # noqa: E402
+from resnet_train.models.weights import load_weights  # noqa: E402
+
+MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+SECTION = "## Inference on the CPU"
+HEADER = (
+    "| date | command | machine | torch / onnxruntime | model | variant | batch 1 median ms | "
+    "batch 1 p90 ms | img/s by batch | speed-up over eager fp32 (largest batch) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def calibration_images(root: Path | None, n: int = 512) -> np.ndarray:
+    batch = root / "cifar-10-batches-py" / "data_batch_1" if root else None
+    if batch is not None and batch.is_file():
+        import pickle
+
+        with open(batch, "rb") as f:
+            rows = pickle.load(f, encoding="latin1")["data"][:n]
+        x = rows.reshape(-1, 3, 32, 32).astype(np.float32) / 255
+    else:
+        x = np.random.default_rng(0).random((n, 3, 32, 32), dtype=np.float32)
+    mean, std = (np.array(v, np.float32).reshape(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x - mean) / std
+
+
+def variants(
+    name: str, weights: Path | None, tmp: Path, data_root: Path | None, compile_: bool
+) -> dict[str, Callable[[np.ndarray], object]]:
+    model = create_model(name, num_classes=10, stem="cifar")
+    if weights is not None:
+        load_weights(model, weights, replace_classifier=False)
+    model.eval()
+    folded, _ = fold_batchnorm(model)
+    channels_last = create_model(name, num_classes=10, stem="cifar")
+    channels_last.load_state_dict(model.state_dict())
+    channels_last = channels_last.eval().to(memory_format=torch.channels_last)
+    fp32, int8 = tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx"
+    export_onnx(folded, torch.randn(2, 3, 32, 32), fp32)
+    x = calibration_images(data_root)
+    quantize_int8(fp32, int8, (x[i : i + 64] for i in range(0, len(x), 64)), INPUT)
+    # Without spinning: ONNX Runtime's idle threads would busy-wait through PyTorch's turns.
+    sessions = {
+        "ONNX Runtime fp32": onnx_session(fp32, spin=False),
+        "ONNX Runtime int8": onnx_session(int8, spin=False),
+    }
+
+    def eager(m: torch.nn.Module, layout=torch.contiguous_format):
+        def run(batch: np.ndarray) -> object:
+            with torch.inference_mode():
+                return m(torch.from_numpy(batch).contiguous(memory_format=layout))
+
+        return run
+
+    out = {
+        "eager fp32": eager(model),
+        "eager channels_last": eager(channels_last, torch.channels_last),
+        "eager BN folded": eager(folded),
+    }
+    if compile_:
+        out["torch.compile (BN folded)"] = eager(torch.compile(folded, dynamic=False))
+    for label, session in sessions.items():
+        out[label] = lambda batch, s=session: s.run(None, {INPUT: batch})
+    return out
+
+
+def measure(runs: dict[str, Callable], batch: np.ndarray, seconds: float) -> dict[str, list]:
+    """Per variant, the time of each call; rounds of a few calls each, interleaved."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for run in runs.values():  # warm-up (compilation, ONNX Runtime's first-run allocations)
+        run(batch)
+        run(batch)
+    deadline = time.perf_counter() + seconds * len(runs)
+    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
+        for label, run in runs.items():
+            for _ in range(3 if len(batch) == 1 else 1):
+                start = time.perf_counter()
+                run(batch)
+                times[label].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
+    parser.add_argument("--weights", nargs="*", type=Path, default=[],
+                        help="a checkpoint per model (optional)")  # fmt: skip
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="measuring time per variant and batch size")  # fmt: skip
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md",
+                        help=argparse.SUPPRESS)  # fmt: skip
+    args = parser.parse_args()
+    if args.weights and len(args.weights) != len(args.models):
+        parser.error("--weights takes one checkpoint per model in --models")
+    import onnxruntime
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    versions = f"{torch.__version__} / {onnxruntime.__version__}"
+    command = shlex.join(["python", "scripts/benchmark_inference.py", *sys.argv[1:]])
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(args.models):
+            weights = args.weights[i] if args.weights else None
+            runs = variants(name, weights, Path(tmp), args.data_root, not args.skip_compile)
+            figures: dict[str, dict[str, str]] = {k: {} for k in runs}
+            speed: dict[int, dict[str, float]] = {}
+            for b in args.batches:
+                batch = rng.standard_normal((b, 3, 32, 32), dtype=np.float32)
+                times = measure(runs, batch, args.seconds)
+                speed[b] = {k: b / statistics.median(t) for k, t in times.items()}
+                for label, t in times.items():
+                    if b == 1:
+                        figures[label]["median"] = f"{1000 * statistics.median(t):.2f}"
+                        figures[label]["p90"] = f"{1000 * float(np.percentile(t, 90)):.2f}"
+            largest = max(args.batches)
+            for label in runs:
+                per_batch = ", ".join(f"{b}: {speed[b][label]:,.0f}" for b in args.batches if b > 1)
+                ratio = speed[largest][label] / speed[largest]["eager fp32"]
+                rows.append(
+                    f"| {datetime.date.today()} | `{command}` | {machine} | {versions} | {name} | "
+                    f"{label} | {figures[label].get('median', '-')} | "
+                    f"{figures[label].get('p90', '-')} | {per_batch} | {ratio:.2f}x |"
+                )
+            for b in [b for b in args.batches if b > 1]:
+                s = speed[b]
+                print(
+                    f"{name} batch {b}: int8 / ONNX Runtime fp32 "
+                    f"{s['ONNX Runtime int8'] / s['ONNX Runtime fp32']:.2f}x, int8 / eager fp32 "
+                    f"{s['ONNX Runtime int8'] / s['eager fp32']:.2f}x"
+                )
+    print(HEADER)
+    print("\n".join(rows))
+    if not args.no_write:
+        append_rows(args.output, rows)
+
+
+def append_rows(path: Path, rows: list[str]) -> None:
+    """Below the last row of the section's table, the section made when missing."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").splitlines()
+    if SECTION not in lines:
+        lines += ["", SECTION, "", "Rows appended by `scripts/benchmark_inference.py`.", "",
+                  *HEADER.splitlines()]  # fmt: skip
+    start = lines.index(SECTION)
+    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| date |"))
+    end = head + 1
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    lines[end + 1 : end + 1] = rows
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
