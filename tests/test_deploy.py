@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from torch import nn
 from resnet_train import cli
 from resnet_train.config import TASKS
 from resnet_train.data.cifar import read_class_names
-from resnet_train.deploy.evaluate import calibration, classification_metrics, collect_logits
+from resnet_train.deploy.evaluate import (
+    calibration,
+    classification_metrics,
+    collect_logits,
+    run_eval,
+)
 from resnet_train.deploy.fold import fold_batchnorm
 from resnet_train.deploy.source import adopt_config, given_keys, require
 from resnet_train.engine.trainer import fit
@@ -404,3 +410,31 @@ def test_qat_fine_tune_resumes_bit_identical_and_exports(tmp_path, trained):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     plain = create_model("resnet20", num_classes=10)
     plain.load_state_dict(a)
+    # task=eval tests it as its run did (fake-quantized), and reproduces the run's figure
+    args = ["task=eval", f"model.weights={tmp_path / 'whole' / 'best.pt'}"]
+    result = run_eval(compose_config(*args), tmp_path / "eval", args)
+    reported = json.loads((tmp_path / "whole" / "metrics.json").read_text())["test"]["acc"]
+    assert "trainer.qat" in result["from_checkpoint_run"] and result["top1"] == reported
+
+
+def test_a_bare_state_dict_is_evaluated_with_the_model_and_data_of_the_command_line(
+    trained, tmp_path
+):
+    """A torchvision-style .pth (no config inside) evaluates under the command line's settings;
+    given the run's settings, it scores what the run's checkpoint scores."""
+    state = torch.load(trained / "best.pt", weights_only=True)["model"]
+    torch.save(state, tmp_path / "resnet20.pth")
+    args = [*TINY, "task=eval", f"model.weights={tmp_path / 'resnet20.pth'}"]
+    bare = run_eval(compose_config(*args), tmp_path / "bare", args)
+    assert bare["from_checkpoint_run"] == []
+    reported = json.loads((trained / "metrics.json").read_text())["test"]["acc"]
+    assert bare["top1"] == reported and bare["images"] == 96
+
+
+def test_the_deploy_package_never_imports_the_training_engine():
+    code = (
+        "import sys, resnet_train.deploy.export, resnet_train.deploy.evaluate;"
+        "print([m for m in sys.modules if m.startswith('resnet_train.engine')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -193,7 +193,7 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
     if ex.format == "onnx":
         require("onnx", "export.format=onnx")
         require("onnxruntime", "export.format=onnx")
-    trained = load_trained(cfg, overrides)
+    trained = load_trained(cfg, overrides, fake_quant=False)
     cfg = trained.cfg
     model = trained.model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     folded, report = fold_batchnorm(model)

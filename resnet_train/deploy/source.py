@@ -25,13 +25,14 @@ from torch import nn
 from resnet_train.config import flatten, validate
 from resnet_train.errors import MissingDependencyError
 from resnet_train.models.build import build_model
+from resnet_train.models.qat import prepare_qat
 from resnet_train.models.weights import WeightsFile, load_state, read_weights
 
 log = logging.getLogger("resnet_train")
 
 # The settings a checkpoint's own run decides, unless given on the command line.
 ADOPTED_SECTIONS = ("model", "data")
-ADOPTED_KEYS = ("seed", "trainer.precision", "trainer.channels_last")
+ADOPTED_KEYS = ("seed", "trainer.precision", "trainer.channels_last", "trainer.qat")
 # Where this machine keeps things: never taken from the checkpoint.
 LOCAL_KEYS = ("model.weights", "data.root", "data.download", "data.num_workers")
 _ABSENT = object()
@@ -100,9 +101,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_trained(cfg: DictConfig, overrides: list[str]) -> Trained:
+def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True) -> Trained:
     """Read model.weights, settle the config it runs under, build the model and load it strictly
-    (a classifier of another size is an error here, not a fine-tuning start)."""
+    (a classifier of another size is an error here, not a fine-tuning start). The model of a
+    quantization-aware run (trainer.qat=true) fake-quantizes, as it did when its run tested it,
+    unless fake_quant=False (the export, whose int8 model quantizes for real)."""
     weights = read_weights(cfg.model.weights)
     adopted: list[str] = []
     if weights.config is not None:
@@ -110,6 +113,10 @@ def load_trained(cfg: DictConfig, overrides: list[str]) -> Trained:
         validate(cfg)
     model = build_model(_without_weights(cfg))
     load_state(model, weights, replace_classifier=False)
+    if fake_quant and cfg.trainer.qat:
+        prepare_qat(model)
+        log.info("trainer.qat=true: evaluated with fake int8 quantization, as trained "
+                 "(trainer.qat=false for the float model)")  # fmt: skip
     device = resolve_device(cfg.trainer.device)
     channels_last = (
         cfg.trainer.channels_last
