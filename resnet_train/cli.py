@@ -115,6 +115,7 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
 
 
 def _check_deploy_run_dir(task: str, run_dir: Path, own_record: bool = True) -> None:
+    """A task's directory is its own: not a training run's, not another task's."""
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
@@ -123,12 +124,13 @@ def _check_deploy_run_dir(task: str, run_dir: Path, own_record: bool = True) -> 
             f"{run_dir} holds a training run; task={task} writes into a directory of its own: "
             "give another name="
         )
-    record = DEPLOY_RECORDS[task]
-    if own_record and (run_dir / record).exists():
-        raise RunDirError(
-            f"{run_dir} already holds the {record} of an earlier task={task}; give another "
-            "name= or remove that directory"
-        )
+    for other, record in DEPLOY_RECORDS.items():
+        if (run_dir / record).exists():
+            earlier = "an earlier" if other == task else "a"
+            raise RunDirError(
+                f"{run_dir} already holds the {record} of {earlier} task={other}; give another "
+                "name= or remove that directory"
+            )
 
 
 def _check_steps(cfg: DictConfig) -> None:
@@ -143,6 +145,14 @@ def _check_steps(cfg: DictConfig) -> None:
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
+    from resnet_train.errors import RunDirError
+
+    for task, record in DEPLOY_RECORDS.items():
+        if (run_dir / record).exists():
+            raise RunDirError(
+                f"{run_dir} holds the {record} of a task={task}, not a training run; give "
+                "another name="
+            )
 
     if cfg.resume is None and not any((run_dir / n).exists() for n in CHECKPOINT_NAMES):
         return

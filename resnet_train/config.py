@@ -313,7 +313,8 @@ EXPORT_FORMATS = ("onnx", "pt2")
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as typed: true
+        raise ConfigError(f"{key}={shown} is invalid: {allowed}")
 
 
 def _one_of(key: str, value: Any, choices: tuple[str, ...] | list[str]) -> None:
@@ -583,7 +584,7 @@ def _check_deploy(cfg: DictConfig) -> None:
     """The keys of task=eval and task=export, and QAT's."""
     ev, ex = cfg.eval, cfg.export
     _one_of("eval.split", ev.split, SPLITS)
-    _at_least("eval.calibration_bins", ev.calibration_bins, 1)
+    _within("eval.calibration_bins", ev.calibration_bins, "[1, 1000]")
     _one_of("export.format", ex.format, EXPORT_FORMATS)
     _optional("export.quantize", ex.quantize, _one_of, ("int8",))
     _check(

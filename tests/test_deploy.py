@@ -438,3 +438,59 @@ def test_the_deploy_package_never_imports_the_training_engine():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_calibration_bins_are_closed_on_the_right():
+    """A confidence on an edge belongs to the bin below it: (0, 1/3], (1/3, 2/3], (2/3, 1]."""
+    _, bins = calibration(torch.tensor([0.5, 1.0, 1 / 3]), torch.tensor([True, True, False]), 3)
+    assert [b["count"] for b in bins] == [1, 1, 1]
+
+
+def test_a_prediction_of_a_class_the_data_lacks_is_wrong_everywhere():
+    """model.num_classes > data.num_classes: the extra outputs are an "other" column."""
+    logits = torch.tensor([[0.0, 0, 0, 9], [0, 9, 0, 0], [0, 0, 9, 0]])
+    m = classification_metrics(logits, torch.tensor([2, 1, 2]), ["a", "b", "c"], 15)
+    assert m["top1"] == pytest.approx(200 / 3)
+    assert m["per_class_accuracy"] == {"a": None, "b": 100.0, "c": 50.0}
+    assert m["confusion"].tolist() == [[0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize(
+    "record, args, message",
+    [
+        ("export.json", ["task=eval", "model.weights=WEIGHTS"], "export.json of a task=export"),
+        ("eval.json", ["task=export", "model.weights=WEIGHTS"], "eval.json of a task=eval"),
+        ("eval.json", TINY, "holds the eval.json of a task=eval, not a training run"),
+    ],
+)
+def test_a_task_never_writes_into_another_tasks_directory(
+    trained, record, args, message, monkeypatch, capsys
+):
+    work = trained.parents[1]
+    monkeypatch.chdir(work)
+    folder = work / "outputs" / f"taken-{record}"
+    folder.mkdir(exist_ok=True)
+    (folder / record).write_text("{}\n")
+    args = [a.replace("WEIGHTS", str(trained / "best.pt")) for a in args]
+    monkeypatch.setattr(sys, "argv", ["resnet-train", *args, f"name=taken-{record}"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err, err
+    assert sorted(p.name for p in folder.iterdir()) == [record]
+
+
+@pytest.mark.slow
+def test_an_export_stopped_at_its_last_step_leaves_no_file(trained, tmp_path, monkeypatch):
+    """Ctrl-C during the int8 step: the checked fp32 file is not put in place either."""
+    from resnet_train.deploy import export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "quantize_int8", interrupted)
+    args = ["task=export", f"model.weights={trained / 'best.pt'}", "export.quantize=int8"]
+    with pytest.raises(KeyboardInterrupt):
+        export.run_export(compose_config(*args), tmp_path / "ex", args)
+    assert list((tmp_path / "ex").iterdir()) == []

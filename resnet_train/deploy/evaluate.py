@@ -65,7 +65,7 @@ def calibration(
 ) -> tuple[float, list[dict[str, float]]]:
     """Expected calibration error (in %) over `bins` equal-width bins of (0, 1], and the bins."""
     edges = torch.linspace(0, 1, bins + 1)
-    which = torch.bucketize(confidence, edges[1:-1], right=True)  # bin i holds (e_i, e_i+1]
+    which = torch.bucketize(confidence, edges[1:-1])  # bin i holds (e_i, e_i+1]
     n = len(confidence)
     ece, table = 0.0, []
     for i in range(bins):
@@ -82,14 +82,18 @@ def calibration(
 def classification_metrics(
     logits: torch.Tensor, labels: torch.Tensor, names: list[str], bins: int = 15
 ) -> dict[str, Any]:
-    """The figures of eval.json (accuracies and ECE in %)."""
-    n, classes = logits.shape
-    k = min(5, classes)
+    """The figures of eval.json (accuracies and ECE in %). A model with more outputs than the
+    data has classes (model.num_classes > data.num_classes) may predict a class the data lacks:
+    such predictions are wrong, counted in the confusion matrix's last column, "other"."""
+    n, outputs = logits.shape
+    classes = len(names)
+    k = min(5, outputs)
     top = logits.topk(k, dim=1).indices
     predicted = top[:, 0]
     correct = predicted == labels
-    confusion = torch.zeros(len(names), len(names), dtype=torch.long)
-    confusion.index_put_((labels, predicted.clamp(max=len(names) - 1)), torch.ones(n).long(),
+    columns = classes + (1 if outputs > classes else 0)
+    confusion = torch.zeros(classes, columns, dtype=torch.long)
+    confusion.index_put_((labels, predicted.clamp(max=columns - 1)), torch.ones(n).long(),
                          accumulate=True)  # fmt: skip
     per_class_total = confusion.sum(1)
     per_class = {
@@ -102,13 +106,18 @@ def classification_metrics(
         "images": n,
         "loss": float(nn.functional.cross_entropy(logits, labels)),
         "top1": 100 * int(correct.sum()) / n,
-        # top-5, or top-k of all k classes where a data set has fewer than 5
+        # top-5, or top-k of all k outputs where a model has fewer than 5
         "top5": 100 * int((top == labels[:, None]).any(1).sum()) / n,
         "ece": ece,
         "per_class_accuracy": per_class,
         "calibration_bins": bin_table,
         "confusion": confusion,
     }
+
+
+def predicted_names(names: list[str], confusion: torch.Tensor) -> list[str]:
+    """The confusion matrix's column names: the classes, and "other" where it has that column."""
+    return names + ["other"] * (confusion.shape[1] - len(names))
 
 
 def confusion_figure(confusion: torch.Tensor, names: list[str], title: str) -> Any:
@@ -119,7 +128,7 @@ def confusion_figure(confusion: torch.Tensor, names: list[str], title: str) -> A
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    c = len(names)
+    c, columns = len(names), predicted_names(names, confusion)
     rows = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1) * 100
     side = min(max(6.0, 0.32 * c + 2.5), 30.0)
     fig, ax = plt.subplots(figsize=(side, side * 0.9), dpi=100)
@@ -127,11 +136,11 @@ def confusion_figure(confusion: torch.Tensor, names: list[str], title: str) -> A
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="% of the true class")
     if c <= MAX_LABELLED_CLASSES:
         size = 10 if c <= 20 else max(4, 9 - c // 20)
-        ax.set_xticks(range(c), names, rotation=90, fontsize=size)
+        ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=size)
         ax.set_yticks(range(c), names, fontsize=size)
     if c <= 20:
         for i in range(c):
-            for j in range(c):
+            for j in range(len(columns)):
                 value = int(confusion[i, j])
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
                         color="white" if rows[i, j] > 50 else "black")  # fmt: skip
@@ -175,7 +184,7 @@ def write_confusion_csv(path: Path, confusion: torch.Tensor, names: list[str]) -
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["true \\ predicted", *names])
+        writer.writerow(["true \\ predicted", *predicted_names(names, confusion)])
         for name, row in zip(names, confusion.tolist(), strict=True):
             writer.writerow([name, *row])
     os.replace(tmp, path)
@@ -230,7 +239,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
             writer.add_scalar(f"eval/{split}/{key}", figures[key], 0)
     writer.close()
 
-    reported = training_report(trained, split)
+    # (flip TTA is not what the run tested)
+    reported = None if cfg.eval.tta else training_report(trained, split)
     result = {
         "weights": str(trained.weights.path),
         "sha256": trained.sha256,

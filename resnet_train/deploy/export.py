@@ -121,14 +121,25 @@ def quiet_exporters() -> Iterator[None]:
     de-duplicated initializer): warnings and errors only."""
     names = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export")
     loggers = [logging.getLogger(n) for n in names]
+    # ONNX Runtime's quantization also warns through the root logger, once per BatchNorm left in
+    # a pre-activation net ("Axis 1 is out-of-range for weight ..."): it keeps those layers in
+    # float, as it should.
+    root = logging.getLogger()
+    root.addFilter(_drop_batchnorm_axis_warnings)
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
+        root.removeFilter(_drop_batchnorm_axis_warnings)
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def _drop_batchnorm_axis_warnings(record: logging.LogRecord) -> bool:
+    return not ("is out-of-range for weight" in record.getMessage() and "onnxruntime"
+                in record.pathname)  # fmt: skip
 
 
 def _write_onnx(folded, trained, meta, example, tmp: Path) -> dict[str, Any]:
@@ -207,10 +218,23 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
         want = model(images)
         fold_error = relative_error(folded(images), want)
 
+    if len(images) < ex.check_images:
+        log.info("export.check_images=%d: the test split has %d images; all are used",
+                 ex.check_images, len(images))  # fmt: skip
+
+    # Every file is written under a temporary name and put in place only when all of them are
+    # written and checked (export.json last): a failed or interrupted export leaves none.
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"model.{ex.format}"
-    tmp = run_dir / f".model.{os.getpid()}.tmp.{ex.format}"
+    staged: dict[Path, Path] = {}  # final name -> temporary file
+
+    def stage(name: str) -> Path:
+        stem, suffix = os.path.splitext(name)  # the suffix kept: the writers go by it
+        staged[run_dir / name] = run_dir / f".{stem}.{os.getpid()}.tmp{suffix}"
+        return staged[run_dir / name]
+
     try:
+        tmp = stage(final.name)
         if ex.format == "onnx":
             graph = _write_onnx(folded, trained, meta, images[:2], tmp)
         else:
@@ -226,62 +250,61 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
                 f"{len(images)} test images: relative error {worst:.2e} > "
                 f"export.check_tolerance={ex.check_tolerance:g}; nothing written"
             )
-        os.replace(tmp, final)
+        runtime = "ONNX Runtime" if ex.format == "onnx" else "torch.export.load"
+        log.info(
+            "%s: %s gives PyTorch's logits on %d test images within a relative error of %.1e "
+            "(batch %d) and %.1e (batch 1), tolerance %.0e",
+            final.name, runtime, len(images), errors[len(images)], len(images), errors[1],
+            ex.check_tolerance,
+        )  # fmt: skip
+        if graph.get("fused_conv"):
+            log.info("ONNX Runtime fuses %d Conv+ReLU pairs into FusedConv (%d nodes after its "
+                     "optimisation)", graph["fused_conv"], graph["onnx_runtime_nodes"])  # fmt: skip
+        result: dict[str, Any] = {
+            "format": ex.format,
+            "file": str(final),
+            "bytes": tmp.stat().st_size,
+            "sha256": file_sha256(tmp),
+            "fold": {**report.__dict__, "relative_error": fold_error},
+            "check": {
+                "images": len(images),
+                "relative_error": {str(k): v for k, v in errors.items()},
+                "tolerance": ex.check_tolerance,
+                "runtime": runtime,
+            },
+            "graph": graph,
+            "metadata": meta,
+        }
+        if ex.quantize == "int8":
+            int8 = stage("model.int8.onnx")
+            result["int8"] = _export_int8(trained, tmp, int8, images)
+            result["int8"]["file"] = str(run_dir / "model.int8.onnx")
+        write_json(stage("export.json"), result)
+        for name, written in staged.items():  # export.json last: the record of a whole export
+            os.replace(written, name)
     finally:
-        tmp.unlink(missing_ok=True)
-    runtime = "ONNX Runtime" if ex.format == "onnx" else "torch.export.load"
-    log.info(
-        "wrote %s (%.2f MB); checked: %s gives PyTorch's logits on %d test images within a "
-        "relative error of %.1e (batch %d) and %.1e (batch 1), tolerance %.0e",
-        final, final.stat().st_size / 1e6, runtime, len(images), errors[len(images)],
-        len(images), errors[1], ex.check_tolerance,
-    )  # fmt: skip
-    if graph.get("fused_conv"):
-        log.info("ONNX Runtime fuses %d Conv+ReLU pairs into FusedConv (%d nodes after its "
-                 "optimisation)", graph["fused_conv"], graph["onnx_runtime_nodes"])  # fmt: skip
-    result: dict[str, Any] = {
-        "format": ex.format,
-        "file": str(final),
-        "bytes": final.stat().st_size,
-        "sha256": file_sha256(final),
-        "fold": {**report.__dict__, "relative_error": fold_error},
-        "check": {
-            "images": len(images),
-            "relative_error": {str(k): v for k, v in errors.items()},
-            "tolerance": ex.check_tolerance,
-            "runtime": runtime,
-        },
-        "graph": graph,
-        "metadata": meta,
-    }
-    if ex.quantize == "int8":
-        result["int8"] = _export_int8(trained, final, images, run_dir)
-    write_json(run_dir / "export.json", result)
+        for written in staged.values():
+            written.unlink(missing_ok=True)
+    log.info("wrote %s", ", ".join(f"{p} ({p.stat().st_size / 1e6:.2f} MB)" for p in staged))
     return result
 
 
-def _export_int8(trained: Trained, fp32: Path, images: torch.Tensor, run_dir: Path) -> dict:
+def _export_int8(trained: Trained, fp32: Path, out: Path, images: torch.Tensor) -> dict:
     ex, split = trained.cfg.export, trained.cfg.eval.split
-    final = run_dir / "model.int8.onnx"
-    tmp = run_dir / f".model.int8.{os.getpid()}.tmp.onnx"
     calibrated = min(ex.calibration_images, _split_size(trained, "train"))
     calibration = (x for x, _ in _batches(trained, "train", calibrated))
-    try:
-        quantize_int8(fp32, tmp, calibration, INPUT)
-        fp32_logits = onnx_session(fp32).run(None, {INPUT: images.numpy()})[0]
-        int8_logits = onnx_session(tmp).run(None, {INPUT: images.numpy()})[0]
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    quantize_int8(fp32, out, calibration, INPUT)
+    fp32_logits = onnx_session(fp32).run(None, {INPUT: images.numpy()})[0]
+    int8_logits = onnx_session(out).run(None, {INPUT: images.numpy()})[0]
     agreement = 100 * float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())
     fp32_top1, n = onnx_accuracy(fp32, trained, split)
-    int8_top1, _ = onnx_accuracy(final, trained, split)
+    int8_top1, _ = onnx_accuracy(out, trained, split)
     log.info(
-        "wrote %s (%.2f MB): int8 weights and activations, calibrated on %d training images; "
-        "on %s (%d images) top-1 %.2f%% against fp32's %.2f%% (%+.2f points); on the %d check "
-        "images it predicts fp32's class for %.1f%%",
-        final, final.stat().st_size / 1e6, calibrated, split, n, int8_top1,
-        fp32_top1, int8_top1 - fp32_top1, len(images), agreement,
+        "model.int8.onnx (%.2f MB): int8 weights and activations, calibrated on %d training "
+        "images; on %s (%d images) top-1 %.2f%% against fp32's %.2f%% (%+.2f points); on the %d "
+        "check images it predicts fp32's class for %.1f%%",
+        out.stat().st_size / 1e6, calibrated, split, n, int8_top1, fp32_top1,
+        int8_top1 - fp32_top1, len(images), agreement,
     )  # fmt: skip
     if fp32_top1 - int8_top1 > 1.0:
         log.warning(
@@ -290,9 +313,8 @@ def _export_int8(trained: Trained, fp32: Path, images: torch.Tensor, run_dir: Pa
             fp32_top1 - int8_top1, trained.weights.path,
         )  # fmt: skip
     return {
-        "file": str(final),
-        "bytes": final.stat().st_size,
-        "sha256": file_sha256(final),
+        "bytes": out.stat().st_size,
+        "sha256": file_sha256(out),
         "calibration_images": calibrated,
         "split": split,
         "images": n,
