@@ -159,8 +159,9 @@ def test_fake_quantized_weights_take_at_most_255_levels_per_channel_and_pass_gra
 def test_qat_model_keeps_its_names_and_loads_into_the_plain_model():
     plain = create_model("resnet20", num_classes=10)
     model = create_model("resnet20", num_classes=10)
-    assert prepare_qat(model) == 20  # 19 convs and the classifier
-    assert isinstance(model.conv1, FakeQuantConv2d)
+    assert prepare_qat(model) == 19  # 18 convs (not the stem) and the classifier
+    assert isinstance(model.layer1[0].conv1, FakeQuantConv2d)
+    assert type(model.conv1) is nn.Conv2d  # the stem stays in float, as in the int8 export
     assert model.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(model.state_dict())
     images = real_images(4)

@@ -10,8 +10,10 @@ the int8 model gets. The activation ranges are each batch's own: no observer sta
 resumed run stays bit-identical; the int8 export calibrates its ranges on training images as
 post-training quantization does.
 
-The layers keep their class's parameters and state-dict names (only their forward changes), so
-a QAT checkpoint loads into the plain model.
+The stem conv (`conv1`, the one that reads the image) stays in float, as the int8 export
+leaves it (see resnet_train/deploy/quantize.py for why). The layers keep their class's
+parameters and state-dict names (only their forward changes), so a QAT checkpoint loads into
+the plain model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 
 WEIGHT_RANGE = (-127, 127)
 ACTIVATION_RANGE = (0, 255)
+# The conv that reads the image: left in float by the int8 export, and so here.
+STEM_CONV = "conv1"
 
 
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -56,10 +60,12 @@ class FakeQuantLinear(nn.Linear):
 
 
 def prepare_qat(model: nn.Module) -> int:
-    """Switch every nn.Conv2d and nn.Linear of `model` to fake quantization, in place (same
-    parameters, same names); returns how many layers were switched."""
+    """Switch every nn.Conv2d and nn.Linear of `model` but the stem conv to fake quantization,
+    in place (same parameters, same names); returns how many layers were switched."""
     switched = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if name == STEM_CONV:
+            continue
         if type(module) is nn.Conv2d:
             module.__class__ = FakeQuantConv2d
             switched += 1
