@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from resnet_train.config import flatten
 from resnet_train.data.loaders import build_eval_loader, class_names
-from resnet_train.deploy.source import Trained, load_trained
+from resnet_train.deploy.source import LOCAL_KEYS, Trained, load_trained
 from resnet_train.logging import progress_bar, tensorboard_writer
 from resnet_train.precision import autocast
 
@@ -190,11 +191,25 @@ def write_confusion_csv(path: Path, confusion: torch.Tensor, names: list[str]) -
     os.replace(tmp, path)
 
 
+def split_changes(trained: Trained) -> list[str]:
+    """The data settings (and seed) in which this evaluation differs from the run that made the
+    checkpoint ("data.test_size: 2000 -> None"); empty when the same images are evaluated."""
+    saved = trained.weights.config or {}
+    current = {"data": OmegaConf.to_container(trained.cfg.data), "seed": trained.cfg.seed}
+    old = flatten({"data": saved.get("data", {}), "seed": saved.get("seed")})
+    new = flatten(current)
+    return [
+        f"{key}: {old.get(key)} -> {new.get(key)}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in LOCAL_KEYS and old.get(key) != new.get(key)
+    ]
+
+
 def training_report(trained: Trained, split: str) -> float | None:
     """The test accuracy the training run reported for this very file, where it said one."""
     path = trained.weights.path
     metrics = path.parent / "metrics.json"
-    if split != "test" or not metrics.is_file():
+    if split != "test" or trained.weights.config is None or not metrics.is_file():
         return None
     try:
         data = json.loads(metrics.read_text())
@@ -251,6 +266,8 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
         "precision": cfg.trainer.precision,
         **figures,
         "training_reported_test_acc": reported,
+        # where the evaluated images are not the run's test images: the settings that differ
+        "data_differs_from_the_run": split_changes(trained) if reported is not None else [],
         "seconds": seconds,
         "images_per_s": figures["images"] / seconds if seconds > 0 else None,
         "from_checkpoint_run": trained.adopted,
@@ -264,13 +281,14 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
         figures["ece"],
     )  # fmt: skip
     if reported is not None:
-        same = "the same" if math.isclose(reported, figures["top1"]) else "it differs"
-        log.info(
-            "training reported test acc %.2f%% for %s: %s",
-            reported,
-            trained.weights.path.name,
-            same,
-        )
+        changes = split_changes(trained)
+        if changes:
+            log.info("training reported test acc %.2f%% for %s on other images (%s)", reported,
+                     trained.weights.path.name, "; ".join(changes))  # fmt: skip
+        else:
+            same = "the same" if math.isclose(reported, figures["top1"]) else "it differs"
+            log.info("training reported test acc %.2f%% for %s: %s", reported,
+                     trained.weights.path.name, same)  # fmt: skip
     worst = sorted((v, k) for k, v in figures["per_class_accuracy"].items() if v is not None)[:3]
     log.info("lowest per-class accuracy: %s", ", ".join(f"{k} {v:.1f}%" for v, k in worst))
     log.info("wrote %s: eval.json, confusion_matrix.csv, confusion_matrix.png, reliability.png",
