@@ -73,3 +73,37 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
         assert results[name]["trainer_images_per_s"] > 0 and results[name]["exit"] == 0
     rows = (out / "benchmark-rows.md").read_text().splitlines()
     assert len(rows) == 3 and all(row.startswith(f"| {results['date']} |") for row in rows)
+
+
+@pytest.mark.slow
+def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_path):
+    table = tmp_path / "BENCHMARKS.md"
+    table.write_text("# Benchmarks\n\n| date | a |\n| --- | --- |\n| x | 1 |\n")
+    args = [
+        sys.executable,
+        "scripts/benchmark_inference.py",
+        "--models",
+        "resnet20",
+        "--batches",
+        "1",
+        "4",
+        "--seconds",
+        "0.05",
+        "--skip-compile",
+        "--output",
+        str(table),
+    ]
+    for _ in range(2):  # the second run appends below the first one's rows
+        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert "int8 / ONNX Runtime fp32" in result.stdout
+    lines = table.read_text().splitlines()
+    assert lines[:5] == ["# Benchmarks", "", "| date | a |", "| --- | --- |", "| x | 1 |"]
+    rows = [line for line in lines if "| resnet20 |" in line]
+    variants = ["eager fp32", "eager channels_last", "eager BN folded", "ONNX Runtime fp32",
+                "ONNX Runtime int8"]  # fmt: skip
+    assert [row.split(" | ")[5] for row in rows] == variants * 2
+    for row in rows:
+        cells = row.split(" | ")
+        assert float(cells[6]) > 0 and cells[8].startswith("4: ")
+    assert lines.count("## Inference on the CPU") == 1
