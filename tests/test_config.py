@@ -57,7 +57,7 @@ def test_experiment_overrides_groups():
         ("data.augment.crop=zoom", "data.augment.crop='zoom' is invalid"),
         ("model.shortcut=C", "model.shortcut='C' is invalid: allowed: A, B, none"),
         ("model.dropout=1.0", "model.dropout=1.0 is invalid: must be in [0, 1)"),
-        ("task=eval", "task='eval' is invalid: allowed: train, summary"),
+        ("task=deploy", "task='deploy' is invalid: allowed: train, summary, eval, export"),
         ("seed=-1", "seed=-1 is invalid: must be in [0, 4294967295]"),
         ("seed=99999999999", "seed=99999999999 is invalid: must be in [0, 4294967295]"),
         ("optim.lr=inf", "optim.lr=inf is invalid: must be a finite number"),
@@ -216,11 +216,11 @@ DISAGREEING = {
     ),
     "momentum cycled by a schedule that does not": (
         ["schedule.cycle_momentum=true"],
-        "schedule.cycle_momentum=True is invalid: only schedule=onecycle cycles the momentum",
+        "schedule.cycle_momentum=true is invalid: only schedule=onecycle cycles the momentum",
     ),
     "momentum cycled without momentum": (
         ["schedule=onecycle", "optim.momentum=0", "schedule.cycle_momentum=true"],
-        "schedule.cycle_momentum=True is invalid: needs a momentum to cycle",
+        "schedule.cycle_momentum=true is invalid: needs a momentum to cycle",
     ),
 }
 
