@@ -520,3 +520,27 @@ def test_trainer_compile_runs_with_inductor(tmp_path, caplog):
         metrics = fit(cfg, tmp_path)
     assert metrics["epochs_done"] == 2 and math.isfinite(metrics["train"]["loss"])
     assert any("s compiling (" in r.message for r in caplog.records)
+
+
+def test_the_step_makes_its_loss_from_images_outputs_and_labels_in_one_place():
+    """Training.objective sees exactly the (mixed) images the model saw, its outputs and the
+    (soft) labels; its value is the loss the step backpropagates and reports."""
+    torch.manual_seed(0)
+    seen = []
+
+    def objective(images, outputs, labels):
+        seen.append((images.clone(), outputs.detach().clone(), labels.clone()))
+        return 2 * nn.functional.cross_entropy(outputs, labels)
+
+    t = make_training(tiny_net())
+    t.objective = objective
+    t.mixer = build_batch_mixer(AugmentConfig(mixup_alpha=0.4), 10)
+    loader = DataLoader(toy_data(16), batch_size=8)
+    stats = train_one_epoch(t, loader, "test")
+    assert len(seen) == 2
+    for images, outputs, labels in seen:
+        assert images.shape == (8, 3, 8, 8) and labels.shape == (8, 10)  # mixed: soft labels
+        assert outputs.shape == (8, 10)
+    # the reported loss is the objective's: twice the cross-entropy, averaged over the batches
+    losses = [2 * nn.functional.cross_entropy(o, y).item() for _, o, y in seen]
+    assert stats.loss == pytest.approx(sum(losses) / 2, rel=1e-5)

@@ -166,6 +166,12 @@ class Training:
     # Under torchrun: the DistributedDataParallel wrapper of `model` and this process's place.
     ddp: nn.Module | None = None
     dist: Dist = field(default_factory=Dist)
+    # The training loss from (images, outputs, labels); by default the criterion's on the labels.
+    objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = LabelLoss(self.criterion)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -192,6 +198,21 @@ def build_criterion(label_smoothing: float) -> nn.Module:
     """Training loss: cross-entropy on int labels, or on the soft labels of MixUp / CutMix, with
     label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution."""
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+class LabelLoss:
+    """The training objective of a plain run: the criterion on the outputs and the labels (MixUp's
+    and CutMix's soft labels included). The step makes its loss in one call,
+    objective(images, outputs, labels), so that an objective that needs the images (a teacher's
+    view of them, for distillation) is another objective, not another branch of the step."""
+
+    def __init__(self, criterion: nn.Module) -> None:
+        self.criterion = criterion
+
+    def __call__(
+        self, images: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self.criterion(outputs, labels)
 
 
 def _log_grad_norms(t: Training) -> None:
@@ -336,7 +357,7 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
         with sync:
             with autocast(t.device, cfg.precision):
                 outputs = (t.forward if t.forward is not None else model)(images)
-                loss = t.criterion(outputs, labels)
+                loss = t.objective(images, outputs, labels)
             t.scaler.scale(loss / group_size).backward()
         loss = loss.detach().float()
         group_loss += loss / group_size
@@ -434,6 +455,9 @@ class _Run:
         self.best_valid: dict[str, Any] | None = None
         self.signals: StopSignals | None = None
         self.history: list[dict[str, Any]] = []  # one record per finished epoch
+        self.loaders: Any = None  # the run's Loaders
+        self.point: ResumePoint | None = None  # where it resumed from
+        self.start_batch = 0  # the batch of its first epoch it resumed at
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
@@ -601,6 +625,8 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 
 def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[str, Any]:
+    """The story of a run: build it (or find it finished), say what it will do, train its
+    epochs, test the selected weights, write metrics.json."""
     wall_start = time.perf_counter()
     tc = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -618,6 +644,38 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
                 f"trainer.epochs={tc.epochs}; raise trainer.epochs to train further"
             )
 
+    run = _build_run(cfg, run_dir, d, device, point)
+    _describe(run)
+    t = run.t
+    # A resumed run appends to the same event files; steps after its checkpoint are dropped.
+    if d.main:
+        # (A run started afresh purges from step 1: what a run killed before its first
+        # checkpoint logged.)
+        t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1)
+    else:
+        t.writer = NullWriter()
+    t.on_step = run.after_step
+    try:
+        with StopSignals() as signals:
+            run.signals = signals
+            epochs = _train_epochs(run)
+            tested = _final_test(run, epochs.run)
+    except Preempted as stop:
+        log.info("%s", stop)
+        if cfg.trainer.requeue:
+            requeue_slurm_job()
+        raise
+    finally:
+        t.writer.close()
+    return _write_metrics(run, epochs, tested, wall_start)
+
+
+def _build_run(
+    cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device, point: ResumePoint | None
+) -> _Run:
+    """Data, model, optimizer, schedule and their state (restored from `point` when resuming),
+    wrapped for DDP and torch.compile as asked."""
+    tc = cfg.trainer
     seed_everything(cfg.seed, tc.deterministic)
     channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -636,7 +694,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         np.random.seed(cfg.seed + d.rank)
         random.seed(cfg.seed + d.rank)
     plan = plan_steps(cfg, len(loaders.train.dataset), d.world)
-    global_batch, lr, steps_per_epoch = plan.global_batch, plan.lr, plan.steps_per_epoch
+    lr, steps_per_epoch = plan.lr, plan.steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model, lr)
     t = Training(
         model=model,
@@ -681,6 +739,15 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     if tc.compile:
         t.forward, t.compiled = torch.compile(t.ddp or model), True
 
+    run.loaders, run.point, run.start_batch = loaders, point, start_batch
+    return run
+
+
+def _describe(run: _Run) -> None:
+    """The log lines that say what the run is about to do."""
+    cfg, tc, t, plan, loaders = run.cfg, run.cfg.trainer, run.t, run.plan, run.loaders
+    d, device, model, optimizer, run_dir = t.dist, t.device, t.model, t.optimizer, run.run_dir
+    global_batch, lr, steps_per_epoch = plan.global_batch, plan.lr, plan.steps_per_epoch
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s (%.2fM parameters) on %s, %d training / %d validation / %d test images, device %s, "
@@ -721,150 +788,171 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         log.info("DDP: %d process(es), %s backend", d.world, torch.distributed.get_backend())
     log.info("run directory: %s", run_dir)
 
-    # A resumed run appends to the same event files; steps after its checkpoint are dropped.
-    if d.main:
-        # (A run started afresh purges from step 1: what a run killed before its first
-        # checkpoint logged.)
-        t.writer = tensorboard_writer(run_dir, purge_step=t.global_step + 1)
-    else:
-        t.writer = NullWriter()
+
+@dataclass
+class _Epochs:
+    """What the epoch loop leaves for the metrics: the last epoch's training figures, each
+    epoch's images/s, how many epochs this process ran, and why it stopped early (if it did)."""
+
+    run: int = 0
+    train_stats: EpochStats | None = None
+    throughputs: list[float] = field(default_factory=list)
+    stop_reason: str | None = None
+
+
+def _train_epochs(run: _Run) -> _Epochs:
+    """Train from where the run stands to trainer.epochs (or an early stop): each epoch trains,
+    validates, checkpoints and answers a stop signal; raises Preempted on one."""
+    cfg, tc, t, plan, loaders = run.cfg, run.cfg.trainer, run.t, run.plan, run.loaders
+    d, device, model, optimizer, monitor = t.dist, t.device, t.model, t.optimizer, run.monitor
+    run_dir, start_batch = run.run_dir, run.start_batch
     progress = tc.progress if d.main else False
-    t.on_step = run.after_step
     epochs = tc.epochs
-    throughputs = []
-    train_stats = None
-    epochs_run = 0
-    stop_reason = monitor.reason() if point is not None and monitor.should_stop else None
-    try:
-        with StopSignals() as signals:
-            run.signals = signals
-            for epoch in range(run.epoch, epochs):
-                if stop_reason:
-                    break
-                tag = f"epoch {epoch + 1}/{epochs}"
-                # A stop after an epoch's last step resumes at its end: the last batch may be
-                # short, so the position is capped at the epoch's size.
-                start = min(start_batch * cfg.data.batch_size, plan.shard_images)
-                loaders.train.sampler.set_epoch(epoch, start=start)
-                if not start_batch:
-                    t.sums = EpochSums.zeros(device)
-                    t.sums.lr = optimizer.param_groups[0]["lr"]
-                start_batch = 0
-                lr_now = t.sums.lr if t.sums.lr is not None else optimizer.param_groups[0]["lr"]
-                train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
-                if d.enabled:
-                    distributed.broadcast_buffers(model)
-                    if t.ema is not None:
-                        distributed.broadcast_buffers(t.ema)
-                compile_seconds = t.warmup_seconds
-                if t.warmup_seconds:
-                    log.info(
-                        "torch.compile: %.1f s compiling (%d images) left out of the epoch time "
-                        "and images/s", t.warmup_seconds, train_stats.untimed_images,
-                    )  # fmt: skip
-                    t.warmup_seconds = 0.0
-                if not t.step_schedule_per_batch:
-                    with warnings.catch_warnings():
-                        # A run resumed after an epoch's last step steps the schedule before
-                        # this process has stepped the optimizer: in order, as torch wants.
-                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
-                        t.scheduler.step()
-                epochs_run += 1
-                throughputs.append(train_stats.images_per_s)
-                line = (
-                    f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
-                    f"{train_stats.images_per_s:.0f} img/s {train_stats.seconds:.1f} s"
-                )
-                w, e, step = t.writer, epoch + 1, t.global_step
-                w.add_scalar("epoch", e, step)
-                w.add_scalar("train/loss", train_stats.loss, step)
-                w.add_scalar("train/acc", train_stats.acc, step)
-                w.add_scalar("train/images_per_s", train_stats.images_per_s, step)
-                w.add_scalar("train/epoch_time_s", train_stats.seconds, step)
-                record = {
-                    "epoch": e,
-                    "lr": lr_now,
-                    "train_loss": train_stats.loss,
-                    "train_acc": train_stats.acc,
-                    "train_seconds": train_stats.seconds,
-                    "compile_seconds": compile_seconds,
-                    "images_per_s": train_stats.images_per_s,
-                }
+    out = _Epochs()
+    throughputs = out.throughputs
+    stop_reason = monitor.reason() if run.point is not None and monitor.should_stop else None
+    epochs_run, train_stats = 0, None
+    for epoch in range(run.epoch, epochs):
+        if stop_reason:
+            break
+        tag = f"epoch {epoch + 1}/{epochs}"
+        # A stop after an epoch's last step resumes at its end: the last batch may be
+        # short, so the position is capped at the epoch's size.
+        start = min(start_batch * cfg.data.batch_size, plan.shard_images)
+        loaders.train.sampler.set_epoch(epoch, start=start)
+        if not start_batch:
+            t.sums = EpochSums.zeros(device)
+            t.sums.lr = optimizer.param_groups[0]["lr"]
+        start_batch = 0
+        lr_now = t.sums.lr if t.sums.lr is not None else optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
+        if d.enabled:
+            distributed.broadcast_buffers(model)
+            if t.ema is not None:
+                distributed.broadcast_buffers(t.ema)
+        compile_seconds = t.warmup_seconds
+        if t.warmup_seconds:
+            log.info(
+                "torch.compile: %.1f s compiling (%d images) left out of the epoch time "
+                "and images/s", t.warmup_seconds, train_stats.untimed_images,
+            )  # fmt: skip
+            t.warmup_seconds = 0.0
+        if not t.step_schedule_per_batch:
+            with warnings.catch_warnings():
+                # A run resumed after an epoch's last step steps the schedule before
+                # this process has stepped the optimizer: in order, as torch wants.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                t.scheduler.step()
+        epochs_run += 1
+        throughputs.append(train_stats.images_per_s)
+        line = (
+            f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
+            f"{train_stats.images_per_s:.0f} img/s {train_stats.seconds:.1f} s"
+        )
+        w, e, step = t.writer, epoch + 1, t.global_step
+        w.add_scalar("epoch", e, step)
+        w.add_scalar("train/loss", train_stats.loss, step)
+        w.add_scalar("train/acc", train_stats.acc, step)
+        w.add_scalar("train/images_per_s", train_stats.images_per_s, step)
+        w.add_scalar("train/epoch_time_s", train_stats.seconds, step)
+        record = {
+            "epoch": e,
+            "lr": lr_now,
+            "train_loss": train_stats.loss,
+            "train_acc": train_stats.acc,
+            "train_seconds": train_stats.seconds,
+            "compile_seconds": compile_seconds,
+            "images_per_s": train_stats.images_per_s,
+        }
 
-                improved, selected_weights = False, "raw"
-                if loaders.valid is not None:
-                    results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
-                                               f"{tag} valid", progress)}  # fmt: skip
-                    if t.ema is not None:
-                        results["ema"] = evaluate(t.ema.module, loaders.valid, device,
-                                                  tc.precision, f"{tag} valid (EMA)",
-                                                  progress)  # fmt: skip
-                    for name, stats in results.items():
-                        prefix = "valid" if name == "raw" else "valid_ema"
-                        w.add_scalar(f"{prefix}/loss", stats.loss, step)
-                        w.add_scalar(f"{prefix}/acc", stats.acc, step)
-                        line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
-                    selected_weights = _select(results, tc.ema.select, monitor)
-                    chosen = results[selected_weights]
-                    run.best_valid = {
-                        "loss": chosen.loss,
-                        "acc": chosen.acc,
-                        "weights": selected_weights,
-                    }
-                    improved = monitor.update(_metric(chosen, monitor.metric), e)
-                    record.update(valid_loss=chosen.loss, valid_acc=chosen.acc)
-                if tc.test_every_epoch:  # reported only: never chooses or stops anything
-                    tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
-                                      progress)  # fmt: skip
-                    w.add_scalar("test_by_epoch/loss", tested.loss, step)
-                    w.add_scalar("test_by_epoch/acc", tested.acc, step)
-                    line += f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
-                    record.update(test_loss=tested.loss, test_acc=tested.acc,
-                                  test_seconds=tested.seconds)  # fmt: skip
-                run.history.append(record)
-                log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
+        improved, selected_weights = False, "raw"
+        if loaders.valid is not None:
+            results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
+                                       f"{tag} valid", progress)}  # fmt: skip
+            if t.ema is not None:
+                results["ema"] = evaluate(t.ema.module, loaders.valid, device,
+                                          tc.precision, f"{tag} valid (EMA)",
+                                          progress)  # fmt: skip
+            for name, stats in results.items():
+                prefix = "valid" if name == "raw" else "valid_ema"
+                w.add_scalar(f"{prefix}/loss", stats.loss, step)
+                w.add_scalar(f"{prefix}/acc", stats.acc, step)
+                line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
+            selected_weights = _select(results, tc.ema.select, monitor)
+            chosen = results[selected_weights]
+            run.best_valid = {
+                "loss": chosen.loss,
+                "acc": chosen.acc,
+                "weights": selected_weights,
+            }
+            improved = monitor.update(_metric(chosen, monitor.metric), e)
+            record.update(valid_loss=chosen.loss, valid_acc=chosen.acc)
+        if tc.test_every_epoch:  # reported only: never chooses or stops anything
+            tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
+                              progress)  # fmt: skip
+            w.add_scalar("test_by_epoch/loss", tested.loss, step)
+            w.add_scalar("test_by_epoch/acc", tested.acc, step)
+            line += f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
+            record.update(test_loss=tested.loss, test_acc=tested.acc,
+                          test_seconds=tested.seconds)  # fmt: skip
+        run.history.append(record)
+        log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
 
-                run.epoch = e
-                faults.point("validated")
-                run.save_epoch_end(improved, selected_weights)
-                w.flush()
-                faults.point("flushed")
-                if monitor.should_stop:
-                    stop_reason = monitor.reason()
-                    log.info("%s", stop_reason)
-                signum = run.received()
-                if signum is not None:
-                    raise Preempted(signum, t.global_step, str(run_dir / "last.pt"))
+        run.epoch = e
+        faults.point("validated")
+        run.save_epoch_end(improved, selected_weights)
+        w.flush()
+        faults.point("flushed")
+        if monitor.should_stop:
+            stop_reason = monitor.reason()
+            log.info("%s", stop_reason)
+        signum = run.received()
+        if signum is not None:
+            raise Preempted(signum, t.global_step, str(run_dir / "last.pt"))
 
-        if d.enabled and epochs_run:
-            digests = distributed.gather_objects(distributed.weights_digest(model))
-            if len(set(digests)) != 1:
-                raise RuntimeError(f"DDP: the processes ended with different weights: {digests}")
-            log.info("DDP: weights identical on all %d processes (sha256 %s)", d.world,
-                     digests[0][:16])  # fmt: skip
-        distributed.barrier()  # rank 0's checkpoints are complete
-        # The test set is read once, at the end, with the selected weights.
-        selected = "best.pt" if loaders.valid is not None else "last.pt"
-        final = load_checkpoint(run_dir / selected)
-        model.load_state_dict(final["model"])
-        test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
-        faults.point("tested")
-        log.info(
-            "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
-            test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
-        )  # fmt: skip
-        t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
-        t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
-        best = final.get("best_valid") if loaders.valid is not None else None
-        log_hparams(t.writer, cfg, best, test_stats)
-    except Preempted as stop:
-        log.info("%s", stop)
-        if tc.requeue:
-            requeue_slurm_job()
-        raise
-    finally:
-        t.writer.close()
+    out.run, out.train_stats, out.stop_reason = epochs_run, train_stats, stop_reason
+    return out
 
+
+def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochStats]:
+    """The selected checkpoint (best.pt, or last.pt without validation) on the test set, read
+    once; returns its name, its content and the figures."""
+    cfg, tc, t, loaders, run_dir = run.cfg, run.cfg.trainer, run.t, run.loaders, run.run_dir
+    d, device, model = t.dist, t.device, t.model
+    progress = tc.progress if d.main else False
+    if d.enabled and epochs_run:
+        digests = distributed.gather_objects(distributed.weights_digest(model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP: the processes ended with different weights: {digests}")
+        log.info("DDP: weights identical on all %d processes (sha256 %s)", d.world,
+                 digests[0][:16])  # fmt: skip
+    distributed.barrier()  # rank 0's checkpoints are complete
+    # The test set is read once, at the end, with the selected weights.
+    selected = "best.pt" if loaders.valid is not None else "last.pt"
+    final = load_checkpoint(run_dir / selected)
+    model.load_state_dict(final["model"])
+    test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
+    faults.point("tested")
+    log.info(
+        "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
+        test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
+    )  # fmt: skip
+    t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
+    t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
+    best = final.get("best_valid") if loaders.valid is not None else None
+    log_hparams(t.writer, cfg, best, test_stats)
+    return selected, final, test_stats
+
+
+def _write_metrics(
+    run: _Run, done: _Epochs, tested: tuple[str, dict[str, Any], EpochStats], wall_start: float
+) -> dict[str, Any]:
+    """metrics.json (rank 0 writes it); every process returns it."""
+    cfg, t, loaders, run_dir = run.cfg, run.t, run.loaders, run.run_dir
+    d, epochs = t.dist, cfg.trainer.epochs
+    selected, final, test_stats = tested
+    train_stats, throughputs = done.train_stats, done.throughputs
+    epochs_run, stop_reason = done.run, done.stop_reason
     metrics = {
         "model": cfg.model.name,
         "data": cfg.data.name,
