@@ -18,7 +18,7 @@ import torch
 from resnet_train.engine import checkpoint as checkpoint_module
 from resnet_train.engine import faults
 from resnet_train.engine.checkpoint import load_checkpoint
-from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 from resnet_train.engine.trainer import NonFiniteLossError, fit
 from tests.conftest import SMOKE, compose_config, run_cli
 from tests.test_train import scalars, sha256
@@ -468,3 +468,33 @@ def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch,
     lines = [r.message for r in caplog.records if r.message.startswith("epoch 2/3")]
     assert len(lines) == 2
     assert lines[0].split("lr ")[-1] == lines[1].split("lr ")[-1]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_whose_keyboard_interrupt_a_finalizer_dropped_still_ends_the_run(
+    tmp_path, monkeypatch
+):
+    """Python raises KeyboardInterrupt wherever the main thread is; inside a __del__ it is
+    printed and dropped. The run remembers the Ctrl-C and raises it again at its next step."""
+
+    class DropsIt:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt dies in here
+
+    with StopSignals() as signals:
+        DropsIt()  # collected at once: its __del__ runs, the exception is dropped
+        assert signals.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    faults.reset()
+    cfg = compose_config(*SMOKE, "data.train_size=64", "data.test_size=32")
+    original = StopSignals.__enter__
+
+    def enter_interrupted(self):
+        original(self)
+        self.interrupted = True  # as if a Ctrl-C had been dropped before the first step
+        return self
+
+    monkeypatch.setattr(StopSignals, "__enter__", enter_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -33,20 +33,32 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 instead of dying of it."""
+    """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 instead of dying of it.
+
+    SIGINT (Ctrl-C) still raises KeyboardInterrupt at once, and is remembered too: Python raises
+    it in whatever frame the main thread is running, and when that is a finalizer (`__del__` of
+    an object being collected) the exception is printed and dropped. The trainer raises it again
+    at its next step (`interrupted`), so a Ctrl-C always ends the run."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.interrupted = False
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
 
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -516,6 +516,8 @@ class _Run:
 
     def after_step(self) -> None:
         faults.point("step")
+        if self.signals is not None and self.signals.interrupted:
+            raise KeyboardInterrupt  # a Ctrl-C whose first KeyboardInterrupt was dropped
         every = self.cfg.trainer.checkpoint_every_steps
         signum = self.received()
         if signum is not None or (every and self.t.global_step % every == 0):
