@@ -39,6 +39,13 @@ RUN = [
 ]
 
 
+def _as_in_a_terminal() -> None:
+    # A run started from a terminal has Python's own Ctrl-C handling; one started in the
+    # background (`cmd &` in a script, nohup) inherits an ignored SIGINT, and pytest may be
+    # such a run: its children get the terminal's disposition back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "resnet_train", *args],
@@ -47,6 +54,7 @@ def start(cwd: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_as_in_a_terminal,
     )
 
 
@@ -481,10 +489,17 @@ def test_a_ctrl_c_whose_keyboard_interrupt_a_finalizer_dropped_still_ends_the_ru
         def __del__(self):
             os.kill(os.getpid(), signal.SIGINT)  # the KeyboardInterrupt dies in here
 
-    with StopSignals() as signals:
-        DropsIt()  # collected at once: its __del__ runs, the exception is dropped
-        assert signals.interrupted
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    # Python's own Ctrl-C handling, as in a terminal (pytest may run in the background, where
+    # SIGINT is ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopSignals() as signals:
+            DropsIt()  # collected at once: its __del__ runs, the exception is dropped
+            assert signals.interrupted
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
     faults.reset()
     cfg = compose_config(*SMOKE, "data.train_size=64", "data.test_size=32")
     original = StopSignals.__enter__
