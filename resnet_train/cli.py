@@ -114,7 +114,12 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
     _check_deploy_run_dir(cfg.task, run_dir)
 
 
-def _check_deploy_run_dir(task: str, run_dir: Path, own_record: bool = True) -> None:
+def _deploy_record(run_dir: Path) -> tuple[str, str] | None:
+    """(task, record file) of the task that wrote into run_dir, if one did."""
+    return next(((t, r) for t, r in DEPLOY_RECORDS.items() if (run_dir / r).exists()), None)
+
+
+def _check_deploy_run_dir(task: str, run_dir: Path) -> None:
     """A task's directory is its own: not a training run's, not another task's."""
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
@@ -124,13 +129,13 @@ def _check_deploy_run_dir(task: str, run_dir: Path, own_record: bool = True) -> 
             f"{run_dir} holds a training run; task={task} writes into a directory of its own: "
             "give another name="
         )
-    for other, record in DEPLOY_RECORDS.items():
-        if (run_dir / record).exists():
-            earlier = "an earlier" if other == task else "a"
-            raise RunDirError(
-                f"{run_dir} already holds the {record} of {earlier} task={other}; give another "
-                "name= or remove that directory"
-            )
+    if (found := _deploy_record(run_dir)) is not None:
+        other, record = found
+        earlier = "an earlier" if other == task else "a"
+        raise RunDirError(
+            f"{run_dir} already holds the {record} of {earlier} task={other}; give another "
+            "name= or remove that directory"
+        )
 
 
 def _check_steps(cfg: DictConfig) -> None:
@@ -147,12 +152,11 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
-    for task, record in DEPLOY_RECORDS.items():
-        if (run_dir / record).exists():
-            raise RunDirError(
-                f"{run_dir} holds the {record} of a task={task}, not a training run; give "
-                "another name="
-            )
+    if (found := _deploy_record(run_dir)) is not None:
+        task, record = found
+        raise RunDirError(
+            f"{run_dir} holds the {record} of a task={task}, not a training run; give another name="
+        )
 
     if cfg.resume is None and not any((run_dir / n).exists() for n in CHECKPOINT_NAMES):
         return

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -19,6 +22,13 @@ def progress_bar(total_images: int, desc: str, enabled: bool | None) -> tqdm:
     return tqdm(
         total=total_images, desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=disable
     )
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """A JSON record (metrics.json, eval.json, ...), replaced whole: never half-written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def tensorboard_writer(run_dir: Path, purge_step: int | None = None) -> SummaryWriter:

@@ -26,7 +26,7 @@ from torch import nn
 from resnet_train.config import flatten
 from resnet_train.data.loaders import build_eval_loader, class_names
 from resnet_train.deploy.source import LOCAL_KEYS, Trained, load_trained
-from resnet_train.logging import progress_bar, tensorboard_writer
+from resnet_train.logging import progress_bar, tensorboard_writer, write_json
 from resnet_train.precision import autocast
 
 log = logging.getLogger("resnet_train")
@@ -173,12 +173,6 @@ def reliability_figure(bins: list[dict[str, float]], ece: float, title: str) -> 
     ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def write_confusion_csv(path: Path, confusion: torch.Tensor, names: list[str]) -> None:

@@ -27,11 +27,11 @@ import torch
 from omegaconf import DictConfig
 
 from resnet_train.data.loaders import build_eval_loader, class_names
-from resnet_train.deploy.evaluate import write_json
 from resnet_train.deploy.fold import fold_batchnorm
 from resnet_train.deploy.quantize import quantize_int8
 from resnet_train.deploy.source import Trained, file_sha256, load_trained, require
 from resnet_train.errors import UserError
+from resnet_train.logging import write_json
 
 log = logging.getLogger("resnet_train")
 INPUT, OUTPUT = "images", "logits"
@@ -142,7 +142,7 @@ def _drop_batchnorm_axis_warnings(record: logging.LogRecord) -> bool:
                 in record.pathname)  # fmt: skip
 
 
-def _write_onnx(folded, trained, meta, example, tmp: Path) -> dict[str, Any]:
+def _write_onnx(folded, meta, example, tmp: Path) -> dict[str, Any]:
     onnx = require("onnx", "export.format=onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on their own internals
@@ -179,17 +179,15 @@ def _write_pt2(folded, meta, example, tmp: Path) -> dict[str, Any]:
     return {}
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return 100 * float((logits.argmax(1) == labels).mean())
-
-
-def onnx_accuracy(path: Path, trained: Trained, split: str) -> tuple[float, int]:
-    session = onnx_session(path)
-    correct = seen = 0
+def onnx_accuracies(paths: list[Path], trained: Trained, split: str) -> tuple[list[float], int]:
+    """The top-1 (%) of each ONNX model on a split, read once for all of them; and its size."""
+    sessions = [onnx_session(path) for path in paths]
+    correct, seen = [0] * len(paths), 0
     for images, labels in _batches(trained, split, None):
-        correct += int((session.run(None, {INPUT: images})[0].argmax(1) == labels).sum())
+        for i, session in enumerate(sessions):
+            correct[i] += int((session.run(None, {INPUT: images})[0].argmax(1) == labels).sum())
         seen += len(labels)
-    return 100 * correct / seen, seen
+    return [100 * c / seen for c in correct], seen
 
 
 def run_export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
@@ -236,7 +234,7 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
     try:
         tmp = stage(final.name)
         if ex.format == "onnx":
-            graph = _write_onnx(folded, trained, meta, images[:2], tmp)
+            graph = _write_onnx(folded, meta, images[:2], tmp)
         else:
             graph = _write_pt2(folded, meta, images[:2], tmp)
         errors = {
@@ -291,14 +289,19 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
 
 def _export_int8(trained: Trained, fp32: Path, out: Path, images: torch.Tensor) -> dict:
     ex, split = trained.cfg.export, trained.cfg.eval.split
-    calibrated = min(ex.calibration_images, _split_size(trained, "train"))
-    calibration = (x for x, _ in _batches(trained, "train", calibrated))
-    quantize_int8(fp32, out, calibration, INPUT)
+    calibrated = 0
+
+    def calibration() -> Iterator[np.ndarray]:
+        nonlocal calibrated
+        for x, _ in _batches(trained, "train", ex.calibration_images):
+            calibrated += len(x)
+            yield x
+
+    quantize_int8(fp32, out, calibration(), INPUT)
     fp32_logits = onnx_session(fp32).run(None, {INPUT: images.numpy()})[0]
     int8_logits = onnx_session(out).run(None, {INPUT: images.numpy()})[0]
     agreement = 100 * float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())
-    fp32_top1, n = onnx_accuracy(fp32, trained, split)
-    int8_top1, _ = onnx_accuracy(out, trained, split)
+    (fp32_top1, int8_top1), n = onnx_accuracies([fp32, out], trained, split)
     log.info(
         "model.int8.onnx (%.2f MB): int8 weights and activations, calibrated on %d training "
         "images; on %s (%d images) top-1 %.2f%% against fp32's %.2f%% (%+.2f points); on the %d "
@@ -323,8 +326,3 @@ def _export_int8(trained: Trained, fp32: Path, out: Path, images: torch.Tensor) 
         "top1_change": int8_top1 - fp32_top1,
         "check_agreement": agreement,
     }
-
-
-def _split_size(trained: Trained, split: str) -> int:
-    cfg = trained.cfg
-    return len(build_eval_loader(cfg.data, cfg.seed, torch.device("cpu"), split).dataset)

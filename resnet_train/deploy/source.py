@@ -12,6 +12,7 @@ config: the command line's model and data are used as they are.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -45,10 +46,14 @@ class Trained:
     cfg: DictConfig  # the effective config: the checkpoint's settings under the command line's
     model: nn.Module
     weights: WeightsFile
-    sha256: str
     device: torch.device
     channels_last: bool
     adopted: list[str]  # the keys taken from the checkpoint
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Of the weights file; read when a record asks for it (not by the command's check)."""
+        return file_sha256(self.weights.path)
 
 
 def given_keys(overrides: list[str]) -> set[str]:
@@ -128,7 +133,7 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
     if adopted:
         log.info("from the checkpoint's run: %s", ", ".join(
             f"{k}={OmegaConf.select(cfg, k)}" for k in adopted))  # fmt: skip
-    return Trained(cfg, model, weights, file_sha256(weights.path), device, channels_last, adopted)
+    return Trained(cfg, model, weights, device, channels_last, adopted)
 
 
 def _without_weights(cfg: DictConfig) -> DictConfig:

@@ -45,7 +45,7 @@ from resnet_train.engine.resume import (
     restore_rng,
 )
 from resnet_train.errors import CheckpointError
-from resnet_train.logging import log, progress_bar, tensorboard_writer
+from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
 from resnet_train.models.build import build_model
 from resnet_train.models.qat import prepare_qat
 from resnet_train.optim import (
@@ -432,12 +432,6 @@ def evaluate(
         seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
     n = max(seen, 1)
     return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _metric(stats: EpochStats, name: str) -> float:
@@ -976,7 +970,7 @@ def _write_metrics(
         "history": run.history,
     }
     if d.main:
-        _write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
