@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import re
@@ -40,8 +41,26 @@ TARGET_RESNET50 = 4400.0  # images/s on one H100
 TARGET_RATIO = 0.97  # trainer / bare loop
 
 
+class Clock:
+    """The proof's whole time budget: each part gets its own limit, cut to what is left."""
+
+    def __init__(self, budget: float | None):
+        self.end = None if budget is None else time.monotonic() + budget
+
+    def limit(self, timeout: float) -> float:
+        if self.end is None:
+            return timeout
+        return max(0.0, min(timeout, self.end - time.monotonic()))
+
+
 def run_part(name: str, command: list[str], log, timeout: float, cwd: Path = REPO) -> dict:
-    """Run one part's command, copying its output into the log; never raises."""
+    """Run one part's command, copying its output into the log; never raises. A part left with
+    under 5 s of the budget is not started (exit None, output says so)."""
+    if timeout < 5:
+        log.write(f"\n===== {name}: not started, the time budget is spent\n")
+        log.flush()
+        return {"command": shlex.join(command), "exit": None, "seconds": 0.0,
+                "output": "[not started: the time budget is spent]"}  # fmt: skip
     log.write(f"\n===== {name}: {shlex.join(command)}\n")
     log.flush()
     start = time.perf_counter()
@@ -63,7 +82,8 @@ def run_part(name: str, command: list[str], log, timeout: float, cwd: Path = REP
 
 def tests_part(args, log) -> dict:
     done = run_part("tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q",
-                              "-p", "no:cacheprovider", "tests"], log, args.timeout)  # fmt: skip
+                              "-p", "no:cacheprovider", "tests"], log,
+                    args.clock.limit(args.timeout))  # fmt: skip
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}
     words = r"(\d+) (passed|failed|skipped|errors?|deselected)"
     summary = [line for line in done["output"].splitlines() if re.search(words, line)]
@@ -84,7 +104,7 @@ def recipe_part(args, log, runs: Path) -> dict:
             command += ["model=resnet20", "data.train_size=200", "data.test_size=50",
                         "trainer.epochs=2", "trainer.device=cpu",
                         "trainer.compile=false"]  # fmt: skip
-        done = run_part(f"recipe seed {seed}", command, log, args.timeout)
+        done = run_part(f"recipe seed {seed}", command, log, args.clock.limit(args.timeout))
         entry = {"seed": seed, "exit": done["exit"], "process_seconds": done["seconds"]}
         metrics_file = run_dir / "metrics.json"
         if done["exit"] == 0 and metrics_file.is_file():
@@ -127,7 +147,7 @@ def benchmark_part(name: str, flags: list[str], args, log, runs: Path) -> dict:
     before = table_file.read_text().splitlines() if table_file.is_file() else []
     command = [sys.executable, "scripts/benchmark.py", *flags, "--json", str(out),
                "--output", str(table_file)]  # fmt: skip
-    done = run_part(name, command, log, args.timeout)
+    done = run_part(name, command, log, args.clock.limit(args.timeout))
     figures = json.loads(out.read_text()) if done["exit"] == 0 and out.is_file() else {}
     after = table_file.read_text().splitlines() if table_file.is_file() else []
     rows = [line for line in after if line not in before]
@@ -256,6 +276,9 @@ def main() -> None:
                         choices=["tests", "recipe", "resnet50", "resnet18"])  # fmt: skip
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per part and per seed (default 150; --tiny 300)")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole proof: each part's limit is cut to what is "
+                        "left, and parts with no time left are reported as not run")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md as it is")
     parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md",
                         help=argparse.SUPPRESS)  # fmt: skip
@@ -267,6 +290,7 @@ def main() -> None:
     args.no_write = args.no_write or args.tiny
     args.data_root = args.data_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.clock = Clock(args.budget)
 
     import torch  # after the argument checks: --help stays quick
 
@@ -276,13 +300,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gpu_proof_") as scratch, \
             open(args.out / "proof.log", "w") as log:  # fmt: skip
         runs = Path(scratch)
-        if "tests" in args.parts:
-            results["tests"] = tests_part(args, log)
-        if "recipe" in args.parts:
-            results["recipe"] = recipe_part(args, log, runs)
+        parts = {"tests": lambda: tests_part(args, log),
+                 "recipe": lambda: recipe_part(args, log, runs)}  # fmt: skip
         for name, flags in benchmark_flags(args).items():
-            if name in args.parts:
-                results[name] = benchmark_part(name, flags, args, log, runs)
+            parts[name] = functools.partial(benchmark_part, name, flags, args, log, runs)
+        for name in args.parts:
+            results[name] = parts[name]()
+            # after every part, so that a proof stopped from outside still leaves its figures
+            (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            (args.out / "results.md").write_text(table(results, machine))
     command = "resnet-train experiment=cifar10_resnet18_fast trainer.test_every_epoch=true"
     rows = recipe_rows(results, machine, torch.__version__, command)
     if rows and not args.no_write:

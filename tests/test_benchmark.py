@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -107,3 +108,22 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
         cells = row.split(" | ")
         assert float(cells[6]) > 0 and cells[8].startswith("4: ")
     assert lines.count("## Inference on the CPU") == 1
+
+
+def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_path):
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path / "data", "cifar10", per_file=10)
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0", "--budget", "0",
+         "--parts", "recipe", "resnet18"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["recipe"]["seeds"][0]["exit"] is None and results["resnet18"]["exit"] is None
+    assert "not started, the time budget is spent" in (tmp_path / "out" / "proof.log").read_text()
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit None\)", table)
+    assert re.search(r"\| resnet18 +\| did not finish \(exit None\)", table), table
