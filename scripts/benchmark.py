@@ -117,6 +117,33 @@ def data_epoch(loader, device) -> float:
     return time.perf_counter() - start
 
 
+def profile_sides(folder: Path, device: torch.device, sides: dict) -> None:
+    """One epoch of each side under torch.profiler: wall time, the time the device spent in
+    kernels (its busy share; a low share means the host cannot issue work fast enough), how many
+    operators and kernels were launched, and each side's busiest operators, into folder."""
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    for name, epoch in sides.items():
+        with profile(activities=activities) as prof:
+            wall = epoch()
+        events = prof.key_averages()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.device_time for e in kernels) / 1e6  # us -> s
+        ops = sum(e.count for e in events if e.key.startswith("aten::"))
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        (folder / f"{name}.txt").write_text(
+            events.table(sort_by=sort, row_limit=40)
+            + "\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=40)  # fmt: skip
+        )
+        print(f"  profile {name:8s} wall {wall * 1e3:8.1f} ms, device busy {busy * 1e3:8.1f} ms "
+              f"({100 * busy / wall:.0f}%), {len(kernels)} kernels, {ops} aten ops")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
@@ -138,6 +165,12 @@ def main() -> None:
         "crop with padding and flip per step) instead of a fixed list of device batches",
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="after timing, profile one more epoch of each side: the busiest operators of each "
+        "go to PROFILE/trainer.txt and PROFILE/bare.txt, and the device's busy share is printed",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument(
         "--output", type=Path, default=REPO / "BENCHMARKS.md", help=argparse.SUPPRESS
@@ -201,6 +234,12 @@ def main() -> None:
             bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision)
         )
     n_images = args.batch * args.steps
+    if args.profile:
+        profile_sides(args.profile, device, {
+            "trainer": lambda: trainer_epoch(t, batches),
+            "bare": lambda: bare_epoch(bare_forward, bare_opt, criterion, batches, device,
+                                       args.precision),
+        })  # fmt: skip
     trainer_ips = n_images / statistics.median(trainer_s)
     bare_ips = n_images / statistics.median(bare_s)
 

@@ -79,10 +79,16 @@ def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int 
 
 
 def make_image_folders(
-    root: Path, classes: int = 3, per_class: int = 6, size: int = 40, jpeg_every: int = 0
+    root: Path,
+    classes: int = 3,
+    per_class: int = 6,
+    size: int = 40,
+    jpeg_every: int = 0,
+    jpeg_subsampling: int = 2,
 ) -> Path:
-    """train/ and val/ folders of PNGs (every jpeg_every-th image a JPEG), one folder per class
-    (the ImageNet layout)."""
+    """train/ and val/ folders of PNGs (every jpeg_every-th image a JPEG, its chroma subsampled
+    as PIL's `subsampling` says: 2 is 4:2:0, 0 is 4:4:4), one folder per class (the ImageNet
+    layout)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -93,7 +99,10 @@ def make_image_folders(
             for i in range(per_class):
                 pixels = rng.integers(0, 256, size=(size, size + 8 * i, 3), dtype=np.uint8)
                 jpeg = jpeg_every and i % jpeg_every == 0
-                Image.fromarray(pixels).save(folder / f"{i}.{'jpg' if jpeg else 'png'}")
+                if jpeg:
+                    Image.fromarray(pixels).save(folder / f"{i}.jpg", subsampling=jpeg_subsampling)
+                else:
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
 
 

@@ -105,8 +105,12 @@ def test_tensor_loader_on_cuda_yields_exactly_the_cpu_batches():
 def test_gpu_decoder_batches_equal_the_cpu_decoders_within_rounding(tmp_path):
     """nvJPEG's inverse DCT and the GPU resize round differently from libjpeg-turbo and the CPU
     resize; the stated tolerance: on the 0-255 scale, a mean absolute difference under 2 levels
-    and 99% of values within 8 (a different crop or flip would be off by tens)."""
-    root = make_image_folders(tmp_path, classes=2, per_class=6, size=64, jpeg_every=2)
+    and 99% of values within 8 (a different crop or flip would be off by tens). The JPEGs keep
+    full chroma (4:4:4): the two decoders also upsample 4:2:0 chroma differently, which on these
+    pure-noise images cost a mean of 3.7 levels and up to 58 (H100, 2026-11-27); on photographs,
+    whose chroma is smooth, that difference is small."""
+    root = make_image_folders(tmp_path, classes=2, per_class=6, size=64, jpeg_every=2,
+                              jpeg_subsampling=0)  # fmt: skip
     common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=48",
               "data.eval_resize=56", "data.batch_size=4", "data.valid_ratio=0",
               "data.num_workers=0"]  # fmt: skip

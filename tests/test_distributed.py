@@ -18,6 +18,7 @@ import torch
 
 from resnet_train.data.sampler import EpochSampler, ShardSampler
 from resnet_train.data.tensor_loader import TensorLoader
+from resnet_train.engine import distributed
 from resnet_train.engine.checkpoint import load_checkpoint
 from tests.conftest import compose_config
 from tests.test_resume import RUN as RESUME_RUN
@@ -286,3 +287,25 @@ def test_torchrun_with_one_process_trains_in_a_process_group_and_resumes_without
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(tmp_path / "outputs" / "one" / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize(("name", "launched", "expected"), [
+    ("cuda", False, "cuda:0"), ("cuda", True, "cuda:1"), ("cuda:1", False, "cuda:1"),
+])  # fmt: skip
+def test_a_cuda_device_without_an_index_gets_this_processs_gpu(
+    monkeypatch, name, launched, expected
+):
+    """torch.cuda.set_device refuses a device with no index: "cuda" must become cuda:N first."""
+    from torch._utils import _get_device_index
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.append(
+        _get_device_index(device)))  # fmt: skip
+    d = (
+        distributed.Dist(rank=1, world=2, local_rank=1, launched=True)
+        if launched
+        else distributed.Dist()
+    )
+    device = distributed.device_for(name, d)
+    assert str(device) == expected and chosen == [device.index]

@@ -84,8 +84,9 @@ def device_for(name: str, d: Dist) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if d.enabled and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", d.local_rank)
+    if device.type == "cuda" and device.index is None:
+        # set_device needs an index; "cuda" alone means this process's GPU
+        device = torch.device("cuda", d.local_rank if d.enabled else torch.cuda.current_device())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
