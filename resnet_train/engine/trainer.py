@@ -230,16 +230,30 @@ class FiniteGuard:
     def __init__(self, device: torch.device) -> None:
         self.step = torch.zeros((), dtype=torch.long, device=device)
         self.loss = torch.zeros((), device=device)
-        self.norm = torch.zeros((), device=device)
+        self.found = torch.zeros(1, device=device)  # scratch for the fused gradient check
+        self.one = torch.ones(1, device=device)
         self.skips = torch.zeros((), dtype=torch.long, device=device)  # fp16: skipped in a row
         self.most_skips = torch.zeros((), dtype=torch.long, device=device)
         self.most_skips_step = torch.zeros((), dtype=torch.long, device=device)
 
-    def record(self, step: int, bad: torch.Tensor, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def not_finite(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+        """True (on the device) where the loss or any gradient is not finite. The gradients are
+        checked in one fused pass per dtype (the kernel GradScaler uses, at scale 1: the values
+        stay as they are), not one norm per parameter: a step's host time is what a fast GPU
+        run waits for (ResNet-18 on CIFAR, H100: a per-parameter norm cost ~60 more operators a
+        step, ~8% of the step)."""
+        self.found.zero_()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for group in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(group, self.found, self.one)
+        return (self.found[0] > 0) | ~torch.isfinite(loss)
+
+    def record(self, step: int, bad: torch.Tensor, loss: torch.Tensor) -> None:
         new = bad & (self.step == 0)
         self.step = torch.where(new, step, self.step)
         self.loss = torch.where(new, loss, self.loss)
-        self.norm = torch.where(new, norm.float(), self.norm)
 
     def record_skip(self, step: int, skipped: torch.Tensor) -> None:
         self.skips = torch.where(skipped, self.skips + 1, 0)
@@ -255,7 +269,7 @@ class FiniteGuard:
             what = (
                 f"the training loss is {self.loss.item()}"
                 if not torch.isfinite(self.loss)
-                else f"the gradient norm is {self.norm.item()}"
+                else "a gradient is not finite (inf or nan)"
             )
             raise NonFiniteLossError(
                 f"{what} at {where}; the step was not applied and the last checkpoint is untouched"
@@ -287,12 +301,12 @@ def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: 
     grad_norm = None
     if cfg.clip_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-    elif log_now or not fp16:
+    elif log_now:
         grads = [p.grad for p in params]
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     if not fp16:
-        bad = ~(torch.isfinite(group_loss) & torch.isfinite(grad_norm))
-        t.guard.record(step, bad, group_loss, grad_norm)
+        bad = t.guard.not_finite(group_loss, [p.grad for p in params])
+        t.guard.record(step, bad, group_loss)
         if t.optimizer.defaults.get("fused"):
             t.optimizer.found_inf = bad.float()  # the fused step is skipped on the device
         else:
