@@ -196,6 +196,9 @@ class TrainerConfig:
     # torch.compile the training forward pass; its first step (the compilation) is left out of
     # the epoch time and images/s.
     compile: bool = False
+    # torch.compile's mode (with compile=true): default, reduce-overhead (CUDA graphs: one
+    # launch per pass instead of one per kernel), max-autotune, max-autotune-no-cudagraphs.
+    compile_mode: str = "default"
     # Channels-last memory format for the model and the images; null = on for CUDA only.
     channels_last: bool | None = None
     # Under torchrun: batch-norm statistics over the global batch (SyncBatchNorm; CUDA only).
@@ -292,6 +295,10 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "step", "multistep", "cosine", "cosine_restarts", "onecycle")
 INTERVALS = ("epoch", "step")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# torch.compile's modes; reduce-overhead (and max-autotune) replay each step's kernels as CUDA
+# graphs, for steps the host cannot issue fast enough (small images on a fast GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
 MONITORS = ("valid/acc", "valid/loss")
 # The direction in which each monitored metric improves.
@@ -513,6 +520,9 @@ def validate(cfg: DictConfig) -> None:
             "(schedule.interval=epoch)",
         )
     _one_of("trainer.precision", t.precision, PRECISIONS)
+    _one_of("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
+    _check(t.compile or t.compile_mode == "default", "trainer.compile_mode", t.compile_mode,
+           "a torch.compile mode needs trainer.compile=true")  # fmt: skip
     _within("trainer.label_smoothing", t.label_smoothing, "[0, 1)")
     _optional("trainer.clip_grad_norm", t.clip_grad_norm, _positive)
     _optional("trainer.clip_grad_value", t.clip_grad_value, _positive)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from resnet_train import create_model
-from resnet_train.config import AugmentConfig, TrainerConfig
+from resnet_train.config import COMPILE_MODES, CUDA_GRAPH_MODES, AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine.trainer import (
     Training,
@@ -72,12 +72,16 @@ def trainer_epoch(t: Training, batches: Batches) -> float:
     return time.perf_counter() - start
 
 
-def bare_epoch(model, optimizer, criterion, batches: Batches, device, precision) -> float:
+def bare_epoch(
+    model, optimizer, criterion, batches: Batches, device, precision, graphs: bool = False
+) -> float:
     """What a hand-written loop does per step, and nothing else."""
     model.train()  # (a compiled module forwards train() to the model it wraps)
     sync_device(device)
     start = time.perf_counter()
     for images, targets in batches:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(device, precision):
             loss = criterion(model(images), targets)
         loss.backward()
@@ -157,6 +161,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                        help="torch.compile's mode for both sides (with --compile)")  # fmt: skip
     parser.add_argument("--skip-data", action="store_true", help="time the training step only")
     parser.add_argument(
         "--tensor-loader",
@@ -180,6 +186,8 @@ def main() -> None:
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a torch device")
+    if args.compile_mode != "default" and not args.compile:
+        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     channels_last = device.type == "cuda"
@@ -221,24 +229,26 @@ def main() -> None:
         bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True
     )
     bare_forward = bare_model
+    graphs = args.compile and device.type == "cuda" and args.compile_mode in CUDA_GRAPH_MODES
     if args.compile:
-        t.forward, t.compiled = torch.compile(base), True
-        bare_forward = torch.compile(bare_model)
+        t.forward, t.compiled = torch.compile(base, mode=args.compile_mode), True
+        t.cuda_graphs = graphs
+        bare_forward = torch.compile(bare_model, mode=args.compile_mode)
     criterion = nn.CrossEntropyLoss()
     trainer_epoch(t, batches)  # warm-up (and compilation), both sides
-    bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision)
+    bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision, graphs)
     trainer_s, bare_s = [], []
     for _ in range(args.repeats):
         trainer_s.append(trainer_epoch(t, batches))
         bare_s.append(
-            bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision)
+            bare_epoch(bare_forward, bare_opt, criterion, batches, device, args.precision, graphs)
         )
     n_images = args.batch * args.steps
     if args.profile:
         profile_sides(args.profile, device, {
             "trainer": lambda: trainer_epoch(t, batches),
             "bare": lambda: bare_epoch(bare_forward, bare_opt, criterion, batches, device,
-                                       args.precision),
+                                       args.precision, graphs),
         })  # fmt: skip
     trainer_ips = n_images / statistics.median(trainer_s)
     bare_ips = n_images / statistics.median(bare_s)
@@ -286,7 +296,10 @@ def main() -> None:
             ("tensor / PIL", f"{tensor_ips / pil_ips:.1f}x"),
             ("tensor path share of step time", f"{100 * data_share:.2f}%"),
         ]
-    compiled = "compiled, " if args.compile else ""
+    compiled = ""
+    if args.compile:
+        mode = "" if args.compile_mode == "default" else f" {args.compile_mode}"
+        compiled = f"compiled{mode}, "
     layout = "channels_last" if channels_last else "contiguous"
     source = "tensor data path" if args.tensor_loader else "fixed batches"
     print(f"{args.model}, batch {args.batch}, {size} px, {args.precision}, {layout}, {source}, "
@@ -297,7 +310,8 @@ def main() -> None:
         figures = {
             "model": args.model, "batch": args.batch, "image_size": size,
             "precision": args.precision, "channels_last": channels_last,
-            "compile": args.compile, "tensor_loader": args.tensor_loader,
+            "compile": args.compile, "compile_mode": args.compile_mode,
+            "tensor_loader": args.tensor_loader,
             "device": str(device), "machine": machine, "torch": torch.__version__,
             "trainer_images_per_s": trainer_ips, "bare_images_per_s": bare_ips,
             "trainer_over_bare": trainer_ips / bare_ips,

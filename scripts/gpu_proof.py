@@ -100,12 +100,14 @@ def recipe_part(args, log, runs: Path) -> dict:
         command = [sys.executable, "-m", "resnet_train", "experiment=cifar10_resnet18_fast",
                    f"data.root={args.data_root}", f"seed={seed}", "trainer.test_every_epoch=true",
                    f"hydra.run.dir={run_dir}"]  # fmt: skip
+        command += args.recipe_overrides
         if args.tiny:
             command += ["model=resnet20", "data.train_size=200", "data.test_size=50",
                         "trainer.epochs=2", "trainer.device=cpu",
                         "trainer.compile=false"]  # fmt: skip
         done = run_part(f"recipe seed {seed}", command, log, args.clock.limit(args.timeout))
-        entry = {"seed": seed, "exit": done["exit"], "process_seconds": done["seconds"]}
+        entry = {"seed": seed, "command": done["command"], "exit": done["exit"],
+                 "process_seconds": done["seconds"]}  # fmt: skip
         metrics_file = run_dir / "metrics.json"
         if done["exit"] == 0 and metrics_file.is_file():
             entry.update(summarize_history(json.loads(metrics_file.read_text())))
@@ -155,6 +157,7 @@ def benchmark_part(name: str, flags: list[str], args, log, runs: Path) -> dict:
 
 
 def benchmark_flags(args) -> dict[str, list[str]]:
+    mode = [] if args.compile_mode == "default" else ["--compile-mode", args.compile_mode]
     if args.tiny:
         return {
             "resnet50": ["--model", "resnet50", "--image-size", "64", "--classes", "10", "--batch",
@@ -164,9 +167,10 @@ def benchmark_flags(args) -> dict[str, list[str]]:
         }  # fmt: skip
     return {
         "resnet50": ["--model", "resnet50", "--image-size", "224", "--classes", "1000", "--batch",
-                     "256", "--precision", "bf16", "--device", "cuda", "--compile", "--skip-data"],
+                     "256", "--precision", "bf16", "--device", "cuda", "--compile", "--skip-data",
+                     *mode],
         "resnet18": ["--model", "resnet18", "--batch", "512", "--precision", "bf16", "--device",
-                     "cuda", "--compile", "--tensor-loader", "--skip-data"],
+                     "cuda", "--compile", "--tensor-loader", "--skip-data", *mode],
     }  # fmt: skip
 
 
@@ -279,6 +283,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole proof: each part's limit is cut to what is "
                         "left, and parts with no time left are reported as not run")  # fmt: skip
+    parser.add_argument("--recipe-overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for each fast-recipe run (a variant)")  # fmt: skip
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode for the two benchmarks (both sides)")  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md as it is")
     parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md",
                         help=argparse.SUPPRESS)  # fmt: skip
@@ -309,7 +317,8 @@ def main() -> None:
             # after every part, so that a proof stopped from outside still leaves its figures
             (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             (args.out / "results.md").write_text(table(results, machine))
-    command = "resnet-train experiment=cifar10_resnet18_fast trainer.test_every_epoch=true"
+    command = shlex.join(["resnet-train", "experiment=cifar10_resnet18_fast",
+                          "trainer.test_every_epoch=true", *args.recipe_overrides])  # fmt: skip
     rows = recipe_rows(results, machine, torch.__version__, command)
     if rows and not args.no_write:
         append_recipe_rows(args.benchmarks, rows)

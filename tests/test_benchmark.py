@@ -49,7 +49,8 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
     benchmarks = (REPO / "BENCHMARKS.md").read_bytes()
     result = subprocess.run(
         [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
-         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0"],
+         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0",
+         "--recipe-overrides", "data.augment.cutout=4"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -74,6 +75,8 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
         assert results[name]["trainer_images_per_s"] > 0 and results[name]["exit"] == 0
     rows = (out / "benchmark-rows.md").read_text().splitlines()
     assert len(rows) == 3 and all(row.startswith(f"| {results['date']} |") for row in rows)
+    assert "trainer.test_every_epoch=true data.augment.cutout=4 seed=0`" in rows[0]
+    assert "data.augment.cutout=4" in results["recipe"]["seeds"][0]["command"]
 
 
 @pytest.mark.slow

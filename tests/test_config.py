@@ -69,6 +69,16 @@ def test_experiment_overrides_groups():
         ("data.augment.padding=99", "data.augment.padding=99 is invalid: must be in [0, 32]"),
         ("model.weights=/nowhere.pt", "model.weights='/nowhere.pt' is invalid: no such file"),
         ("resume=''", "resume='' is invalid: auto, the path of a checkpoint, or null"),
+        (
+            "trainer.compile_mode=fast",
+            "trainer.compile_mode='fast' is invalid: allowed: default, "
+            "reduce-overhead, max-autotune, max-autotune-no-cudagraphs",
+        ),
+        (
+            "trainer.compile_mode=reduce-overhead",
+            "trainer.compile_mode='reduce-overhead' is "
+            "invalid: a torch.compile mode needs trainer.compile=true",
+        ),
     ],
 )
 def test_out_of_range_values_name_key_value_and_allowed(override, message):

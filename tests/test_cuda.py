@@ -72,6 +72,20 @@ def test_compile_on_cuda_trains_and_leaves_its_warm_up_out_of_the_figures(tmp_pa
     assert math.isfinite(second["train_loss"]) and second["images_per_s"] > 0
 
 
+def test_compile_with_cuda_graphs_trains_like_the_default_mode(tmp_path):
+    """reduce-overhead replays each pass as a CUDA graph: the same arithmetic, so the same losses
+    as the default mode up to the kernels' own nondeterminism, and no lost steps."""
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        cfg = compose_config(*CUDA, "trainer.epochs=2", "trainer.compile=true",
+                             f"trainer.compile_mode={mode}")  # fmt: skip
+        runs[mode] = fit(cfg, tmp_path / mode)
+    default, graphs = (runs[m]["history"] for m in ("default", "reduce-overhead"))
+    assert [r["epoch"] for r in graphs] == [1, 2] and graphs[1]["compile_seconds"] == 0
+    for a, b in zip(default, graphs, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+
+
 def test_channels_last_and_contiguous_give_the_same_first_step_loss_in_bf16():
     g = torch.Generator().manual_seed(0)
     images = torch.randn(64, 3, 32, 32, generator=g).cuda()

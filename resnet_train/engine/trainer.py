@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
-from resnet_train.config import TrainerConfig, complete, to_dict
+from resnet_train.config import CUDA_GRAPH_MODES, TrainerConfig, complete, to_dict
 from resnet_train.data import build_loaders
 from resnet_train.data.transforms import build_batch_mixer
 from resnet_train.engine import distributed, faults
@@ -161,6 +161,9 @@ class Training:
     forward: nn.Module | None = None
     compiled: bool = False
     compiled_shapes: set = field(default_factory=set)
+    # compiled with CUDA graphs: each step starts a new graph replay (the last step's outputs,
+    # which the replay overwrites, are no longer read)
+    cuda_graphs: bool = False
     warmup_seconds: float = 0.0
     memory_format: torch.memory_format = torch.contiguous_format
     # Under torchrun: the DistributedDataParallel wrapper of `model` and this process's place.
@@ -368,6 +371,8 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
         sync = contextlib.nullcontext()
         if not last_in_group and t.ddp is not None:
             sync = t.ddp.no_sync()
+        if t.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with sync:
             with autocast(t.device, cfg.precision):
                 outputs = (t.forward if t.forward is not None else model)(images)
@@ -747,7 +752,8 @@ def _build_run(
         )
         t.forward = t.ddp
     if tc.compile:
-        t.forward, t.compiled = torch.compile(t.ddp or model), True
+        t.forward, t.compiled = torch.compile(t.ddp or model, mode=tc.compile_mode), True
+        t.cuda_graphs = device.type == "cuda" and tc.compile_mode in CUDA_GRAPH_MODES
 
     run.loaders, run.point, run.start_batch = loaders, point, start_batch
     return run
