@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -86,7 +87,12 @@ def precheck(args: list[str]) -> None:
 
         check_data(cfg.data)
         _check_steps(cfg)
-        _check_run_dir(cfg, run_dir)
+        teacher = None
+        if cfg.trainer.distill.teacher is not None:
+            from resnet_train.engine.distill import load_teacher
+
+            teacher = load_teacher(cfg)
+        _check_run_dir(cfg, run_dir, teacher)
     except UserError as e:
         _fail(e)
 
@@ -148,7 +154,7 @@ def _check_steps(cfg: DictConfig) -> None:
     plan_steps(cfg, len(splits.fit), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
@@ -164,7 +170,10 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path) -> None:
 
     point = find_resume(cfg, run_dir)
     if point is not None:
+        from resnet_train.engine.distill import check_same_teacher
+
         check_config(point, cfg)
+        check_same_teacher(point.state.get("teacher"), teacher, point.path)
 
 
 def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:

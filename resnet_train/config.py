@@ -173,6 +173,21 @@ class EmaConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Knowledge distillation (Hinton et al. 2015): the teacher's weights, a resnet-train
+    # checkpoint (its own architecture) or a torchvision .pth (architecture: teacher_model, else
+    # the student's); null = no distillation. Its path and sha256 go into the checkpoints, its
+    # weights do not.
+    teacher: str | None = None
+    # The teacher's architecture when teacher is a bare .pth of another model than the student.
+    teacher_model: str | None = None
+    # Softmax temperature of both sides' soft targets; the soft loss is scaled by T^2.
+    temperature: float = 4.0
+    # Weight of the soft (teacher) loss; the label loss gets 1 - alpha.
+    alpha: float = 0.9
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 30
     # "auto" picks CUDA when present, else the CPU; or any torch device string ("cpu", "cuda:1").
@@ -187,6 +202,7 @@ class TrainerConfig:
     accumulate_steps: int = 1
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # Deterministic algorithms (bit-identical reruns on the CPU), at some cost in speed.
     deterministic: bool = False
     # Train loss, lr and gradient norm to TensorBoard every this many optimizer steps.
@@ -316,6 +332,8 @@ TASKS = ("train", "summary", "eval", "export")
 WEIGHTS_TASKS = ("eval", "export")
 SPLITS = ("train", "valid", "test")
 EXPORT_FORMATS = ("onnx", "pt2")
+# What a distillation recipe puts in trainer.distill.teacher: the command line must say which.
+TEACHER_REQUIRED = "REQUIRED"
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -342,6 +360,23 @@ def _within(key: str, value: Any, interval: str) -> None:
 
 def _positive(key: str, value: Any) -> None:
     _check(value > 0, key, value, "must be > 0")
+
+
+def _validate_distill(kd: DictConfig, models: list[str]) -> None:
+    _check(kd.teacher != TEACHER_REQUIRED, "trainer.distill.teacher", kd.teacher,
+           "this experiment distils: give the teacher's weights, trainer.distill.teacher=PATH "
+           "(or null to train the student alone)")  # fmt: skip
+    if kd.teacher is not None:
+        from pathlib import Path
+
+        _check(Path(kd.teacher).expanduser().is_file(), "trainer.distill.teacher", kd.teacher,
+               "no such file: give a resnet-train checkpoint or a torchvision .pth")  # fmt: skip
+    _optional("trainer.distill.teacher_model", kd.teacher_model, _one_of, models)
+    _check(kd.teacher_model is None or kd.teacher is not None, "trainer.distill.teacher_model",
+           kd.teacher_model, "names the teacher's architecture: set trainer.distill.teacher "
+           "too")  # fmt: skip
+    _positive("trainer.distill.temperature", kd.temperature)
+    _within("trainer.distill.alpha", kd.alpha, "[0, 1]")
 
 
 def _optional(key: str, value: Any, check, *args) -> None:
@@ -554,6 +589,7 @@ def validate(cfg: DictConfig) -> None:
         ema.select,
         "there are no EMA weights to select without trainer.ema.decay; set a decay (0.999)",
     )
+    _validate_distill(t.distill, list_models())
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
     _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
     _at_least("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)

@@ -98,6 +98,20 @@ def test_two_processes_learn_agree_and_write_one_run_directory(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_distil_from_one_teacher_and_agree(tmp_path):
+    from resnet_train.models import create_model
+
+    teacher = tmp_path / "teacher.pth"
+    torch.save(create_model("resnet20").state_dict(), teacher)
+    out = finish(torchrun(tmp_path, *RUN[:-1], "trainer.epochs=1", "name=kd",
+                          f"trainer.distill.teacher={teacher}"))  # fmt: skip
+    assert "distilling from a resnet20" in out and "DDP: 2 process(es)" in out, out
+    assert "DDP: weights identical on all 2 processes" in out
+    metrics = json.loads((tmp_path / "outputs" / "kd" / "metrics.json").read_text())
+    assert metrics["teacher"]["path"] == str(teacher) and metrics["epochs_done"] == 1
+
+
+@pytest.mark.slow
 def test_preempted_ddp_run_resumes_bit_for_bit(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()

@@ -29,9 +29,10 @@ from omegaconf import DictConfig
 from resnet_train.data.loaders import build_eval_loader, class_names
 from resnet_train.deploy.fold import fold_batchnorm
 from resnet_train.deploy.quantize import quantize_int8
-from resnet_train.deploy.source import Trained, file_sha256, load_trained, require
+from resnet_train.deploy.source import Trained, load_trained, require
 from resnet_train.errors import UserError
 from resnet_train.logging import write_json
+from resnet_train.models.weights import file_sha256
 
 log = logging.getLogger("resnet_train")
 INPUT, OUTPUT = "images", "logits"

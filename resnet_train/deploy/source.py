@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ from resnet_train.config import flatten, validate
 from resnet_train.errors import MissingDependencyError
 from resnet_train.models.build import build_model
 from resnet_train.models.qat import prepare_qat
-from resnet_train.models.weights import WeightsFile, load_state, read_weights
+from resnet_train.models.weights import WeightsFile, file_sha256, load_state, read_weights
 
 log = logging.getLogger("resnet_train")
 
@@ -90,14 +88,6 @@ def adopt_config(
             OmegaConf.update(out, key, value, merge=False)
             adopted.append(key)
     return out, adopted
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_device(name: str) -> torch.device:

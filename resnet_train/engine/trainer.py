@@ -33,6 +33,7 @@ from resnet_train.engine.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
+from resnet_train.engine.distill import DistillLoss, Teacher, check_same_teacher, load_teacher
 from resnet_train.engine.distributed import Dist
 from resnet_train.engine.early_stopping import Monitor
 from resnet_train.engine.plan import StepPlan, plan_steps
@@ -471,6 +472,7 @@ class _Run:
         self.loaders: Any = None  # the run's Loaders
         self.point: ResumePoint | None = None  # where it resumed from
         self.start_batch = 0  # the batch of its first epoch it resumed at
+        self.teacher: Teacher | None = None  # trainer.distill's teacher
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
@@ -495,6 +497,7 @@ class _Run:
             "skipped_in_a_row": int(t.guard.skips) if t.guard is not None else 0,
             "rng": rng,
             "world_size": t.dist.world,
+            "teacher": self.teacher.record() if self.teacher is not None else None,
             "best_valid": self.best_valid,
             "history": self.history,
             "weights": "raw",
@@ -548,6 +551,7 @@ class _Run:
                 f"version reads format {FORMAT_VERSION}"
             )
         check_config(point, self.cfg)
+        check_same_teacher(state.get("teacher"), self.teacher, point.path)
         saved_world = state.get("world_size", 1)
         if saved_world != t.dist.world:
             raise CheckpointError(
@@ -731,6 +735,11 @@ def _build_run(
     es = tc.early_stopping
     run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta), plan)
     monitor = run.monitor
+    if tc.distill.teacher is not None:
+        run.teacher = load_teacher(cfg)
+        run.teacher.model.to(device, memory_format=memory_format)
+        kd = tc.distill
+        t.objective = DistillLoss(t.objective, run.teacher.model, kd.temperature, kd.alpha)
 
     start_batch = 0
     if point is not None:
@@ -800,6 +809,12 @@ def _describe(run: _Run) -> None:
             "is kept and evaluated on the test set",
             cfg.data.valid_ratio,
         )
+    if run.teacher is not None:
+        kd = tc.distill
+        log.info(
+            "distilling from a %s (%s, sha256 %s...): temperature %g, alpha %g",
+            run.teacher.name, run.teacher.path, run.teacher.sha256[:12], kd.temperature, kd.alpha,
+        )  # fmt: skip
     if d.enabled:
         log.info("DDP: %d process(es), %s backend", d.world, torch.distributed.get_backend())
     log.info("run directory: %s", run_dir)
@@ -983,6 +998,7 @@ def _write_metrics(
         "train": asdict(train_stats) if train_stats else None,
         "valid": final.get("best_valid") if loaders.valid is not None else None,
         "test": {"loss": test_stats.loss, "acc": test_stats.acc},
+        "teacher": run.teacher.record() if run.teacher is not None else None,
         "images_per_s": float(np.median(throughputs)) if throughputs else None,
         "wall_time_s": time.perf_counter() - wall_start,
         # Per epoch, this run's and those of the processes it resumed: rate, train figures,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,14 @@ class WeightsFile:
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None
     checkpoint: dict[str, Any] | None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_weights(path: str | Path, key: str = "model.weights") -> WeightsFile:

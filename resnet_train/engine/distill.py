@@ -1,0 +1,125 @@
+"""Knowledge distillation (Hinton et al. 2015): a trained teacher's softened outputs as a second
+target for the student.
+
+The teacher is read from trainer.distill.teacher: a resnet-train checkpoint brings its own model
+settings (architecture, stem, shortcut, width), a torchvision-style .pth takes
+trainer.distill.teacher_model (else the student's architecture). It runs in eval mode, without
+gradients, under the step's autocast, on the very images the student sees (augmented, mixed).
+Its weights never enter the run's checkpoints; its path and sha256 do, and a resume with another
+teacher is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from resnet_train.errors import CheckpointError, ConfigError
+from resnet_train.models.registry import create_model
+from resnet_train.models.weights import file_sha256, load_state, read_weights
+
+KEY = "trainer.distill.teacher"
+# The model settings a teacher checkpoint's own run decided (besides its classes).
+MODEL_KEYS = ("shortcut", "zero_init_residual", "stride_in_1x1")
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    name: str  # its architecture
+    path: Path
+    sha256: str
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the teacher (never its weights)."""
+        return {"path": str(self.path), "sha256": self.sha256, "model": self.name}
+
+
+def load_teacher(cfg: DictConfig) -> Teacher:
+    """The teacher of cfg.trainer.distill, on the CPU, in eval mode and frozen. Raises
+    CheckpointError (unreadable file, weights of another architecture) or ConfigError (another
+    number of classes than the student's data) naming the key."""
+    kd = cfg.trainer.distill
+    weights = read_weights(kd.teacher, key=KEY)
+    saved = (weights.config or {}).get("model") or {}
+    name = saved.get("name") or kd.teacher_model or cfg.model.name
+    if saved and kd.teacher_model is not None and kd.teacher_model != name:
+        raise ConfigError(
+            f"trainer.distill.teacher_model={kd.teacher_model!r} is invalid: the checkpoint "
+            f"{kd.teacher} holds a {name}; leave teacher_model unset for a resnet-train checkpoint"
+        )
+    if "fc.weight" not in weights.state:
+        raise CheckpointError(f"{KEY}={kd.teacher} holds no classifier (fc.weight): not a ResNet")
+    classes = weights.state["fc.weight"].shape[0]
+    if classes != cfg.data.num_classes:
+        raise ConfigError(
+            f"{KEY}={kd.teacher} is invalid: its classifier has {classes} classes, the student's "
+            f"data ({cfg.data.name}) has {cfg.data.num_classes}"
+        )
+    options = {k: saved[k] for k in MODEL_KEYS if saved.get(k) is not None}
+    stem = saved.get("stem") or ("cifar" if cfg.data.image_size <= 64 else "imagenet")
+    model = create_model(name, num_classes=classes, stem=stem, **options)
+    try:
+        load_state(model, weights, replace_classifier=False, key=KEY)
+    except CheckpointError as e:
+        hint = "" if saved else " (set trainer.distill.teacher_model to its architecture)"
+        raise CheckpointError(f"{e}{hint}") from None
+    model.eval().requires_grad_(False)
+    return Teacher(model, name, weights.path, file_sha256(weights.path))
+
+
+def check_same_teacher(saved: dict[str, Any] | None, teacher: Teacher | None, where: Path) -> None:
+    """A resumed run distils from the teacher it started with: the same file contents (the path
+    may change)."""
+    now = teacher.record() if teacher is not None else None
+    if (saved or {}).get("sha256") == (now or {}).get("sha256"):
+        return
+
+    def show(record: dict[str, Any] | None) -> str:
+        if record is None:
+            return "no teacher"
+        return f"{record['model']} {record['path']} (sha256 {record['sha256'][:12]})"
+
+    raise CheckpointError(
+        f"{where} was distilled from another teacher: {show(saved)} -> {show(now)}; resume with "
+        "the teacher it started with"
+    )
+
+
+class DistillLoss:
+    """(1 - alpha) * the label objective + alpha * T^2 * KL(teacher || student) at temperature T
+    (the T^2 keeps the soft loss's gradients on the scale of the label loss's)."""
+
+    def __init__(
+        self, label_loss: Any, teacher: nn.Module, temperature: float, alpha: float
+    ) -> None:
+        self.label_loss = label_loss
+        self.teacher = teacher
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def __call__(
+        self, images: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        hard = self.label_loss(images, outputs, labels)
+        with torch.no_grad():
+            teacher_outputs = self.teacher(images)
+        soft = soft_loss(outputs, teacher_outputs, self.temperature)
+        return (1 - self.alpha) * hard + self.alpha * soft
+
+
+def soft_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch, in fp32."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student.float() / t, dim=1),
+        F.log_softmax(teacher.float() / t, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    ) * (t * t)
