@@ -98,7 +98,7 @@ def precheck(args: list[str]) -> None:
 
 
 # What each task that reads a trained model writes into its run directory.
-DEPLOY_RECORDS = {"eval": "eval.json", "export": "export.json"}
+DEPLOY_RECORDS = {"eval": "eval.json", "export": "export.json", "prune": "prune.json"}
 
 
 def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
@@ -114,6 +114,11 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
         if cfg.export.quantize:
             require("onnxruntime.quantization", "export.quantize=int8")
     trained = load_trained(cfg, args)
+    if cfg.task == "prune":
+        from resnet_train.deploy.prune import method_for
+
+        if method_for(trained.cfg, trained.model) == "groups":
+            require("torch_pruning", "prune.method=groups")
     check_data(trained.cfg.data)
     splits = read_splits(trained.cfg.data, trained.cfg.seed)
     split_indices(splits, trained.cfg.eval.split, trained.cfg.data)
@@ -206,9 +211,22 @@ def run_export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     export(cfg, run_dir, overrides)
 
 
+def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
+    from resnet_train.deploy.prune import run_prune as prune
+
+    _check_deploy_run_dir("prune", run_dir)
+    return prune(cfg, run_dir, overrides)["after"]["acc"]
+
+
 # task=NAME -> what runs it: (config, run directory, the command line's overrides) -> the
 # figure Hydra sweepers (Optuna, Ax) optimise, or None.
-TASKS = {"train": run_train, "summary": run_summary, "eval": run_eval, "export": run_export}
+TASKS = {
+    "train": run_train,
+    "summary": run_summary,
+    "eval": run_eval,
+    "export": run_export,
+    "prune": run_prune,
+}
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")

@@ -236,6 +236,18 @@ class TrainerConfig:
 
 
 @dataclass
+class PruneConfig:
+    # task=prune: the fraction of each pruned layer's channels to remove, in (0, 1).
+    ratio: float = 0.3
+    # How filters are ranked: l1 (Li et al. 2017) or l2 norm of their weights, or random.
+    importance: str = "l1"
+    # blocks: inside each residual block only (the block's output width stays; for the
+    # zero-padding shortcut A); groups: Torch-Pruning's dependency groups, residual streams
+    # included (shortcut B, bottlenecks, plain nets); auto: blocks for shortcut A, else groups.
+    method: str = "auto"
+
+
+@dataclass
 class EvalConfig:
     # task=eval: the part of the data to evaluate: train (the images trained on, without
     # augmentation), valid (the data.valid_ratio hold-out) or test.
@@ -272,10 +284,11 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     seed: int = 0
     # "train"; "summary": print the model's parameters, MACs and stage shapes, and stop;
     # "eval": evaluate model.weights on eval.split; "export": write model.weights as ONNX or a
-    # torch.export program (export.*).
+    # torch.export program (export.*); "prune": write a smaller model.weights (prune.*).
     task: str = "train"
     # The run's directory is outputs/<name>; null names it after the command line's overrides.
     name: str | None = None
@@ -327,11 +340,13 @@ MAX_SEED = 2**32 - 1
 # Schedules whose rate has a floor (schedule.min_lr).
 FLOORED_SCHEDULES = ("cosine", "cosine_restarts")
 SHORTCUTS = ("A", "B", "none")
-TASKS = ("train", "summary", "eval", "export")
+TASKS = ("train", "summary", "eval", "export", "prune")
 # The tasks that read a trained model from model.weights.
-WEIGHTS_TASKS = ("eval", "export")
+WEIGHTS_TASKS = ("eval", "export", "prune")
 SPLITS = ("train", "valid", "test")
 EXPORT_FORMATS = ("onnx", "pt2")
+PRUNE_IMPORTANCE = ("l1", "l2", "random")
+PRUNE_METHODS = ("auto", "blocks", "groups")
 # What a distillation recipe puts in trainer.distill.teacher: the command line must say which.
 TEACHER_REQUIRED = "REQUIRED"
 
@@ -640,6 +655,9 @@ def _check_deploy(cfg: DictConfig) -> None:
         "int8 models are made with ONNX Runtime: use export.format=onnx",
     )
     _at_least("export.calibration_images", ex.calibration_images, 1)
+    _within("prune.ratio", cfg.prune.ratio, "(0, 1)")
+    _one_of("prune.importance", cfg.prune.importance, PRUNE_IMPORTANCE)
+    _one_of("prune.method", cfg.prune.method, PRUNE_METHODS)
     _at_least("export.check_images", ex.check_images, 1)
     _positive("export.check_tolerance", ex.check_tolerance)
     if cfg.task in WEIGHTS_TASKS:

@@ -23,7 +23,7 @@ from torch import nn
 
 from resnet_train.config import flatten, validate
 from resnet_train.errors import MissingDependencyError
-from resnet_train.models.build import build_model
+from resnet_train.models.build import apply_pruned_widths, build_model
 from resnet_train.models.qat import prepare_qat
 from resnet_train.models.weights import WeightsFile, file_sha256, load_state, read_weights
 
@@ -107,6 +107,7 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
         cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides))
         validate(cfg)
     model = build_model(_without_weights(cfg))
+    apply_pruned_widths(model, weights, "model.weights")
     load_state(model, weights, replace_classifier=False)
     if fake_quant and cfg.trainer.qat:
         prepare_qat(model)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from resnet_train.errors import CheckpointError, ConfigError
+from resnet_train.models.build import apply_pruned_widths
 from resnet_train.models.registry import create_model
 from resnet_train.models.weights import file_sha256, load_state, read_weights
 
@@ -65,6 +66,7 @@ def load_teacher(cfg: DictConfig) -> Teacher:
     options = {k: saved[k] for k in MODEL_KEYS if saved.get(k) is not None}
     stem = saved.get("stem") or ("cifar" if cfg.data.image_size <= 64 else "imagenet")
     model = create_model(name, num_classes=classes, stem=stem, **options)
+    apply_pruned_widths(model, weights, KEY)
     try:
         load_state(model, weights, replace_classifier=False, key=KEY)
     except CheckpointError as e:

@@ -48,6 +48,7 @@ from resnet_train.engine.resume import (
 from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
 from resnet_train.models.build import build_model
+from resnet_train.models.channels import channels_of
 from resnet_train.models.qat import prepare_qat
 from resnet_train.optim import (
     build_optimizer,
@@ -498,6 +499,7 @@ class _Run:
             "rng": rng,
             "world_size": t.dist.world,
             "teacher": self.teacher.record() if self.teacher is not None else None,
+            "channels": channels_of(t.model),  # a pruned model's widths (task=prune)
             "best_valid": self.best_valid,
             "history": self.history,
             "weights": "raw",

@@ -5,14 +5,16 @@ from __future__ import annotations
 from omegaconf import DictConfig
 from torch import nn
 
+from resnet_train.models.channels import apply_channels
 from resnet_train.models.registry import create_model
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
     """The model of cfg.model for the data of cfg.data: unless set, the stem follows the image
-    size (64 px or less: the CIFAR stem) and the classes follow the data set."""
+    size (64 px or less: the CIFAR stem) and the classes follow the data set. model.weights
+    loads a weights file; a pruned model's file (task=prune) first gives the model its widths."""
     m = cfg.model
-    return create_model(
+    model = create_model(
         m.name,
         num_classes=m.num_classes or cfg.data.num_classes,
         stem=m.stem or ("cifar" if cfg.data.image_size <= 64 else "imagenet"),
@@ -20,5 +22,22 @@ def build_model(cfg: DictConfig) -> nn.Module:
         zero_init_residual=m.zero_init_residual,
         stride_in_1x1=m.stride_in_1x1,
         dropout=m.dropout,
-        weights=m.weights,
     )
+    if m.weights is not None:
+        from resnet_train.models.weights import load_state, read_weights
+
+        weights = read_weights(m.weights)
+        apply_pruned_widths(model, weights, "model.weights")
+        load_state(model, weights, replace_classifier=True)
+    return model
+
+
+def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:
+    """Give model the widths of the pruned model in `weights` (a WeightsFile), if it is one."""
+    from resnet_train.errors import CheckpointError
+
+    record = (weights.checkpoint or {}).get("channels")
+    try:
+        apply_channels(model, record)
+    except ValueError as e:
+        raise CheckpointError(f"{key}={weights.path}: {e}") from None

@@ -1,0 +1,220 @@
+"""task=prune: structured channel pruning of a trained model into a smaller one.
+
+Two ways, chosen by prune.method (auto picks by the shortcut):
+  blocks  inside each residual block, the lowest-ranked filters of the block's inner convs
+          (their outputs, the BN that follows, the next conv's inputs), as Li et al. 2017
+          ("Pruning Filters for Efficient ConvNets") do for ResNet-56/110. The block's output
+          width stays: the zero-padding shortcut (option A) ties it across the network in a way
+          a dependency tracer does not see. The choice for option A (the CIFAR ResNets).
+  groups  whole dependency groups found by Torch-Pruning (DepGraph, Fang et al. 2023): residual
+          streams included, for 1x1-projection shortcuts (option B), bottlenecks, plain nets.
+
+The filters are ranked by their weights' L1 norm (Li et al.), L2 norm, or at random (a baseline).
+The pruned model is written as pruned.pt: its weights and its channel widths as data (the
+"channels" record; no pickled modules), so that it rebuilds from this package's model code and
+loads with weights_only=True. Fine-tuning it is an ordinary run:
+    resnet-train model=resnet56 model.weights=outputs/RUN/pruned.pt ...
+prune.json records parameters, MACs and accuracy on eval.split before and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from resnet_train.config import to_dict
+from resnet_train.data.loaders import build_eval_loader
+from resnet_train.deploy.evaluate import collect_logits
+from resnet_train.deploy.source import Trained, load_trained, require
+from resnet_train.errors import ConfigError
+from resnet_train.logging import write_json
+from resnet_train.models.channels import apply_channels, channel_record
+from resnet_train.models.registry import create_model
+from resnet_train.models.resnet import BasicBlock, Bottleneck, PreActBlock, PreActBottleneck
+from resnet_train.models.summary import summarize
+
+log = logging.getLogger("resnet_train")
+
+# Per block type: the (conv, bn, next conv) chains whose middle width is the block's own.
+INNER = {
+    BasicBlock: [("conv1", "bn1", "conv2")],
+    Bottleneck: [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")],
+    PreActBlock: [("conv1", "bn2", "conv2")],
+    PreActBottleneck: [("conv1", "bn2", "conv2"), ("conv2", "bn3", "conv3")],
+}
+
+
+def filter_scores(conv: nn.Conv2d, importance: str, generator: torch.Generator) -> torch.Tensor:
+    weight = conv.weight.detach().flatten(1)
+    if importance == "l1":
+        return weight.abs().sum(1)
+    if importance == "l2":
+        return weight.pow(2).sum(1).sqrt()
+    return torch.rand(weight.shape[0], generator=generator)
+
+
+def _keep(conv: nn.Conv2d, n: int, index: torch.Tensor, dim: int) -> nn.Conv2d:
+    """conv with only the output (dim 0) or input (dim 1) channels in index, n of them."""
+    out_channels, in_channels = (n, conv.in_channels) if dim == 0 else (conv.out_channels, n)
+    new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None)  # fmt: skip
+    new.weight.data = conv.weight.data.index_select(dim, index).clone()
+    if conv.bias is not None:
+        new.bias.data = conv.bias.data[index].clone() if dim == 0 else conv.bias.data.clone()
+    return new.train(conv.training)
+
+
+def _keep_bn(bn: nn.BatchNorm2d, index: torch.Tensor) -> nn.BatchNorm2d:
+    new = nn.BatchNorm2d(len(index), bn.eps, bn.momentum, bn.affine)
+    for name in ("weight", "bias"):
+        getattr(new, name).data = getattr(bn, name).data[index].clone()
+    new.running_mean = bn.running_mean[index].clone()
+    new.running_var = bn.running_var[index].clone()
+    new.num_batches_tracked = bn.num_batches_tracked.clone()
+    return new.train(bn.training)
+
+
+def prune_blocks(model: nn.Module, ratio: float, importance: str, seed: int) -> int:
+    """Remove round(ratio x width) filters from each inner conv of each block (at least one
+    filter stays); returns the number of chains pruned."""
+    generator = torch.Generator().manual_seed(seed)
+    chains = 0
+    for block in model.modules():
+        for first, bn_name, second in INNER.get(type(block), []):
+            conv, bn, after = (getattr(block, n) for n in (first, bn_name, second))
+            if conv.groups != 1 or after.groups != 1:
+                continue  # grouped convs (ResNeXt): their width is tied to the groups
+            width = conv.out_channels
+            keep = max(1, width - round(ratio * width))
+            scores = filter_scores(conv, importance, generator)
+            index = scores.topk(keep).indices.sort().values
+            setattr(block, first, _keep(conv, keep, index, dim=0))
+            setattr(block, bn_name, _keep_bn(bn, index))
+            setattr(block, second, _keep(after, keep, index, dim=1))
+            chains += 1
+    return chains
+
+
+def prune_groups(model: nn.Module, ratio: float, importance: str, image_size: int) -> None:
+    """Torch-Pruning's dependency groups, each pruned by ratio (the classifier's outputs kept)."""
+    tp = require("torch_pruning", "prune.method=groups")
+    scorer = {
+        "l1": lambda: tp.importance.MagnitudeImportance(p=1),
+        "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+        "random": lambda: tp.importance.RandomImportance(),
+    }[importance]()
+    example = torch.randn(1, 3, image_size, image_size)
+    pruner = tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio,
+                                  ignored_layers=[model.fc])  # fmt: skip
+    pruner.step()
+
+
+def method_for(cfg: DictConfig, model: nn.Module) -> str:
+    """prune.method, with auto resolved by the model's shortcut."""
+    method, shortcut = cfg.prune.method, model.shortcut
+    if method == "auto":
+        return "blocks" if shortcut == "A" else "groups"
+    if method == "groups" and shortcut == "A":
+        raise ConfigError(
+            "prune.method='groups' is invalid for shortcut A: the zero-padding shortcut ties "
+            "channels across blocks that the dependency graph does not see; use prune.method="
+            "blocks (auto picks it)"
+        )
+    return method
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, trained: Trained, loader: Any, desc: str) -> float:
+    cfg = trained.cfg
+    logits, labels = collect_logits(model, loader, trained.device, cfg.trainer.precision,
+                                    desc=desc, progress=cfg.trainer.progress)  # fmt: skip
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+def figures(model: nn.Module, image_size: int) -> dict[str, int]:
+    s = summarize(model.cpu(), image_size)
+    return {"parameters": s.parameters, "macs": s.macs}
+
+
+def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Prune model.weights; write pruned.pt and prune.json into run_dir; return the record."""
+    trained = load_trained(cfg, overrides, fake_quant=False)
+    cfg, p = trained.cfg, cfg.prune
+    method = method_for(cfg, trained.model)
+    size, split = cfg.data.image_size, cfg.eval.split
+    loader = build_eval_loader(cfg.data, cfg.seed, trained.device, split, trained.channels_last)
+    model = trained.model
+    before = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
+                                                       f"{split}, before")}  # fmt: skip
+    model = model.cpu().float().eval()
+    reference = create_model(cfg.model.name, num_classes=model.fc.out_features,
+                             stem=stem_of(model), shortcut=model.shortcut)  # fmt: skip
+    if method == "blocks":
+        prune_blocks(model, p.ratio, p.importance, cfg.seed)
+    else:
+        prune_groups(model, p.ratio, p.importance, size)
+    record = channel_record(model, reference)
+    _check_rebuild(model, reference, record, size)
+    after = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
+                                                      f"{split}, after")}  # fmt: skip
+    saved_cfg = to_dict(cfg)
+    saved_cfg["model"]["weights"] = None
+    state = {
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "channels": record,
+        "config": saved_cfg,
+        "pruned_from": {"path": str(trained.weights.path), "sha256": trained.sha256},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged = run_dir / ".pruned.pt.tmp"
+    torch.save(state, staged)
+    os.replace(staged, run_dir / "pruned.pt")
+    result = {
+        "weights": str(trained.weights.path),
+        "sha256": trained.sha256,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "split": split,
+        "method": method,
+        "importance": p.importance,
+        "ratio": p.ratio,
+        "before": before,
+        "after": after,
+        "macs_removed": 1 - after["macs"] / before["macs"],
+        "parameters_removed": 1 - after["parameters"] / before["parameters"],
+        "pruned": str(run_dir / "pruned.pt"),
+        "pruned_layers": len(record),
+    }
+    write_json(run_dir / "prune.json", result)
+    log.info(
+        "%s pruned (%s, %s, ratio %g): parameters %s -> %s (-%.1f%%), MACs %s -> %s (-%.1f%%), "
+        "%s accuracy %.2f%% -> %.2f%% before fine-tuning",
+        cfg.model.name, method, p.importance, p.ratio, f"{before['parameters']:,}",
+        f"{after['parameters']:,}", 100 * result["parameters_removed"], f"{before['macs']:,}",
+        f"{after['macs']:,}", 100 * result["macs_removed"], split, before["acc"], after["acc"],
+    )  # fmt: skip
+    log.info("fine-tune it: resnet-train model=%s model.weights=%s data.root=...",
+             cfg.model.name, run_dir / "pruned.pt")  # fmt: skip
+    return result
+
+
+def stem_of(model: nn.Module) -> str:
+    return "imagenet" if isinstance(model.maxpool, nn.MaxPool2d) else "cifar"
+
+
+def _check_rebuild(model: nn.Module, reference: nn.Module, record: dict, size: int) -> None:
+    """The record rebuilds the pruned model from our own code: same weights, same outputs."""
+    import copy
+
+    rebuilt = apply_channels(copy.deepcopy(reference), record)
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.allclose(rebuilt.eval()(images), model.eval()(images), atol=1e-5):
+            raise RuntimeError("the pruned model does not rebuild from its channel record")

@@ -1,0 +1,177 @@
+"""task=prune: which filters go, that the pruned model rebuilds from its record, that it
+fine-tunes, resumes, evaluates and distils like any model, and the errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_train.deploy.prune import prune_blocks, prune_groups
+from resnet_train.engine.checkpoint import load_checkpoint
+from resnet_train.models import create_model
+from resnet_train.models.channels import apply_channels, channel_record
+from resnet_train.models.resnet import BasicBlock
+from resnet_train.models.summary import summarize
+from tests.conftest import compose_config, run_cli
+
+TINY = ["data=synthetic", "data.train_size=96", "data.test_size=32", "data.batch_size=16",
+        "trainer.epochs=1", "trainer.device=cpu"]  # fmt: skip
+
+
+def trained_looking(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BN statistics and affine parameters away from their initial values."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
+def images(n: int = 4, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_l1_blocks_pruning_removes_exactly_the_filters_that_do_nothing():
+    """In each block, 30% of conv1's filters are made dead (zero weights, and a BN that maps
+    zero to zero): L1 ranks them last, pruning removes them, and the outputs do not change."""
+    model = trained_looking(create_model("resnet20"))
+    for block in model.modules():
+        if isinstance(block, BasicBlock):
+            width = block.conv1.out_channels
+            dead = torch.randperm(width, generator=torch.Generator().manual_seed(width))[
+                : round(0.3 * width)
+            ]
+            block.conv1.weight.data[dead] = 0
+            block.bn1.bias.data[dead] = 0
+            block.bn1.running_mean[dead] = 0
+    before = model(images())
+    pruned = copy.deepcopy(model)
+    assert prune_blocks(pruned, 0.3, "l1", seed=0) == 9
+    for (name, a), (_, b) in zip(model.named_modules(), pruned.named_modules(), strict=True):
+        if isinstance(a, BasicBlock):
+            assert b.conv1.out_channels == b.bn1.num_features == b.conv2.in_channels
+            assert b.conv1.out_channels == a.conv1.out_channels - round(0.3 * a.conv1.out_channels)
+            assert b.conv2.out_channels == a.conv2.out_channels, name  # the block's output stays
+    torch.testing.assert_close(pruned(images()), before, rtol=1e-5, atol=1e-5)
+    macs = summarize(pruned, 32).macs / summarize(model, 32).macs
+    assert 0.68 < macs < 0.72  # nearly all of a CIFAR ResNet's arithmetic is inside its blocks
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [("resnet20", "blocks"), ("resnet56", "blocks"), ("preact_resnet18", "blocks"),
+     ("resnet18", "groups"), ("resnet50", "groups"), ("plain20", "groups"),
+     ("resnet50", "blocks")],
+)  # fmt: skip
+def test_a_pruned_model_rebuilds_from_its_channel_record(name, method):
+    """A fresh model of the architecture, given the record, takes the pruned weights strictly
+    and gives the same outputs; the record is plain data (loads with weights_only=True)."""
+    pytest.importorskip("torch_pruning")
+    size = 32
+    model = trained_looking(create_model(name, num_classes=10, stem="cifar"))
+    reference = copy.deepcopy(model)
+    if method == "blocks":
+        prune_blocks(model, 0.4, "l2", seed=0)
+    else:
+        prune_groups(model, 0.4, "l1", size)
+    record = channel_record(model, reference)
+    assert record and summarize(model, size).macs < 0.8 * summarize(reference, size).macs
+    rebuilt = apply_channels(create_model(name, num_classes=10, stem="cifar"), record)
+    rebuilt.load_state_dict(model.state_dict())  # strict
+    torch.testing.assert_close(rebuilt.eval()(images()), model.eval()(images()))
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_random_importance_is_a_seeded_baseline():
+    base = trained_looking(create_model("resnet20"))
+    a, b, c = (copy.deepcopy(base) for _ in range(3))
+    prune_blocks(a, 0.5, "random", seed=3)
+    prune_blocks(b, 0.5, "random", seed=3)
+    prune_blocks(c, 0.5, "random", seed=4)
+    assert torch.equal(a.layer1[0].conv1.weight, b.layer1[0].conv1.weight)
+    assert not torch.equal(a.layer1[0].conv1.weight, c.layer1[0].conv1.weight)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("prune")
+    result = run_cli("model=resnet20", *TINY, "name=base", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd
+
+
+def test_prune_fine_tune_resume_eval_and_distil_from_the_pruned_model(trained):
+    cwd = trained
+    pruned = run_cli("task=prune", "model.weights=outputs/base/last.pt", "prune.ratio=0.4",
+                     "name=pruned", cwd=cwd)  # fmt: skip
+    assert pruned.returncode == 0, pruned.stderr
+    record = json.loads((cwd / "outputs" / "pruned" / "prune.json").read_text())
+    assert record["method"] == "blocks" and record["ratio"] == 0.4
+    assert record["before"]["parameters"] == sum(
+        p.numel() for p in create_model("resnet20").parameters()
+    )
+    assert 0.35 < record["macs_removed"] < 0.42 and 0 <= record["after"]["acc"] <= 100
+    file = cwd / "outputs" / "pruned" / "pruned.pt"
+    state = torch.load(file, weights_only=True)
+    assert state["channels"]["layer1.0.conv1"] == [10, 16]  # 16 - round(0.4 * 16)
+
+    # fine-tuning is an ordinary run from it; its checkpoints carry the widths on
+    args = ["model=resnet20", *TINY, f"model.weights={file}", "name=ft"]
+    first = run_cli(*args, cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    assert "resnet20 (0.16M parameters)" in first.stdout
+    last = load_checkpoint(cwd / "outputs" / "ft" / "last.pt")
+    assert last["channels"] == state["channels"]
+    resumed = run_cli(*args, "trainer.epochs=2", "resume=auto", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((cwd / "outputs" / "ft" / "metrics.json").read_text())
+    assert metrics["epochs_done"] == 2
+
+    evaluated = run_cli("task=eval", "model.weights=outputs/ft/last.pt", "name=ev", cwd=cwd)
+    assert evaluated.returncode == 0, evaluated.stderr
+    top1 = json.loads((cwd / "outputs" / "ev" / "eval.json").read_text())["top1"]
+    assert top1 == pytest.approx(metrics["test"]["acc"])  # the run's own test, reproduced
+
+    from resnet_train.engine.distill import load_teacher
+
+    teacher = load_teacher(compose_config("model=resnet20", *TINY,
+                                          f"trainer.distill.teacher={file}"))  # fmt: skip
+    assert teacher.model.layer1[0].conv1.out_channels == 10
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("prune.ratio=0", "prune.ratio=0.0 is invalid: must be in (0, 1)"),
+        ("prune.ratio=1", "prune.ratio=1.0 is invalid: must be in (0, 1)"),
+        ("prune.ratio=-0.2", "prune.ratio=-0.2 is invalid: must be in (0, 1)"),
+        (
+            "prune.importance=taylor",
+            "prune.importance='taylor' is invalid: allowed: l1, l2, random",
+        ),
+        (
+            "prune.method=groups",
+            "prune.method='groups' is invalid for shortcut A: the zero-padding",
+        ),
+        ("model=resnet32", "does not fit"),
+    ],
+)
+def test_bad_prune_settings_fail_in_one_line_and_write_nothing(override, message, trained):
+    cwd = trained
+    weights = "model.weights=outputs/base/last.pt"
+    if override == "model=resnet32":  # a bare state dict of another architecture
+        torch.save(load_checkpoint(cwd / "outputs" / "base" / "last.pt")["model"], cwd / "r20.pth")
+        weights = "model.weights=r20.pth"
+    result = run_cli("task=prune", weights, override, "name=bad", cwd=cwd)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("resnet-train: error: ") and message in lines[0], lines[0]
+    assert not (cwd / "outputs" / "bad").exists()
