@@ -16,6 +16,7 @@ on the CPU").
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import os
 import platform
@@ -37,7 +38,9 @@ from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa:
 from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
 from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
 from resnet_train.models import create_model  # noqa: E402
-from resnet_train.models.weights import load_weights  # noqa: E402
+from resnet_train.models.build import apply_pruned_widths  # noqa: E402
+from resnet_train.models.summary import summarize  # noqa: E402
+from resnet_train.models.weights import load_state, read_weights  # noqa: E402
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 SECTION = "## Inference on the CPU"
@@ -77,17 +80,32 @@ def calibration_images(root: Path | None, n: int = 512) -> np.ndarray:
     return (x - mean) / std
 
 
+def load_model(name: str, weights: Path | None) -> torch.nn.Module:
+    """The model, with its weights if given (a pruned model's file gives its widths too)."""
+    model = create_model(name, num_classes=10, stem="cifar")
+    if weights is not None:
+        file = read_weights(weights, key="--weights")
+        apply_pruned_widths(model, file, "--weights")
+        load_state(model, file, replace_classifier=False, key="--weights")
+    return model.eval()
+
+
+def model_label(name: str, weights: Path | None) -> str:
+    """The model's name; for a pruned model, its MACs and how many fewer than unpruned."""
+    model = load_model(name, weights)
+    if not getattr(model, "channels", None):
+        return name
+    macs = summarize(model, 32).macs
+    full = summarize(create_model(name, num_classes=10, stem="cifar"), 32).macs
+    return f"{name} pruned ({macs / 1e6:.1f}M MACs, {100 * (1 - macs / full):.0f}% fewer)"
+
+
 def variants(
     name: str, weights: Path | None, tmp: Path, data_root: Path | None, compile_: bool
 ) -> dict[str, Callable[[np.ndarray], object]]:
-    model = create_model(name, num_classes=10, stem="cifar")
-    if weights is not None:
-        load_weights(model, weights, replace_classifier=False)
-    model.eval()
+    model = load_model(name, weights)
     folded, _ = fold_batchnorm(model)
-    channels_last = create_model(name, num_classes=10, stem="cifar")
-    channels_last.load_state_dict(model.state_dict())
-    channels_last = channels_last.eval().to(memory_format=torch.channels_last)
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fp32, int8 = tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx"
     export_onnx(folded, torch.randn(2, 3, 32, 32), fp32)
     x = calibration_images(data_root)
@@ -160,6 +178,7 @@ def main() -> None:
         for i, name in enumerate(args.models):
             weights = args.weights[i] if args.weights else None
             runs = variants(name, weights, Path(tmp), args.data_root, not args.skip_compile)
+            shown = model_label(name, weights)
             figures: dict[str, dict[str, str]] = {k: {} for k in runs}
             speed: dict[int, dict[str, float]] = {}
             for b in args.batches:
@@ -175,14 +194,16 @@ def main() -> None:
                 per_batch = ", ".join(f"{b}: {speed[b][label]:,.0f}" for b in args.batches if b > 1)
                 ratio = speed[largest][label] / speed[largest]["eager fp32"]
                 rows.append(
-                    f"| {datetime.date.today()} | `{command}` | {machine} | {versions} | {name} | "
+                    f"| {datetime.date.today()} | `{command}` | {machine} | {versions} | {shown} | "
                     f"{label} | {figures[label].get('median', '-')} | "
                     f"{figures[label].get('p90', '-')} | {per_batch} | {ratio:.2f}x |"
                 )
             for b in [b for b in args.batches if b > 1]:
                 s = speed[b]
                 print(
-                    f"{name} batch {b}: int8 / ONNX Runtime fp32 "
+                    f"{shown} batch {b}: eager fp32 {s['eager fp32']:,.0f} img/s, "
+                    f"ONNX Runtime fp32 {s['ONNX Runtime fp32']:,.0f} img/s; "
+                    "int8 / ONNX Runtime fp32 "
                     f"{s['ONNX Runtime int8'] / s['ONNX Runtime fp32']:.2f}x, int8 / eager fp32 "
                     f"{s['ONNX Runtime int8'] / s['eager fp32']:.2f}x"
                 )

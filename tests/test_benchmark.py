@@ -130,3 +130,31 @@ def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_
     table = (tmp_path / "out" / "results.md").read_text()
     assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit None\)", table)
     assert re.search(r"\| resnet18 +\| did not finish \(exit None\)", table), table
+
+
+@pytest.mark.slow
+def test_inference_benchmark_measures_a_pruned_model_and_names_its_macs(tmp_path):
+    import copy
+
+    import torch
+
+    from resnet_train.deploy.prune import prune_blocks
+    from resnet_train.models import create_model
+    from resnet_train.models.channels import channel_record
+
+    model = create_model("resnet20")
+    reference = copy.deepcopy(model)
+    prune_blocks(model, 0.5, "l1", seed=0)
+    weights = tmp_path / "pruned.pt"
+    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference)},
+               weights)  # fmt: skip
+    table = tmp_path / "BENCHMARKS.md"
+    result = subprocess.run(
+        [sys.executable, "scripts/benchmark_inference.py", "--models", "resnet20", "--weights",
+         str(weights), "--batches", "1", "4", "--seconds", "0.05", "--skip-compile", "--output",
+         str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in table.read_text().splitlines() if "| resnet20 pruned (" in line]
+    assert len(rows) == 5 and all("M MACs, 49% fewer) |" in row for row in rows), rows
