@@ -175,14 +175,25 @@ def test_resume_with_another_teacher_checkpoint_is_refused_with_both(tmp_path, t
     assert sha256(run / "last.pt") == saved
 
 
+def kd_small(teacher: Path) -> list[str]:
+    return [*SMALL, f"trainer.distill.teacher={teacher}", "trainer.label_smoothing=0.1",
+            "trainer.ema.decay=0.9"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kd_reference(tmp_path_factory, teacher) -> Path:
+    reference = tmp_path_factory.mktemp("kd-reference")
+    fit(compose_config(*kd_small(teacher)), reference)
+    return reference
+
+
 @pytest.mark.parametrize("step", [2, 3])
-def test_a_stopped_distillation_resumes_bit_identical(step, tmp_path, monkeypatch, teacher):
+def test_a_stopped_distillation_resumes_bit_identical(
+    step, tmp_path, monkeypatch, teacher, kd_reference
+):
     """MixUp, Cutout, label smoothing and EMA with a teacher; stopped mid-epoch (2) and at an
     epoch end (3)."""
-    cfg = [*SMALL, f"trainer.distill.teacher={teacher}", "trainer.label_smoothing=0.1",
-           "trainer.ema.decay=0.9"]  # fmt: skip
-    reference = tmp_path / "reference"
-    fit(compose_config(*cfg), reference)
+    cfg = kd_small(teacher)
     run = tmp_path / "run"
     faults.reset()
     monkeypatch.setenv(faults.ENV, f"step:{step}:TERM")
@@ -190,7 +201,7 @@ def test_a_stopped_distillation_resumes_bit_identical(step, tmp_path, monkeypatc
         fit(compose_config(*cfg), run)
     monkeypatch.delenv(faults.ENV)
     fit(compose_config(*cfg, "resume=auto"), run)
-    assert_same_result(run, reference)
+    assert_same_result(run, kd_reference)
 
 
 def test_a_bare_teacher_file_of_another_architecture_is_named_with_teacher_model(tmp_path):
@@ -233,16 +244,21 @@ def test_a_bare_teacher_file_of_another_architecture_is_named_with_teacher_model
     ],
 )
 def test_bad_distillation_settings_fail_in_one_line_before_anything_is_written(
-    override, message, tmp_path
+    override, message, tmp_path, monkeypatch, capsys
 ):
+    """The command line's own check (precheck), in-process: exit 2, one line, no run directory."""
+    from resnet_train.cli import precheck
+
     classes100 = tmp_path / "c100.pth"
     torch.save(create_model("resnet20", num_classes=100).state_dict(), classes100)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     override = override.format(classes100=classes100, garbage=garbage,
                                missing=tmp_path / "missing.pt")  # fmt: skip
-    result = run_cli(*TINY, override, "name=bad", cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("resnet-train: error: ") and message in lines[0], lines[0]
-    assert not (tmp_path / "outputs").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        precheck([*TINY, override, "hydra.run.dir=run"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("resnet-train: error: ") and message in err, err
+    assert not (tmp_path / "run").exists()

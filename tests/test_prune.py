@@ -164,14 +164,21 @@ def test_prune_fine_tune_resume_eval_and_distil_from_the_pruned_model(trained):
         ("model=resnet32", "does not fit"),
     ],
 )
-def test_bad_prune_settings_fail_in_one_line_and_write_nothing(override, message, trained):
+def test_bad_prune_settings_fail_in_one_line_and_write_nothing(
+    override, message, trained, monkeypatch, capsys
+):
+    """The command line's own check (precheck), in-process: exit 2, one line, no directory."""
+    from resnet_train.cli import precheck
+
     cwd = trained
     weights = "model.weights=outputs/base/last.pt"
     if override == "model=resnet32":  # a bare state dict of another architecture
         torch.save(load_checkpoint(cwd / "outputs" / "base" / "last.pt")["model"], cwd / "r20.pth")
         weights = "model.weights=r20.pth"
-    result = run_cli("task=prune", weights, override, "name=bad", cwd=cwd)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("resnet-train: error: ") and message in lines[0], lines[0]
+    monkeypatch.chdir(cwd)
+    with pytest.raises(SystemExit) as stop:
+        precheck(["task=prune", weights, override, "hydra.run.dir=outputs/bad"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("resnet-train: error: ") and message in err, err
     assert not (cwd / "outputs" / "bad").exists()
