@@ -182,3 +182,21 @@ def test_bad_prune_settings_fail_in_one_line_and_write_nothing(
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("resnet-train: error: ") and message in err, err
     assert not (cwd / "outputs" / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("width", "ratio", "round_to", "keep"),
+    [(16, 0.3, 1, 11), (16, 0.3, 8, 8), (64, 0.3, 8, 48), (32, 0.3, 4, 24), (16, 0.9, 8, 8),
+     (4, 0.1, 8, 4), (16, 0.99, 1, 1)],
+)  # fmt: skip
+def test_round_to_keeps_a_multiple_of_it_in_each_pruned_layer(width, ratio, round_to, keep):
+    from resnet_train.deploy.prune import kept
+
+    assert kept(width, ratio, round_to) == keep
+
+
+def test_blocks_pruning_with_round_to_keeps_multiples_of_eight():
+    model = create_model("resnet56")
+    prune_blocks(model, 0.3, "l1", seed=0, round_to=8)
+    widths = {m.conv1.out_channels for m in model.modules() if isinstance(m, BasicBlock)}
+    assert widths == {8, 24, 48}

@@ -80,9 +80,19 @@ def _keep_bn(bn: nn.BatchNorm2d, index: torch.Tensor) -> nn.BatchNorm2d:
     return new.train(bn.training)
 
 
-def prune_blocks(model: nn.Module, ratio: float, importance: str, seed: int) -> int:
-    """Remove round(ratio x width) filters from each inner conv of each block (at least one
-    filter stays); returns the number of chains pruned."""
+def kept(width: int, ratio: float, round_to: int = 1) -> int:
+    """How many of `width` channels stay: width less round(ratio x width), to the nearest
+    multiple of round_to, at least round_to (and one), at most width."""
+    keep = width - round(ratio * width)
+    keep = round_to * round(keep / round_to)
+    return min(width, max(keep, round_to, 1))
+
+
+def prune_blocks(
+    model: nn.Module, ratio: float, importance: str, seed: int, round_to: int = 1
+) -> int:
+    """Remove about ratio x width filters from each inner conv of each block (see kept());
+    returns the number of chains pruned."""
     generator = torch.Generator().manual_seed(seed)
     chains = 0
     for block in model.modules():
@@ -91,7 +101,9 @@ def prune_blocks(model: nn.Module, ratio: float, importance: str, seed: int) -> 
             if conv.groups != 1 or after.groups != 1:
                 continue  # grouped convs (ResNeXt): their width is tied to the groups
             width = conv.out_channels
-            keep = max(1, width - round(ratio * width))
+            keep = kept(width, ratio, round_to)
+            if keep == width:
+                continue
             scores = filter_scores(conv, importance, generator)
             index = scores.topk(keep).indices.sort().values
             setattr(block, first, _keep(conv, keep, index, dim=0))
@@ -101,7 +113,9 @@ def prune_blocks(model: nn.Module, ratio: float, importance: str, seed: int) -> 
     return chains
 
 
-def prune_groups(model: nn.Module, ratio: float, importance: str, image_size: int) -> None:
+def prune_groups(
+    model: nn.Module, ratio: float, importance: str, image_size: int, round_to: int = 1
+) -> None:
     """Torch-Pruning's dependency groups, each pruned by ratio (the classifier's outputs kept)."""
     tp = require("torch_pruning", "prune.method=groups")
     scorer = {
@@ -111,7 +125,8 @@ def prune_groups(model: nn.Module, ratio: float, importance: str, image_size: in
     }[importance]()
     example = torch.randn(1, 3, image_size, image_size)
     pruner = tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio,
-                                  ignored_layers=[model.fc])  # fmt: skip
+                                  ignored_layers=[model.fc],
+                                  round_to=round_to if round_to > 1 else None)  # fmt: skip
     pruner.step()
 
 
@@ -156,9 +171,9 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     reference = create_model(cfg.model.name, num_classes=model.fc.out_features,
                              stem=stem_of(model), shortcut=model.shortcut)  # fmt: skip
     if method == "blocks":
-        prune_blocks(model, p.ratio, p.importance, cfg.seed)
+        prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
     else:
-        prune_groups(model, p.ratio, p.importance, size)
+        prune_groups(model, p.ratio, p.importance, size, p.round_to)
     record = channel_record(model, reference)
     _check_rebuild(model, reference, record, size)
     after = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
@@ -184,6 +199,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         "method": method,
         "importance": p.importance,
         "ratio": p.ratio,
+        "round_to": p.round_to,
         "before": before,
         "after": after,
         "macs_removed": 1 - after["macs"] / before["macs"],
