@@ -149,7 +149,7 @@ def accuracy(model: nn.Module, trained: Trained, loader: Any, desc: str) -> floa
     cfg = trained.cfg
     logits, labels = collect_logits(model, loader, trained.device, cfg.trainer.precision,
                                     desc=desc, progress=cfg.trainer.progress)  # fmt: skip
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+    return 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
 
 
 def figures(model: nn.Module, image_size: int) -> dict[str, int]:
