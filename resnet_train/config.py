@@ -245,9 +245,10 @@ class PruneConfig:
     # zero-padding shortcut A); groups: Torch-Pruning's dependency groups, residual streams
     # included (shortcut B, bottlenecks, plain nets); auto: blocks for shortcut A, else groups.
     method: str = "auto"
-    # Keep a multiple of this many channels in each pruned layer (the CPU's and GPU's kernels
-    # run faster on multiples of 8 than on odd widths); 1 = exactly the ratio.
-    round_to: int = 1
+    # Keep a multiple of this many channels in each pruned layer: vector kernels run odd widths
+    # slowly (ResNet-56 on this project's CPU: 31% fewer MACs at exact widths ran no faster;
+    # 33% fewer at multiples of 8, 1.10x eager and 1.19x ONNX Runtime); 1 = exactly the ratio.
+    round_to: int = 8
 
 
 @dataclass
