@@ -262,3 +262,25 @@ def test_bad_distillation_settings_fail_in_one_line_before_anything_is_written(
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("resnet-train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_keeps_its_own_stem_and_an_unknown_architecture_is_one_line(tmp_path):
+    """A bare .pth of an ImageNet-stem teacher for a 32-px student: its 7x7 conv says which."""
+    from resnet_train.engine.distill import load_teacher
+    from resnet_train.errors import CheckpointError
+
+    bare = tmp_path / "r18.pth"
+    torch.save(create_model("resnet18", num_classes=10, stem="imagenet").state_dict(), bare)
+    cfg = compose_config(*TINY, f"trainer.distill.teacher={bare}",
+                         "trainer.distill.teacher_model=resnet18")  # fmt: skip
+    teacher = load_teacher(cfg)
+    assert teacher.model.conv1.kernel_size == (7, 7)
+    alien = tmp_path / "alien.pt"
+    state = load_checkpoint_like(bare, {"model": {"name": "resnet20x"}})
+    torch.save(state, alien)
+    with pytest.raises(CheckpointError, match=r"holds a 'resnet20x', not a model of this version"):
+        load_teacher(compose_config(*TINY, f"trainer.distill.teacher={alien}"))
+
+
+def load_checkpoint_like(weights: Path, config: dict) -> dict:
+    return {"model": torch.load(weights, weights_only=True), "config": config}

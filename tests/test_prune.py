@@ -200,3 +200,51 @@ def test_blocks_pruning_with_round_to_keeps_multiples_of_eight():
     prune_blocks(model, 0.3, "l1", seed=0, round_to=8)
     widths = {m.conv1.out_channels for m in model.modules() if isinstance(m, BasicBlock)}
     assert widths == {8, 24, 48}
+
+
+def test_a_pruned_model_fine_tunes_on_data_with_other_classes(tmp_path):
+    """The record's classifier gives its input width only: the classes are the new data's."""
+    pytest.importorskip("torch_pruning")
+    from resnet_train.models.build import build_model
+
+    model = trained_looking(create_model("resnet18", num_classes=10, stem="cifar"))
+    reference = copy.deepcopy(model)
+    prune_groups(model, 0.5, "l1", 32)
+    file = tmp_path / "pruned.pt"
+    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference)}, file)
+    cfg = compose_config("model=resnet18", "data=synthetic", "data.num_classes=100",
+                         f"model.weights={file}")  # fmt: skip
+    tuned = build_model(cfg)
+    assert tuned.fc.out_features == 100 and tuned.fc.in_features == model.fc.in_features
+    assert tuned(images(2)).shape == (2, 100)
+
+
+def test_pruning_that_removes_nothing_is_refused_naming_why(trained, monkeypatch):
+    from resnet_train.deploy.prune import run_prune
+    from resnet_train.errors import ConfigError
+
+    monkeypatch.chdir(trained)
+    args = ["task=prune", "model.weights=outputs/base/last.pt", "prune.ratio=0.05"]
+    with pytest.raises(ConfigError, match=r"^prune.ratio=0.05 is invalid: it removes no channel: "
+                       r"the ratio is too small for prune.round_to=8"):  # fmt: skip
+        run_prune(compose_config(*args), trained / "outputs" / "nothing", args)
+    assert not (trained / "outputs" / "nothing" / "pruned.pt").exists()
+
+
+def test_the_unpruned_reference_keeps_the_runs_model_settings(tmp_path, monkeypatch):
+    """stride_in_1x1 moves no weights but changes the network: the pruned model must rebuild
+    with it, and the fine-tuning command the log suggests must say it."""
+    pytest.importorskip("torch_pruning")
+    from resnet_train.deploy.prune import run_prune
+
+    monkeypatch.chdir(tmp_path)
+    base = ["model=resnet50", "model.stride_in_1x1=true", "data=synthetic", "data.test_size=8",
+            "data.batch_size=4", "trainer.device=cpu"]  # fmt: skip
+    weights = tmp_path / "r50.pth"
+    torch.save(create_model("resnet50", num_classes=10, stem="cifar",
+                            stride_in_1x1=True).state_dict(), weights)  # fmt: skip
+    cfg = compose_config(*base, "task=prune", f"model.weights={weights}", "prune.ratio=0.5")
+    result = run_prune(cfg, tmp_path / "p", [*base, f"model.weights={weights}"])
+    assert result["method"] == "groups" and result["macs_removed"] > 0.5
+    log = (tmp_path / "p" / "prune.json").read_text()
+    assert json.loads(log)["pruned_layers"] > 0

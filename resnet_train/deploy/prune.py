@@ -31,11 +31,11 @@ from torch import nn
 from resnet_train.config import to_dict
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.evaluate import collect_logits
-from resnet_train.deploy.source import Trained, load_trained, require
+from resnet_train.deploy.source import Trained, _without_weights, load_trained, require
 from resnet_train.errors import ConfigError
 from resnet_train.logging import write_json
+from resnet_train.models.build import build_model
 from resnet_train.models.channels import apply_channels, channel_record
-from resnet_train.models.registry import create_model
 from resnet_train.models.resnet import BasicBlock, Bottleneck, PreActBlock, PreActBottleneck
 from resnet_train.models.summary import summarize
 
@@ -168,18 +168,27 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     before = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
                                                        f"{split}, before")}  # fmt: skip
     model = model.cpu().float().eval()
-    reference = create_model(cfg.model.name, num_classes=model.fc.out_features,
-                             stem=stem_of(model), shortcut=model.shortcut)  # fmt: skip
+    reference = build_model(_without_weights(cfg))  # the architecture unpruned, as configured
     if method == "blocks":
         prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
     else:
         prune_groups(model, p.ratio, p.importance, size, p.round_to)
     record = channel_record(model, reference)
+    if not _smaller(model, before):
+        why = (
+            "its blocks' convs are grouped (ResNeXt): use prune.method=groups"
+            if method == "blocks" and any(c.groups > 1 for c in _convs(model))
+            else f"the ratio is too small for prune.round_to={p.round_to} (each pruned layer "
+            f"keeps a multiple of {p.round_to} channels)"
+        )
+        raise ConfigError(f"prune.ratio={p.ratio} is invalid: it removes no channel: {why}")
     _check_rebuild(model, reference, record, size)
     after = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
                                                       f"{split}, after")}  # fmt: skip
     saved_cfg = to_dict(cfg)
     saved_cfg["model"]["weights"] = None
+    # a float model (a QAT source is pruned and measured without fake quantization)
+    saved_cfg["trainer"]["qat"] = False
     state = {
         "model": {k: v.cpu() for k, v in model.state_dict().items()},
         "channels": record,
@@ -215,13 +224,29 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         f"{after['parameters']:,}", 100 * result["parameters_removed"], f"{before['macs']:,}",
         f"{after['macs']:,}", 100 * result["macs_removed"], split, before["acc"], after["acc"],
     )  # fmt: skip
-    log.info("fine-tune it: resnet-train model=%s model.weights=%s data.root=...",
-             cfg.model.name, run_dir / "pruned.pt")  # fmt: skip
+    log.info("fine-tune it: resnet-train %s data.root=...",
+             " ".join(model_overrides(cfg, run_dir / "pruned.pt")))  # fmt: skip
     return result
 
 
-def stem_of(model: nn.Module) -> str:
-    return "imagenet" if isinstance(model.maxpool, nn.MaxPool2d) else "cifar"
+def model_overrides(cfg: DictConfig, weights: Path) -> list[str]:
+    """The command line's model keys that build the pruned model's architecture."""
+    from resnet_train.config import ModelConfig
+
+    default = ModelConfig()
+    keys = [f"model={cfg.model.name}"]
+    for key, value in cfg.model.items():
+        if key not in ("name", "weights") and value != getattr(default, key):
+            keys.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return [*keys, f"model.weights={weights}"]
+
+
+def _convs(model: nn.Module) -> list[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _smaller(model: nn.Module, before: dict[str, Any]) -> bool:
+    return sum(p.numel() for p in model.parameters()) < before["parameters"]
 
 
 def _check_rebuild(model: nn.Module, reference: nn.Module, record: dict, size: int) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from resnet_train.errors import CheckpointError, ConfigError
 from resnet_train.models.build import apply_pruned_widths
-from resnet_train.models.registry import create_model
+from resnet_train.models.registry import create_model, list_models
 from resnet_train.models.weights import file_sha256, load_state, read_weights
 
 KEY = "trainer.distill.teacher"
@@ -63,8 +63,13 @@ def load_teacher(cfg: DictConfig) -> Teacher:
             f"{KEY}={kd.teacher} is invalid: its classifier has {classes} classes, the student's "
             f"data ({cfg.data.name}) has {cfg.data.num_classes}"
         )
+    if name not in list_models():
+        raise CheckpointError(f"{KEY}={kd.teacher} holds a {name!r}, not a model of this version")
     options = {k: saved[k] for k in MODEL_KEYS if saved.get(k) is not None}
-    stem = saved.get("stem") or ("cifar" if cfg.data.image_size <= 64 else "imagenet")
+    # the stem its weights have: a 7x7 first conv is the ImageNet stem
+    stem = saved.get("stem") or (
+        "imagenet" if weights.state.get("conv1.weight", torch.zeros(1)).shape[-1] == 7 else "cifar"
+    )
     model = create_model(name, num_classes=classes, stem=stem, **options)
     apply_pruned_widths(model, weights, KEY)
     try:

@@ -50,7 +50,9 @@ def _resized(module: nn.Module, shape: list[int]) -> nn.Module:
     elif isinstance(module, nn.BatchNorm2d):
         new = nn.BatchNorm2d(shape[0], module.eps, module.momentum, module.affine)
     elif isinstance(module, nn.Linear):
-        new = nn.Linear(shape[1], shape[0], bias=module.bias is not None)
+        # its inputs follow the pruned features; its outputs stay the classes of the model
+        # being built (fine-tuning on another data set replaces the classifier)
+        new = nn.Linear(shape[1], module.out_features, bias=module.bias is not None)
     else:
         raise ValueError(f"a {type(module).__name__} has no channel width to set")
     return new.train(module.training)
