@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,20 +98,44 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
         "--output",
         str(table),
     ]
-    for _ in range(2):  # the second run appends below the first one's rows
-        result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # the second run, of a pruned model, appends below the first one's rows
+    for extra in ([], ["--weights", str(pruned_weights(tmp_path))]):
+        result = subprocess.run([*args, *extra], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr
     assert "int8 / ONNX Runtime fp32" in result.stdout
     lines = table.read_text().splitlines()
     assert lines[:5] == ["# Benchmarks", "", "| date | a |", "| --- | --- |", "| x | 1 |"]
-    rows = [line for line in lines if "| resnet20 |" in line]
+    rows = [line for line in lines if "| resnet20" in line]
     variants = ["eager fp32", "eager channels_last", "eager BN folded", "ONNX Runtime fp32",
                 "ONNX Runtime int8"]  # fmt: skip
     assert [row.split(" | ")[5] for row in rows] == variants * 2
+    assert all(" | resnet20 | " in row for row in rows[:5])
+    # a pruned model is named with its MACs and how many fewer than unpruned
+    assert all("| resnet20 pruned (" in row and "M MACs, 49% fewer) |" in row for row in rows[5:])
     for row in rows:
         cells = row.split(" | ")
         assert float(cells[6]) > 0 and cells[8].startswith("4: ")
     assert lines.count("## Inference on the CPU") == 1
+
+
+def pruned_weights(folder: Path) -> Path:
+    """A ResNet-20 with half of each block's inner channels, as task=prune saves it."""
+    import copy
+
+    import torch
+
+    from resnet_train.deploy.prune import prune_blocks
+    from resnet_train.models import create_model
+    from resnet_train.models.channels import channel_record
+
+    model = create_model("resnet20")
+    reference = copy.deepcopy(model)
+    prune_blocks(model, 0.5, "l1", seed=0)
+    weights = folder / "pruned.pt"
+    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference)},
+               weights)  # fmt: skip
+    return weights
 
 
 def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_path):
@@ -130,31 +155,3 @@ def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_
     table = (tmp_path / "out" / "results.md").read_text()
     assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit None\)", table)
     assert re.search(r"\| resnet18 +\| did not finish \(exit None\)", table), table
-
-
-@pytest.mark.slow
-def test_inference_benchmark_measures_a_pruned_model_and_names_its_macs(tmp_path):
-    import copy
-
-    import torch
-
-    from resnet_train.deploy.prune import prune_blocks
-    from resnet_train.models import create_model
-    from resnet_train.models.channels import channel_record
-
-    model = create_model("resnet20")
-    reference = copy.deepcopy(model)
-    prune_blocks(model, 0.5, "l1", seed=0)
-    weights = tmp_path / "pruned.pt"
-    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference)},
-               weights)  # fmt: skip
-    table = tmp_path / "BENCHMARKS.md"
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark_inference.py", "--models", "resnet20", "--weights",
-         str(weights), "--batches", "1", "4", "--seconds", "0.05", "--skip-compile", "--output",
-         str(table)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in table.read_text().splitlines() if "| resnet20 pruned (" in line]
-    assert len(rows) == 5 and all("M MACs, 49% fewer) |" in row for row in rows), rows

@@ -103,8 +103,8 @@ def test_two_processes_distil_from_one_teacher_and_agree(tmp_path):
 
     teacher = tmp_path / "teacher.pth"
     torch.save(create_model("resnet20").state_dict(), teacher)
-    out = finish(torchrun(tmp_path, *RUN[:-1], "trainer.epochs=1", "name=kd",
-                          f"trainer.distill.teacher={teacher}"))  # fmt: skip
+    out = finish(torchrun(tmp_path, *RUN[:-1], "trainer.epochs=1", "data.train_size=128",
+                          "name=kd", f"trainer.distill.teacher={teacher}"))  # fmt: skip
     assert "distilling from a resnet20" in out and "DDP: 2 process(es)" in out, out
     assert "DDP: weights identical on all 2 processes" in out
     metrics = json.loads((tmp_path / "outputs" / "kd" / "metrics.json").read_text())
