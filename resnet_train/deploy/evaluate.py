@@ -251,11 +251,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
     # (flip TTA is not what the run tested)
     reported = None if cfg.eval.tta else training_report(trained, split)
     result = {
-        "weights": str(trained.weights.path),
-        "sha256": trained.sha256,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "split": split,
+        **trained.record(split),
         "tta": bool(cfg.eval.tta),
         "precision": cfg.trainer.precision,
         **figures,

@@ -165,9 +165,9 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     size, split = cfg.data.image_size, cfg.eval.split
     loader = build_eval_loader(cfg.data, cfg.seed, trained.device, split, trained.channels_last)
     model = trained.model
-    before = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
-                                                       f"{split}, before")}  # fmt: skip
-    model = model.cpu().float().eval()
+    before = {"acc": accuracy(model, trained, loader, f"{split}, before")}
+    before.update(figures(model, size))  # (on the CPU, where the model is pruned)
+    model = model.float().eval()
     reference = build_model(_without_weights(cfg))  # the architecture unpruned, as configured
     if method == "blocks":
         prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
@@ -200,11 +200,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     torch.save(state, staged)
     os.replace(staged, run_dir / "pruned.pt")
     result = {
-        "weights": str(trained.weights.path),
-        "sha256": trained.sha256,
-        "model": cfg.model.name,
-        "data": cfg.data.name,
-        "split": split,
+        **trained.record(split),
         "method": method,
         "importance": p.importance,
         "ratio": p.ratio,

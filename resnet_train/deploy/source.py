@@ -53,6 +53,16 @@ class Trained:
         """Of the weights file; read when a record asks for it (not by the command's check)."""
         return file_sha256(self.weights.path)
 
+    def record(self, split: str) -> dict[str, Any]:
+        """What a task's record says of its source: the weights file, the model and the data."""
+        return {
+            "weights": str(self.weights.path),
+            "sha256": self.sha256,
+            "model": self.cfg.model.name,
+            "data": self.cfg.data.name,
+            "split": split,
+        }
+
 
 def given_keys(overrides: list[str]) -> set[str]:
     """The keys and groups set on the command line ("data.root=x" -> "data.root", "data=cifar100"
