@@ -28,8 +28,18 @@ register_configs()
 
 
 def _fail(message: object) -> None:
-    print(f"resnet-train: error: {message}", file=sys.stderr)
+    print(f"resnet-train: error: {one_line(str(message))}", file=sys.stderr)
     sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    """An error raised in a DataLoader worker reaches the main process as "Caught DataError in
+    DataLoader worker process 0. Original Traceback ...": its own message is the last line, after
+    the exception's name."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.strip().splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def print_summary(cfg: DictConfig) -> None:
@@ -84,8 +94,10 @@ def precheck(args: list[str]) -> None:
             _check_deploy(cfg, args, run_dir)
             return
         from resnet_train.data import check_data
+        from resnet_train.data.settle import settle_data
 
         check_data(cfg.data)
+        settle_data(cfg)
         _check_steps(cfg)
         teacher = None
         if cfg.trainer.distill.teacher is not None:
@@ -98,7 +110,12 @@ def precheck(args: list[str]) -> None:
 
 
 # What each task that reads a trained model writes into its run directory.
-DEPLOY_RECORDS = {"eval": "eval.json", "export": "export.json", "prune": "prune.json"}
+DEPLOY_RECORDS = {
+    "eval": "eval.json",
+    "export": "export.json",
+    "prune": "prune.json",
+    "predict": "predict.json",
+}
 
 
 def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
@@ -114,6 +131,12 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
         if cfg.export.quantize:
             require("onnxruntime.quantization", "export.quantize=int8")
     trained = load_trained(cfg, args)
+    if cfg.task == "predict":  # new images: the data set is not needed
+        from resnet_train.deploy.predict import list_inputs, usable_inputs
+
+        usable_inputs(list_inputs(cfg.predict.inputs), bool(trained.cfg.data.skip_bad))
+        _check_deploy_run_dir(cfg.task, run_dir)
+        return
     if cfg.task == "prune":
         from resnet_train.deploy.prune import method_for
 
@@ -218,6 +241,13 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     return prune(cfg, run_dir, overrides)["after"]["acc"]
 
 
+def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    from resnet_train.deploy.predict import run_predict as predict
+
+    _check_deploy_run_dir("predict", run_dir)
+    predict(cfg, run_dir, overrides)
+
+
 # task=NAME -> what runs it: (config, run directory, the command line's overrides) -> the
 # figure Hydra sweepers (Optuna, Ax) optimise, or None.
 TASKS = {
@@ -226,6 +256,7 @@ TASKS = {
     "eval": run_eval,
     "export": run_export,
     "prune": run_prune,
+    "predict": run_predict,
 }
 
 

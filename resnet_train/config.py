@@ -40,6 +40,12 @@ class ModelConfig:
     # A weights file to start from: torchvision's .pth or a resnet-train checkpoint. A classifier
     # of another number of classes is replaced (fine-tuning).
     weights: str | None = None
+    # Parts kept as loaded (weights and BN statistics): a list of stem, layer1 ... layer4, fc,
+    # or backbone (all but the classifier fc: a linear probe); null = none.
+    freeze: Any = None
+    # Every BatchNorm layer keeps its running statistics (normalises with them, never updates
+    # them); its scale and shift still train unless frozen.
+    freeze_bn: bool = False
 
 
 @dataclass
@@ -75,12 +81,17 @@ class DataConfig:
     # cifar-10-batches-py/). Relative paths are taken from the directory the command runs in.
     root: str = "~/data"
     download: bool = True
-    num_classes: int = 10
+    # null (data=imagefolder): the number of class folders.
+    num_classes: int | None = 10
     image_size: int = 32
-    # ImageNet evaluation: resize the short side to this, then center-crop image_size; 0 = off.
-    eval_resize: int = 0
-    mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
-    std: list[float] = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
+    # Evaluation: resize the short side to this, then center-crop image_size; 0 = off; null:
+    # image_size / 0.875 (256 for 224) with crop=random_resized, else image_size.
+    eval_resize: int | None = 0
+    # Per-channel mean and std (R, G, B) of the normalisation. "auto": computed once on the
+    # training split; null: those of the model.weights' training (ImageNet's for a torchvision
+    # .pth), or computed like auto when training from scratch.
+    mean: Any = field(default_factory=lambda: [0.4914, 0.4822, 0.4465])
+    std: Any = field(default_factory=lambda: [0.2470, 0.2435, 0.2616])
     batch_size: int = 128
     # "tensor": the whole set as one uint8 tensor on the training device, augmented a batch at a
     # time (crop, flip, Cutout; CIFAR's default); "torch": a DataLoader with per-image
@@ -96,6 +107,16 @@ class DataConfig:
     decoder: str = "torchvision"
     # Share of the training set held out (stratified per class) for validation and model selection.
     valid_ratio: float = 0.1
+    # data=imagefolder without a test/ folder: the share of each class held out for the test
+    # split (the same images for every seed).
+    test_ratio: float = 0.1
+    # data=imagefolder: leave out files that are not readable images (listed in the log) instead
+    # of stopping at the first.
+    skip_bad: bool = False
+    # Class imbalance: "none"; "sampler": each epoch draws its images with replacement, each
+    # class equally often (seeded per epoch: exact resume holds); "loss": cross-entropy weighted
+    # by n / (classes x class count) of the training split.
+    balance: str = "none"
     # Synthetic data: how many images to make. Real data: null = all, or a seeded, stratified
     # subset of this many images (for quick runs).
     train_size: int | None = None
@@ -119,6 +140,9 @@ class OptimConfig:
     # "none", or "linear": lr * global batch / reference_batch (Goyal et al. 2017).
     lr_scaling: str = "none"
     reference_batch: int = 256
+    # The learning rate of the pretrained part (all but the classifier fc) is lr x this; the
+    # schedule scales both alike. 1 = one rate for all.
+    backbone_lr_mult: float = 1.0
 
 
 @dataclass
@@ -280,6 +304,17 @@ class ExportConfig:
 
 
 @dataclass
+class PredictConfig:
+    # task=predict: an image file, a folder of images (searched recursively), or a text file
+    # with one image path per line (relative paths from the text file's folder).
+    inputs: str | None = None
+    # How many classes (with their probabilities) each image's row lists.
+    top_k: int = 5
+    # How many rows the console table shows (all are in predictions.csv).
+    show: int = 10
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -289,10 +324,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     seed: int = 0
     # "train"; "summary": print the model's parameters, MACs and stage shapes, and stop;
     # "eval": evaluate model.weights on eval.split; "export": write model.weights as ONNX or a
-    # torch.export program (export.*); "prune": write a smaller model.weights (prune.*).
+    # torch.export program (export.*); "prune": write a smaller model.weights (prune.*);
+    # "predict": the classes of new images (predict.inputs) by model.weights.
     task: str = "train"
     # The run's directory is outputs/<name>; null names it after the command line's overrides.
     name: str | None = None
@@ -321,7 +358,15 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("run_name", run_name)
 
 
-DATASETS = ("cifar10", "cifar100", "imagenet", "synthetic")
+DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
+# The data sets read from image files (of any size) rather than arrays.
+FILE_DATASETS = ("imagenet", "imagefolder")
+BALANCE = ("none", "sampler", "loss")
+# The torchvision / ImageNet normalisation, which torchvision's pretrained weights expect.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# The names model.freeze accepts besides the stages (layer1, layer2, ...).
+FREEZE_PARTS = ("stem", "fc", "backbone")
 STEMS = ("cifar", "imagenet")
 CROPS = ("pad", "random_resized", "none")
 OPTIMIZERS = ("sgd", "adamw")
@@ -333,9 +378,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 AUTOAUGMENT_POLICIES = ("cifar10", "imagenet", "svhn")
-MONITORS = ("valid/acc", "valid/loss")
+MONITORS = ("valid/acc", "valid/loss", "valid/balanced_acc")
 # The direction in which each monitored metric improves.
-MONITOR_MODES = {"valid/acc": "max", "valid/loss": "min"}
+MONITOR_MODES = {"valid/acc": "max", "valid/loss": "min", "valid/balanced_acc": "max"}
 # The number of classes and the image size of the data sets whose files fix them.
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
 DATASET_IMAGE_SIZE = {"cifar10": 32, "cifar100": 32}
@@ -344,9 +389,9 @@ MAX_SEED = 2**32 - 1
 # Schedules whose rate has a floor (schedule.min_lr).
 FLOORED_SCHEDULES = ("cosine", "cosine_restarts")
 SHORTCUTS = ("A", "B", "none")
-TASKS = ("train", "summary", "eval", "export", "prune")
+TASKS = ("train", "summary", "eval", "export", "prune", "predict")
 # The tasks that read a trained model from model.weights.
-WEIGHTS_TASKS = ("eval", "export", "prune")
+WEIGHTS_TASKS = ("eval", "export", "prune", "predict")
 SPLITS = ("train", "valid", "test")
 EXPORT_FORMATS = ("onnx", "pt2")
 PRUNE_IMPORTANCE = ("l1", "l2", "random")
@@ -398,6 +443,35 @@ def _validate_distill(kd: DictConfig, models: list[str]) -> None:
     _within("trainer.distill.alpha", kd.alpha, "[0, 1]")
 
 
+def _check_normalisation(key: str, value: Any, positive: bool) -> None:
+    """data.mean / data.std: "auto", null, or three numbers (> 0 for the std)."""
+    if value is None or value == "auto":
+        return
+    ok = OmegaConf.is_list(value) or isinstance(value, (list, tuple))
+    values = list(value) if ok else []
+    ok = ok and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)
+    ok = ok and (not positive or min(values) > 0)
+    shown = values if values else value
+    _check(ok, key, shown, "must be three numbers (R, G, B)" + (" > 0" if positive else "")
+           + ", auto (computed on the training split) or null (those of model.weights' "
+           "training)")  # fmt: skip
+
+
+def _check_freeze(m: DictConfig) -> None:
+    """model.freeze: null, a part's name or a list of them (the stages are checked against the
+    model when it is built)."""
+    if m.freeze is None:
+        return
+    parts = list(m.freeze) if OmegaConf.is_list(m.freeze) else [m.freeze]
+    for part in parts:
+        stage = isinstance(part, str) and part.startswith("layer") and part[5:].isdigit()
+        _check(stage or part in FREEZE_PARTS, "model.freeze", part,
+               "allowed: stem, layer1, layer2, ... (the model's stages), fc, backbone (all "
+               "but fc), or a list of them")  # fmt: skip
+    _check(not ("backbone" in parts and "fc" in parts), "model.freeze", parts,
+           "freezes the whole model: nothing would train")  # fmt: skip
+
+
 def _optional(key: str, value: Any, check, *args) -> None:
     if value is not None:
         check(key, value, *args)
@@ -407,6 +481,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key whose value is out of range or unknown."""
     from resnet_train.models import list_models  # models import torch; keep config light
 
+    _reject_missing(cfg)
     _reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig), "")
     _reject_non_finite(cfg, "")
     m, d, a, o = cfg.model, cfg.data, cfg.data.augment, cfg.optim
@@ -428,7 +503,12 @@ def validate(cfg: DictConfig) -> None:
                "no such file: give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 
     _one_of("data.name", d.name, DATASETS)
-    _at_least("data.num_classes", d.num_classes, 1)
+    if d.num_classes is None:
+        _check(d.name == "imagefolder", "data.num_classes", None,
+               "only data=imagefolder counts its classes (its class folders); give a number "
+               "of classes")  # fmt: skip
+    else:
+        _at_least("data.num_classes", d.num_classes, 1)
     if d.name in DATASET_CLASSES:
         classes = DATASET_CLASSES[d.name]
         _check(d.num_classes == classes, "data.num_classes", d.num_classes,
@@ -436,7 +516,7 @@ def validate(cfg: DictConfig) -> None:
         size = DATASET_IMAGE_SIZE[d.name]
         _check(d.image_size == size, "data.image_size", d.image_size,
                f"data={d.name} has images of {size}x{size} pixels")  # fmt: skip
-    if m.num_classes is not None:
+    if m.num_classes is not None and d.num_classes is not None:
         _check(
             m.num_classes >= d.num_classes,
             "model.num_classes",
@@ -444,10 +524,21 @@ def validate(cfg: DictConfig) -> None:
             f"the data has {d.num_classes} classes (labels 0 to {d.num_classes - 1}), so the "
             f"classifier needs at least {d.num_classes} outputs; null takes data.num_classes",
         )
+    _check_freeze(m)
     _at_least("data.image_size", d.image_size, 8)
-    _at_least("data.eval_resize", d.eval_resize, 0)
-    _check(len(d.mean) == 3, "data.mean", list(d.mean), "must hold 3 values (R, G, B)")
-    _check(len(d.std) == 3 and min(d.std) > 0, "data.std", list(d.std), "must hold 3 values > 0")
+    _optional("data.eval_resize", d.eval_resize, _at_least, 0)
+    if d.eval_resize:
+        _check(d.eval_resize >= d.image_size, "data.eval_resize", d.eval_resize,
+               f"the centre crop of data.image_size={d.image_size} needs a resize to at least "
+               f"that; 0 = no resize, null = image_size / 0.875")  # fmt: skip
+    for key in ("mean", "std"):
+        _check_normalisation(f"data.{key}", d[key], positive=key == "std")
+    _within("data.test_ratio", d.test_ratio, "[0, 1)")
+    _one_of("data.balance", d.balance, BALANCE)
+    if d.name == "imagefolder":
+        _check(d.valid_ratio + d.test_ratio < 1, "data.test_ratio", d.test_ratio,
+               f"with data.valid_ratio={d.valid_ratio} it leaves no training images: the two "
+               "must add up to less than 1")  # fmt: skip
     _check(
         d.batch_size >= 2,
         "data.batch_size",
@@ -478,10 +569,10 @@ def validate(cfg: DictConfig) -> None:
     _one_of("data.loader", d.loader, ("tensor", "torch"))
     if d.loader == "tensor":
         _check(
-            d.name != "imagenet",
+            d.name not in FILE_DATASETS,
             "data.loader",
             d.loader,
-            "data=imagenet reads image files: use data.loader=torch",
+            f"data={d.name} reads image files: use data.loader=torch",
         )
         only_torch = {
             "crop": a.crop == "random_resized",
@@ -515,6 +606,7 @@ def validate(cfg: DictConfig) -> None:
     _positive("optim.eps", o.eps)
     _at_least("optim.weight_decay", o.weight_decay, 0)
     _one_of("optim.lr_scaling", o.lr_scaling, ("none", "linear"))
+    _at_least("optim.backbone_lr_mult", o.backbone_lr_mult, 0)
     _at_least("optim.reference_batch", o.reference_batch, 1)
 
     _one_of("schedule.name", s.name, SCHEDULES)
@@ -664,6 +756,12 @@ def _check_deploy(cfg: DictConfig) -> None:
     _one_of("prune.method", cfg.prune.method, PRUNE_METHODS)
     _at_least("prune.round_to", cfg.prune.round_to, 1)
     _at_least("export.check_images", ex.check_images, 1)
+    _at_least("predict.top_k", cfg.predict.top_k, 1)
+    _at_least("predict.show", cfg.predict.show, 0)
+    if cfg.task == "predict":
+        _check(cfg.predict.inputs is not None, "predict.inputs", None,
+               "task=predict needs the images: predict.inputs=PATH (an image, a folder of "
+               "images, or a text file of image paths)")  # fmt: skip
     _positive("export.check_tolerance", ex.check_tolerance)
     if cfg.task in WEIGHTS_TASKS:
         _check(
@@ -691,6 +789,17 @@ def complete(cfg: DictConfig) -> DictConfig:
     if es.mode is None:
         es.mode = MONITOR_MODES.get(es.monitor, "max")
     return cfg
+
+
+def _reject_missing(cfg: DictConfig) -> None:
+    """A key a config group leaves to the command line (data=imagefolder's data.root: ???)."""
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        hint = (
+            ": the folder of the images (DIR/<class>/<image>, or DIR/train/<class>/<image>)"
+            if key == "data.root"
+            else ""
+        )
+        raise ConfigError(f"{key} is required: give {key}=VALUE on the command line{hint}")
 
 
 def _reject_non_finite(cfg: DictConfig, prefix: str) -> None:

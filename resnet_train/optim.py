@@ -29,22 +29,55 @@ def effective_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.lr
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list:
-    """Two groups: weights that decay, and norm weights and biases (1-D tensors) that do not."""
-    if decay_norm_and_bias or weight_decay == 0:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay, no_decay = [], []
+def parameter_groups(
+    model: nn.Module, weight_decay: float, decay_norm_and_bias: bool, backbone_lr_mult: float = 1.0
+) -> list:
+    """The trainable parameters in groups: weights that decay, and norm weights and biases (1-D
+    tensors) that do not; with a backbone_lr_mult other than 1, each of those split into the
+    backbone's (rate x the multiplier: "lr_mult") and the classifier's, the classifier's last.
+    Empty groups are left out."""
+    from resnet_train.models.freeze import backbone_parameters
+
+    split_decay = not (decay_norm_and_bias or weight_decay == 0)
+    backbone = backbone_parameters(model) if backbone_lr_mult != 1 else set()
+    groups: dict[tuple[bool, bool], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+            key = (id(p) not in backbone, split_decay and p.ndim <= 1)  # (head, no decay)
+            groups.setdefault(key, []).append(p)
+    out = []
+    for head, no_decay in sorted(groups):
+        group: dict = {"params": groups[(head, no_decay)]}
+        if no_decay:
+            group["weight_decay"] = 0.0
+        if backbone_lr_mult != 1:
+            group["name"] = "head" if head else "backbone"
+            group["lr_mult"] = 1.0 if head else backbone_lr_mult
+        out.append(group)
+    return out
+
+
+def main_lr(optimizer: Optimizer) -> float:
+    """The rate of optim.lr (the classifier's, where the backbone has a multiplier)."""
+    for group in optimizer.param_groups:
+        if group.get("lr_mult", 1.0) == 1.0:
+            return group["lr"]
+    return optimizer.param_groups[0]["lr"]  # the classifier is frozen: the backbone's
+
+
+def group_lrs(optimizer: Optimizer) -> dict[str, float]:
+    """Each named group's rate ({"backbone": ..., "head": ...}); empty without a multiplier."""
+    return {g["name"]: g["lr"] for g in optimizer.param_groups if "name" in g}
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, lr: float) -> Optimizer:
     """SGD or AdamW over the parameter groups. On the CPU and CUDA they are torch's fused
     implementations: one kernel for all parameters, and a step that a non-finite gradient can
     cancel on the device (the trainer sets `found_inf`), without waiting for the device."""
-    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias,
+                              cfg.backbone_lr_mult)  # fmt: skip
+    for group in groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if cfg.name == "sgd":
         return SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
@@ -86,7 +119,7 @@ def rebuild_scheduler(
     run configured with that length from the start would use from here on. (Every scheduler
     is stepped as in that run, so the rates are the same numbers, not just close.)"""
     for group in optimizer.param_groups:
-        group["lr"] = base_lr
+        group["lr"] = base_lr * group.get("lr_mult", 1.0)
         for key in ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum"):
             group.pop(key, None)
     scheduler = build_scheduler(cfg, optimizer, epochs, steps_per_epoch)

@@ -161,7 +161,7 @@ def test_cli_help_lists_groups_and_options(tmp_path):
     result = run_cli("--help", cwd=tmp_path)
     assert result.returncode == 0
     for line in (
-        "data: cifar10, cifar100, imagenet, synthetic",
+        "data: cifar10, cifar100, imagefolder, imagenet, synthetic",
         "schedule: constant, cosine, cosine_restarts, multistep, onecycle, step",
         "optim: adamw, sgd",
     ):

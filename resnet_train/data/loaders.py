@@ -92,6 +92,8 @@ class Loaders:
     valid: DataLoader | None
     test: DataLoader
     num_classes: int
+    # Images per class of the training split (what data.balance evens out).
+    train_counts: np.ndarray | None = None
 
 
 @dataclass
@@ -104,8 +106,18 @@ class Splits:
     train_labels: np.ndarray
     test_labels: np.ndarray
     fit: np.ndarray  # indices into train_base
-    valid: np.ndarray  # indices into train_base
+    valid: np.ndarray  # indices into valid_base
     test: np.ndarray  # indices into test_base
+    # The validation images' own data set (data=imagefolder's val/); None: part of train_base.
+    valid_base: Any = None
+
+    @property
+    def valid_set(self) -> Any:
+        return self.train_base if self.valid_base is None else self.valid_base
+
+    def fit_counts(self, num_classes: int) -> np.ndarray:
+        """Images per class of the part trained on."""
+        return np.bincount(self.train_labels[self.fit], minlength=num_classes)
 
 
 def _read_sets(cfg: DataConfig, seed: int) -> tuple[Any, np.ndarray, Any, np.ndarray]:
@@ -152,8 +164,40 @@ def _read_sets_cached(
     if name == "imagenet":
         return _read_image_folders(root, decoder, num_classes)
     raise DataError(
-        f"data.name={name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic"
+        f"data.name={name!r} is invalid: allowed: cifar10, cifar100, imagenet, synthetic "
+        "(data=imagefolder is read by read_splits)"
     )
+
+
+def _folder_splits(cfg: DataConfig, seed: int) -> Splits:
+    """data=imagefolder: the scanned folders' three splits (data.train_size / data.test_size
+    subsets taken as for the other data sets)."""
+    from resnet_train.data.folders import scan
+
+    found = scan(cfg, seed)
+    train, valid, test = (found.dataset(s) for s in ("train", "valid", "test"))
+    fit = np.arange(len(train))
+    test_idx = np.arange(len(test))
+    for key, size, n, part in (("data.train_size", cfg.train_size, len(train), "training"),
+                               ("data.test_size", cfg.test_size, len(test), "test")):  # fmt: skip
+        if size is not None and size > n:
+            raise ConfigError(
+                f"{key}={size} is invalid: the {part} split of {found.root} has {n} images; set "
+                f"at most {n}, or null for all"
+            )
+    if cfg.train_size is not None:
+        fit = stratified_subset(train.targets, cfg.train_size, seed)
+    if cfg.test_size is not None:
+        test_idx = stratified_subset(test.targets, cfg.test_size, seed)
+    if cfg.num_classes is not None and cfg.num_classes != len(found.classes):
+        raise DataError(
+            f"data.num_classes={cfg.num_classes} but {found.root} has {len(found.classes)} "
+            "class folders; set data.num_classes=null to take them"
+        )
+    return Splits(
+        train, test, train.targets, test.targets, fit, np.arange(len(valid)), test_idx,
+        valid_base=valid,
+    )  # fmt: skip
 
 
 def read_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -161,6 +205,8 @@ def read_splits(cfg: DataConfig, seed: int) -> Splits:
     (exact sizes, stratified), then the stratified `data.valid_ratio` hold-out. Raise a UserError
     naming the key when a part the run needs would be empty or a size is more than the set
     holds."""
+    if cfg.name == "imagefolder":
+        return _folder_splits(cfg, seed)
     train_base, train_labels, test_base, test_labels = _read_sets(cfg, seed)
     if len(train_labels) and (
         train_labels.max() >= cfg.num_classes
@@ -215,6 +261,10 @@ def check_data(cfg: DataConfig) -> None:
         cifar_files(cfg.name, cfg.root, train=False, download=False)
     elif cfg.name == "imagenet":
         _check_image_folders(Path(cfg.root).expanduser())
+    elif cfg.name == "imagefolder":
+        from resnet_train.data.folders import scan
+
+        scan(cfg, 0)
 
 
 def _check_image_folders(root: Path) -> None:
@@ -324,6 +374,7 @@ def _loader(
     reused: bool,
     rank: int = 0,
     world: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -331,7 +382,7 @@ def _loader(
         _register_exit_handler()
     if train:
         sampler: Any = EpochSampler(
-            len(dataset), seed, rank=rank, world=world, batch_size=cfg.batch_size
+            len(dataset), seed, rank=rank, world=world, batch_size=cfg.batch_size, weights=weights
         )
     else:
         sampler = ShardSampler(len(dataset), rank, world) if world > 1 else None
@@ -358,11 +409,13 @@ def _tensor_part(
     channels_last: bool,
     rank: int = 0,
     world: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> TensorLoader:
     images = base.images[torch.from_numpy(idx)].contiguous().to(device)
     labels = torch.from_numpy(np.asarray(base.targets)[idx]).long().to(device)
     return TensorLoader(images, labels, cfg.batch_size, seed, train, cfg.augment,
-                        list(cfg.mean), list(cfg.std), channels_last, rank, world)  # fmt: skip
+                        list(cfg.mean), list(cfg.std), channels_last, rank, world,
+                        weights)  # fmt: skip
 
 
 def _torch_part(
@@ -376,14 +429,24 @@ def _torch_part(
     reused: bool,
     rank: int = 0,
     world: int = 1,
+    weights: torch.Tensor | None = None,
 ) -> Any:
     if cfg.decoder == "gpu" and cfg.name == "imagenet":
         files = FileBytesSubset(base, idx)
         return DeviceDecodeLoader(
-            _loader(files, cfg, seed, device, train, reused, rank, world), transform, device
+            _loader(files, cfg, seed, device, train, reused, rank, world, weights),
+            transform,
+            device,
         )
     subset = TransformedSubset(base, idx, transform)
-    return _loader(subset, cfg, seed, device, train, reused, rank, world)
+    return _loader(subset, cfg, seed, device, train, reused, rank, world, weights)
+
+
+def balanced_weights(labels: np.ndarray) -> torch.Tensor:
+    """data.balance=sampler: each image's chance of being drawn, 1 / its class's count, so that
+    every class is drawn equally often."""
+    counts = np.bincount(labels)
+    return torch.from_numpy(1.0 / counts[labels]).double()
 
 
 def build_loaders(
@@ -400,23 +463,25 @@ def build_loaders(
     sp = read_splits(cfg, seed)
     train_base, test_base = sp.train_base, sp.test_base
     fit_idx, valid_idx, test_idx = sp.fit, sp.valid, sp.test
+    weights = balanced_weights(sp.train_labels[fit_idx]) if cfg.balance == "sampler" else None
 
     if cfg.loader == "tensor":
 
         def part(base: Any, idx: np.ndarray, train: bool, reused: bool) -> Any:
-            return _tensor_part(cfg, seed, device, base, idx, train, channels_last, rank, world)
+            return _tensor_part(cfg, seed, device, base, idx, train, channels_last, rank, world,
+                                weights if train else None)  # fmt: skip
     else:
         transforms = {train: build_transform(cfg, train=train) for train in (True, False)}
 
         def part(base: Any, idx: np.ndarray, train: bool, reused: bool) -> Any:
-            return _torch_part(
-                cfg, seed, device, base, idx, transforms[train], train, reused, rank, world
-            )
+            return _torch_part(cfg, seed, device, base, idx, transforms[train], train, reused,
+                               rank, world, weights if train else None)  # fmt: skip
 
     train = part(train_base, fit_idx, True, True)
-    valid = part(train_base, valid_idx, False, True) if len(valid_idx) else None
+    valid = part(sp.valid_set, valid_idx, False, True) if len(valid_idx) else None
     test = part(test_base, test_idx, False, False)
-    return Loaders(train=train, valid=valid, test=test, num_classes=cfg.num_classes)
+    return Loaders(train=train, valid=valid, test=test, num_classes=cfg.num_classes,
+                   train_counts=sp.fit_counts(cfg.num_classes))  # fmt: skip
 
 
 def split_indices(sp: Splits, split: str, cfg: DataConfig) -> tuple[Any, np.ndarray]:
@@ -429,7 +494,7 @@ def split_indices(sp: Splits, split: str, cfg: DataConfig) -> tuple[Any, np.ndar
         )
     return {
         "train": (sp.train_base, sp.fit),
-        "valid": (sp.train_base, sp.valid),
+        "valid": (sp.valid_set, sp.valid),
         "test": (sp.test_base, sp.test),
     }[split]
 
@@ -456,7 +521,7 @@ def build_eval_loader(
     return _torch_part(cfg, seed, device, base, idx, transform, False, False)
 
 
-def class_names(cfg: DataConfig) -> list[str]:
+def class_names(cfg: DataConfig, seed: int = 0) -> list[str]:
     """The data set's class names, in label order: CIFAR's meta file, ImageNet's class folders,
     class0, class1, ... where the data set names none."""
     if cfg.name in ("cifar10", "cifar100"):
@@ -468,4 +533,8 @@ def class_names(cfg: DataConfig) -> list[str]:
     elif cfg.name == "imagenet":
         base = _read_sets(cfg, 0)[0]
         return list(base.classes)
+    elif cfg.name == "imagefolder":
+        from resnet_train.data.folders import scan
+
+        return list(scan(cfg, seed).classes)
     return [f"class{i}" for i in range(cfg.num_classes)]

@@ -22,6 +22,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def draw_weighted(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """An epoch of len(weights) image indices drawn with replacement, i with probability
+    weights[i] / sum (data.balance=sampler: every class equally often on average)."""
+    return torch.multinomial(weights, len(weights), replacement=True, generator=generator)
+
+
 def shard(values: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """This process's share of an epoch under DDP: the positions rank, rank + world, ... of
     `values` padded by wrapping around to a multiple of world (as DistributedSampler pads), so
@@ -55,8 +61,12 @@ class EpochSampler(Sampler):
         rank: int = 0,
         world: int = 1,
         batch_size: int | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
+        """`weights` (one per image): each epoch draws `size` images with replacement, image i
+        with probability weights[i] / sum (data.balance=sampler) instead of a permutation."""
         self.size = size
+        self.weights = weights
         self.seed = seed
         self.shuffle = shuffle
         self.rank, self.world = rank, world
@@ -74,7 +84,9 @@ class EpochSampler(Sampler):
     def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices, augmentation seeds) of this process's whole epoch."""
         g = epoch_generator(self.seed, epoch)
-        if self.shuffle:
+        if self.weights is not None:
+            indices = draw_weighted(self.weights, g)
+        elif self.shuffle:
             indices = torch.randperm(self.size, generator=g)
         else:
             indices = torch.arange(self.size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from resnet_train.config import AugmentConfig
-from resnet_train.data.sampler import epoch_generator, epoch_length, shard
+from resnet_train.data.sampler import draw_weighted, epoch_generator, epoch_length, shard
 
 
 @dataclass
@@ -33,10 +33,20 @@ class EpochDraws:
 
 
 def draw_epoch(
-    n: int, seed: int, epoch: int, height: int, width: int, augment: AugmentConfig, shuffle: bool
+    n: int,
+    seed: int,
+    epoch: int,
+    height: int,
+    width: int,
+    augment: AugmentConfig,
+    shuffle: bool,
+    weights: torch.Tensor | None = None,
 ) -> EpochDraws:
     g = epoch_generator(seed, epoch)
-    order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    if weights is not None:  # data.balance=sampler
+        order = draw_weighted(weights, g)
+    else:
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
     pad = augment.padding if augment.crop == "pad" else 0
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
@@ -102,6 +112,7 @@ class TensorLoader:
         channels_last: bool = False,
         rank: int = 0,
         world: int = 1,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Training under DDP (world > 1) yields this process's shard of each epoch (positions
         rank, rank + world, ... padded to equal length); evaluation sets come already split."""
@@ -112,6 +123,7 @@ class TensorLoader:
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
         self.channels_last = channels_last
         self.rank, self.world = rank, world
+        self.weights = weights  # data.balance=sampler: drawn with replacement by these
         self.dataset = _Count(len(labels))
         if not train and world > 1:  # evaluation: this process's unpadded share, in order
             self.images, self.labels = images[rank::world], labels[rank::world]
@@ -137,7 +149,7 @@ class TensorLoader:
                 batch = self.images[begin : begin + self.batch_size]
                 yield self._normalise(batch), self.labels[begin : begin + self.batch_size]
             return
-        draws = draw_epoch(n, self.seed, self.epoch, h, w, aug, shuffle=True)
+        draws = draw_epoch(n, self.seed, self.epoch, h, w, aug, shuffle=True, weights=self.weights)
         device = self.images.device
         on_device = [
             shard(t, self.rank, self.world).to(device, non_blocking=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from resnet_train.config import AugmentConfig, DataConfig
+from resnet_train.config import FILE_DATASETS, AugmentConfig, DataConfig
 
 
 class Cutout(torch.nn.Module):
@@ -49,11 +49,15 @@ def _policy(cfg: AugmentConfig) -> list:
     return []
 
 
-def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
+def build_transform(cfg: DataConfig, train: bool, normalize: bool = True) -> v2.Compose:
+    """The per-image pipeline of training (augmented) or evaluation; normalize=False stops at
+    float images in [0, 1] (what data.mean=auto averages)."""
     steps: list = []
     size, augment = cfg.image_size, cfg.augment
     if train:
         if augment.crop == "pad":
+            if cfg.name in FILE_DATASETS:  # images of any size: to image_size first
+                steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
             steps.append(v2.RandomCrop(size, padding=augment.padding or None))
         elif augment.crop == "random_resized":
             steps.append(v2.RandomResizedCrop(size, antialias=True))
@@ -63,11 +67,9 @@ def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
         steps += [v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(size)]
     if train:
         steps += _policy(augment)
-    steps += [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(cfg.mean), std=list(cfg.std)),
-    ]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if normalize:
+        steps.append(v2.Normalize(mean=list(cfg.mean), std=list(cfg.std)))
     if train and augment.random_erasing > 0:
         steps.append(v2.RandomErasing(p=augment.random_erasing, value=0))
     if train and augment.cutout > 0:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from resnet_train.config import flatten
-from resnet_train.data.loaders import build_eval_loader, class_names
+from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.source import LOCAL_KEYS, Trained, load_trained
 from resnet_train.logging import progress_bar, tensorboard_writer, write_json
 from resnet_train.precision import autocast
@@ -110,10 +110,16 @@ def classification_metrics(
         # top-5, or top-k of all k outputs where a model has fewer than 5
         "top5": 100 * int((top == labels[:, None]).any(1).sum()) / n,
         "ece": ece,
+        # the mean per-class accuracy over the classes with images here
+        "balanced_acc": _mean([v for v in per_class.values() if v is not None]),
         "per_class_accuracy": per_class,
         "calibration_bins": bin_table,
         "confusion": confusion,
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def predicted_names(names: list[str], confusion: torch.Tensor) -> list[str]:
@@ -219,7 +225,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
     reliability diagram and TensorBoard records into run_dir; return eval.json's content."""
     trained = load_trained(cfg, overrides)
     cfg, split = trained.cfg, cfg.eval.split
-    names = class_names(cfg.data)
+    names = trained.class_names()
     loader = build_eval_loader(cfg.data, cfg.seed, trained.device, split, trained.channels_last)
     start = time.perf_counter()
     logits, labels = collect_logits(
@@ -243,7 +249,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
         figure.savefig(run_dir / file)
         writer.add_figure(f"eval/{split}/{file.removesuffix('.png')}", figure, close=False)
         plt.close(figure)
-    for key in ("loss", "top1", "top5", "ece"):
+    for key in ("loss", "top1", "top5", "balanced_acc", "ece"):
         if key in figures:
             writer.add_scalar(f"eval/{split}/{key}", figures[key], 0)
     writer.close()
@@ -265,10 +271,11 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
     }
     write_json(run_dir / "eval.json", result)
     log.info(
-        "%s on %s %s (%d images%s): loss %.4f  top-1 %.2f%%  top-5 %.2f%%  ECE %.2f%%",
+        "%s on %s %s (%d images%s): loss %.4f  top-1 %.2f%%  top-5 %.2f%%  balanced %.2f%%  "
+        "ECE %.2f%%",
         cfg.model.name, cfg.data.name, split, figures["images"],
         ", flip TTA" if cfg.eval.tta else "", figures["loss"], figures["top1"], figures["top5"],
-        figures["ece"],
+        figures["balanced_acc"], figures["ece"],
     )  # fmt: skip
     if reported is not None:
         changes = split_changes(trained)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from resnet_train.data.loaders import build_eval_loader, class_names
+from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.fold import fold_batchnorm
 from resnet_train.deploy.quantize import quantize_int8
 from resnet_train.deploy.source import Trained, load_trained, require
@@ -208,7 +208,7 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
     model = trained.model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     folded, report = fold_batchnorm(model)
     log.info("%s", report.describe())
-    names = class_names(cfg.data)
+    names = trained.class_names()
     meta = metadata(trained, names)
     images, labels = _images(trained, "test", ex.check_images)
     if len(images) == 1:  # the example fixes no batch size: give it two

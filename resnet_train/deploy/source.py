@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from resnet_train.config import flatten, validate
+from resnet_train.data.settle import settle_data
 from resnet_train.errors import MissingDependencyError
 from resnet_train.models.build import apply_pruned_widths, build_model
 from resnet_train.models.qat import prepare_qat
@@ -52,6 +53,21 @@ class Trained:
     def sha256(self) -> str:
         """Of the weights file; read when a record asks for it (not by the command's check)."""
         return file_sha256(self.weights.path)
+
+    def class_names(self) -> list[str]:
+        """The class names the checkpoint's run saved; else the data's (its files, or class0,
+        class1, ...)."""
+        saved = (self.weights.checkpoint or {}).get("classes")
+        if isinstance(saved, list) and len(saved) == self.cfg.data.num_classes:
+            return [str(name) for name in saved]
+        from resnet_train.data.loaders import class_names
+        from resnet_train.errors import DataError
+
+        try:
+            return class_names(self.cfg.data, self.cfg.seed)
+        except DataError as e:  # a bare .pth, and its data set is not here
+            log.warning("no class names (%s): class0, class1, ... instead", e)
+            return [f"class{i}" for i in range(self.cfg.data.num_classes)]
 
     def record(self, split: str) -> dict[str, Any]:
         """What a task's record says of its source: the weights file, the model and the data."""
@@ -116,6 +132,7 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
     if weights.config is not None:
         cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides))
         validate(cfg)
+    settle_data(cfg)
     model = build_model(_without_weights(cfg))
     apply_pruned_widths(model, weights, "model.weights")
     load_state(model, weights, replace_classifier=False)

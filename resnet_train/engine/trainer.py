@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 
 from resnet_train.config import CUDA_GRAPH_MODES, TrainerConfig, complete, to_dict
 from resnet_train.data import build_loaders
+from resnet_train.data.loaders import class_names
+from resnet_train.data.settle import settle_data
 from resnet_train.data.transforms import build_batch_mixer
 from resnet_train.engine import distributed, faults
 from resnet_train.engine.checkpoint import (
@@ -49,6 +51,7 @@ from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
 from resnet_train.models.build import build_model
 from resnet_train.models.channels import channels_of
+from resnet_train.models.freeze import freeze, hold_norms
 from resnet_train.models.qat import prepare_qat
 from resnet_train.optim import (
     build_optimizer,
@@ -56,10 +59,15 @@ from resnet_train.optim import (
     configured_momentum,
     cycled_momentum_floor,
     depends_on_length,
+    group_lrs,
+    main_lr,
     rebuild_scheduler,
 )
 from resnet_train.precision import autocast
 
+# Per-class recall goes to TensorBoard (valid_recall/<class>) for data sets of up to this many
+# classes.
+MAX_CLASS_SCALARS = 20
 # Tqdm's loss/accuracy figures are read from the device every this many steps, not every step.
 BAR_REFRESH_STEPS = 10
 # Under fp16 the gradient scaler skips steps whose gradients overflow and lowers its scale; this
@@ -78,11 +86,46 @@ class EpochStats:
     images: int
     seconds: float  # without the compile warm-up
     untimed_images: int = 0  # images of the compile warm-up steps
+    # Evaluation: images and correct predictions per class (by label).
+    class_total: list[int] | None = None
+    class_correct: list[int] | None = None
 
     @property
     def images_per_s(self) -> float:
         timed = self.images - self.untimed_images
         return timed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def recall(self) -> list[float | None] | None:
+        """Per-class recall (accuracy on the class's images) in %, None for a class with none."""
+        if self.class_total is None or self.class_correct is None:
+            return None
+        return [100 * c / n if n else None
+                for c, n in zip(self.class_correct, self.class_total, strict=True)]  # fmt: skip
+
+    @property
+    def balanced_acc(self) -> float | None:
+        """The mean per-class recall over the classes present (Brodersen et al. 2010): the
+        accuracy a set with every class equally large would give."""
+        present = [r for r in self.recall or [] if r is not None]
+        return sum(present) / len(present) if present else None
+
+    @property
+    def imbalanced(self) -> bool:
+        """Whether the classes present have different numbers of images."""
+        counts = {n for n in self.class_total or [] if n}
+        return len(counts) > 1
+
+    def per_class(self, names: list[str]) -> dict[str, float | None] | None:
+        """Per-class recall by class name (classes beyond `names`, a model's extra outputs,
+        left out)."""
+        recall = self.recall
+        return None if recall is None else dict(zip(names, recall[: len(names)], strict=False))
+
+    def summary(self, names: list[str]) -> dict[str, Any]:
+        """What metrics.json keeps of an evaluation."""
+        return {"loss": self.loss, "acc": self.acc, "balanced_acc": self.balanced_acc,
+                "per_class_recall": self.per_class(names)}  # fmt: skip
 
 
 @dataclass
@@ -173,6 +216,8 @@ class Training:
     dist: Dist = field(default_factory=Dist)
     # The training loss from (images, outputs, labels); by default the criterion's on the labels.
     objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # BatchNorm layers kept in eval mode while training (model.freeze, model.freeze_bn).
+    held_norms: list[nn.Module] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.objective is None:
@@ -199,10 +244,21 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_criterion(label_smoothing: float) -> nn.Module:
+def build_criterion(label_smoothing: float, weight: torch.Tensor | None = None) -> nn.Module:
     """Training loss: cross-entropy on int labels, or on the soft labels of MixUp / CutMix, with
-    label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution."""
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    label smoothing (Szegedy et al. 2016) mixing each target with the uniform distribution;
+    `weight`, one per class, weights each image's loss by its class (data.balance=loss)."""
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+
+
+def class_weights(counts: np.ndarray) -> torch.Tensor:
+    """data.balance=loss: n / (classes x count) per class (each class weighs as much in the
+    loss as it would with equal counts); 0 for a class without training images."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.from_numpy(weights).float()
 
 
 class LabelLoss:
@@ -322,7 +378,9 @@ def _optimizer_step(t: Training, log_now: bool, group_loss: torch.Tensor, desc: 
             t.writer.add_scalar("train/grad_norm", grad_norm.item(), step)
         if layer_norms_now:
             _log_grad_norms(t)
-        t.writer.add_scalar("lr", t.optimizer.param_groups[0]["lr"], step)
+        t.writer.add_scalar("lr", main_lr(t.optimizer), step)
+        for name, rate in group_lrs(t.optimizer).items():
+            t.writer.add_scalar(f"lr/{name}", rate, step)
     scale = t.scaler._scale.clone() if fp16 and t.scaler._scale is not None else None
     t.scaler.step(t.optimizer)
     t.scaler.update()
@@ -342,6 +400,7 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
     batch count is not a multiple of k steps on its last, smaller group too."""
     model, cfg = t.model, t.cfg
     model.train()
+    hold_norms(t.held_norms)
     if t.sums is None:
         t.sums = EpochSums.zeros(t.device)
     sums = t.sums
@@ -432,6 +491,7 @@ def evaluate(
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    per_class: torch.Tensor | None = None  # (images, correct) per class, on the device
     seen = 0
     start = time.perf_counter()
     world = distributed.world_size()
@@ -442,7 +502,13 @@ def evaluate(
         with autocast(device, precision):
             outputs = model(images)
         loss_sum += nn.functional.cross_entropy(outputs.float(), targets, reduction="sum")
-        correct += (outputs.argmax(1) == targets).sum()
+        hit = outputs.argmax(1) == targets
+        correct += hit.sum()
+        if per_class is None:
+            per_class = torch.zeros(2, outputs.shape[1], dtype=torch.long, device=device)
+        # index_add_, not bincount: no wait for the device
+        per_class[0].index_add_(0, targets, torch.ones_like(targets))
+        per_class[1].index_add_(0, targets, hit.long())
         seen += targets.shape[0]
         bar.update(targets.shape[0])
     bar.close()
@@ -451,11 +517,17 @@ def evaluate(
         loss_sum = distributed.all_reduce_sum(loss_sum)
         correct = distributed.all_reduce_sum(correct)
         seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
+        if per_class is not None:
+            per_class = distributed.all_reduce_sum(per_class)
     n = max(seen, 1)
-    return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds)
+    total, hits = per_class.tolist() if per_class is not None else (None, None)
+    return EpochStats(loss_sum.item() / n, 100 * correct.item() / n, seen, seconds,
+                      class_total=total, class_correct=hits)  # fmt: skip
 
 
 def _metric(stats: EpochStats, name: str) -> float:
+    if name.endswith("balanced_acc"):
+        return stats.balanced_acc if stats.balanced_acc is not None else stats.acc
     return stats.acc if name.endswith("acc") else stats.loss
 
 
@@ -474,6 +546,7 @@ class _Run:
         self.point: ResumePoint | None = None  # where it resumed from
         self.start_batch = 0  # the batch of its first epoch it resumed at
         self.teacher: Teacher | None = None  # trainer.distill's teacher
+        self.classes: list[str] = []  # the data's class names, in label order
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
@@ -500,6 +573,7 @@ class _Run:
             "world_size": t.dist.world,
             "teacher": self.teacher.record() if self.teacher is not None else None,
             "channels": channels_of(t.model),  # a pruned model's widths (task=prune)
+            "classes": self.classes,
             "best_valid": self.best_valid,
             "history": self.history,
             "weights": "raw",
@@ -610,7 +684,7 @@ class _Run:
             "trainer.epochs %d -> %d: schedule=%s rebuilt for %d epochs and continued at %s %d: "
             "learning rate %.4g",
             before, cfg.trainer.epochs, cfg.schedule.name, cfg.trainer.epochs, unit, position,
-            t.optimizer.param_groups[0]["lr"],
+            main_lr(t.optimizer),
         )  # fmt: skip
 
 
@@ -628,6 +702,7 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     Under torchrun, every process trains with DistributedDataParallel on its share of the data
     and rank 0 alone logs and writes."""
     complete(cfg)
+    settle_data(cfg)
     d = distributed.from_env()
     device = distributed.device_for(cfg.trainer.device, d)
     distributed.setup(device, d)
@@ -714,21 +789,29 @@ def _build_run(
         torch.manual_seed(cfg.seed + d.rank)
         np.random.seed(cfg.seed + d.rank)
         random.seed(cfg.seed + d.rank)
+    frozen, held_norms = freeze(model, cfg.model.freeze, cfg.model.freeze_bn)
+    _describe_freezing(cfg, model, frozen, held_norms)
     plan = plan_steps(cfg, len(loaders.train.dataset), d.world)
     lr, steps_per_epoch = plan.lr, plan.steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model, lr)
+    weight = None
+    if cfg.data.balance == "loss":
+        weight = class_weights(loaders.train_counts).to(device)
+        log.info("data.balance=loss: class weights %s (n / (classes x count))",
+                 [round(v, 3) for v in weight.tolist()])  # fmt: skip
     t = Training(
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.schedule, optimizer, tc.epochs, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16"),
-        criterion=build_criterion(tc.label_smoothing),
+        criterion=build_criterion(tc.label_smoothing, weight),
         device=device,
         cfg=tc,
         step_schedule_per_batch=cfg.schedule.interval == "step",
         mixer=build_batch_mixer(cfg.data.augment, loaders.num_classes),
         memory_format=memory_format,
         dist=d,
+        held_norms=held_norms,
     )
     if tc.ema.decay is not None:
         t.ema = AveragedModel(
@@ -736,6 +819,7 @@ def _build_run(
         )
     es = tc.early_stopping
     run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta), plan)
+    run.classes = class_names(cfg.data, cfg.seed)
     monitor = run.monitor
     if tc.distill.teacher is not None:
         run.teacher = load_teacher(cfg)
@@ -768,6 +852,26 @@ def _build_run(
 
     run.loaders, run.point, run.start_batch = loaders, point, start_batch
     return run
+
+
+def _describe_freezing(
+    cfg: DictConfig, model: nn.Module, frozen: list[str], held_norms: list[nn.Module]
+) -> None:
+    if not frozen and not held_norms:
+        return
+    kept = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info(
+        "frozen: %s (%.2fM of %.2fM parameters kept as loaded); BatchNorm statistics kept in "
+        "%d layers%s",
+        ", ".join(frozen) or "nothing", kept / 1e6, total / 1e6, len(held_norms),
+        " (model.freeze_bn=true: all)" if cfg.model.freeze_bn else "",
+    )  # fmt: skip
+    if cfg.model.weights is None:
+        log.warning(
+            "model.freeze / model.freeze_bn without model.weights keep the random "
+            "initialisation: give the pretrained weights, model.weights=PATH"
+        )
 
 
 def _describe(run: _Run) -> None:
@@ -855,9 +959,9 @@ def _train_epochs(run: _Run) -> _Epochs:
         loaders.train.sampler.set_epoch(epoch, start=start)
         if not start_batch:
             t.sums = EpochSums.zeros(device)
-            t.sums.lr = optimizer.param_groups[0]["lr"]
+            t.sums.lr = main_lr(optimizer)
         start_batch = 0
-        lr_now = t.sums.lr if t.sums.lr is not None else optimizer.param_groups[0]["lr"]
+        lr_now = t.sums.lr if t.sums.lr is not None else main_lr(optimizer)
         train_stats = train_one_epoch(t, loaders.train, f"{tag} train")
         if d.enabled:
             distributed.broadcast_buffers(model)
@@ -911,15 +1015,20 @@ def _train_epochs(run: _Run) -> _Epochs:
                 w.add_scalar(f"{prefix}/loss", stats.loss, step)
                 w.add_scalar(f"{prefix}/acc", stats.acc, step)
                 line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
+                if stats.balanced_acc is not None:
+                    w.add_scalar(f"{prefix}/balanced_acc", stats.balanced_acc, step)
+                    if stats.imbalanced or monitor.metric.endswith("balanced_acc"):
+                        line += f" balanced {stats.balanced_acc:.2f}%"
+                if len(run.classes) <= MAX_CLASS_SCALARS:
+                    for cls, recall in (stats.per_class(run.classes) or {}).items():
+                        if recall is not None:
+                            w.add_scalar(f"{prefix}_recall/{cls}", recall, step)
             selected_weights = _select(results, tc.ema.select, monitor)
             chosen = results[selected_weights]
-            run.best_valid = {
-                "loss": chosen.loss,
-                "acc": chosen.acc,
-                "weights": selected_weights,
-            }
+            run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
             improved = monitor.update(_metric(chosen, monitor.metric), e)
-            record.update(valid_loss=chosen.loss, valid_acc=chosen.acc)
+            record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
+                          valid_balanced_acc=chosen.balanced_acc)  # fmt: skip
         if tc.test_every_epoch:  # reported only: never chooses or stops anything
             tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
                               progress)  # fmt: skip
@@ -972,6 +1081,15 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
     )  # fmt: skip
     t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
     t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
+    if test_stats.balanced_acc is not None:
+        t.writer.add_scalar("test/balanced_acc", test_stats.balanced_acc, t.global_step)
+        if test_stats.imbalanced:
+            log.info(
+                "test balanced accuracy %.2f%% (mean per-class recall over %d classes)",
+                test_stats.balanced_acc,
+                sum(1 for n in test_stats.class_total or [] if n),
+            )
+
     best = final.get("best_valid") if loaders.valid is not None else None
     log_hparams(t.writer, cfg, best, test_stats)
     return selected, final, test_stats
@@ -999,7 +1117,8 @@ def _write_metrics(
         "selected_weights": final.get("weights", "raw"),
         "train": asdict(train_stats) if train_stats else None,
         "valid": final.get("best_valid") if loaders.valid is not None else None,
-        "test": {"loss": test_stats.loss, "acc": test_stats.acc},
+        "test": test_stats.summary(run.classes),
+        "classes": run.classes,
         "teacher": run.teacher.record() if run.teacher is not None else None,
         "images_per_s": float(np.median(throughputs)) if throughputs else None,
         "wall_time_s": time.perf_counter() - wall_start,

@@ -1,0 +1,302 @@
+"""data=imagefolder: one's own images, one folder per class.
+
+Two layouts are read. One folder of class folders (`DIR/<class>/<image>`) is split per class into
+training, validation (`data.valid_ratio`) and test (`data.test_ratio`) images. Or `DIR/train/`,
+with `DIR/val/` (or `valid/`) and `DIR/test/` where the user has made them; a split without its
+folder is carved from `train/` by its ratio. Classes are the class folders' names, in sorted
+order (the labels 0, 1, ...), and every split must hold every class.
+
+Files whose names do not end in an image extension are ignored (notes, .DS_Store). Every image's
+header is read once when the folders are scanned, so a file that is not an image is found before
+training: an error that names it, or, with `data.skip_bad=true`, left out and listed in the log.
+With skip_bad, each image is also decoded once, so that a file with a good header and a broken
+body is left out too. Grayscale, palette and RGBA images are converted to RGB when read.
+
+The test split of one folder does not depend on the run's seed: every run on the same folder is
+tested on the same images. The validation split does, as CIFAR's does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from resnet_train.errors import ConfigError, DataError
+
+log = logging.getLogger("resnet_train")
+
+# The file names read as images (torchvision's ImageFolder's list); case does not matter.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The names of the split folders of the second layout.
+TRAIN_FOLDER = "train"
+VALID_FOLDERS = ("val", "valid")
+TEST_FOLDER = "test"
+# The seed of the test split carved from one folder: the same for every run.
+TEST_SPLIT_SEED = 0
+
+
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: str) -> torch.Tensor:
+    """An image file as a uint8 RGB CHW tensor (torchvision.io, else PIL); DataError naming the
+    file when neither can read it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    try:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        with open(path, "rb") as f:
+            return pil_to_tensor(Image.open(f).convert("RGB"))
+    except Exception as e:
+        raise DataError(
+            f"{path} is not a readable image ({type(e).__name__}: {e}); remove it, or set "
+            "data.skip_bad=true to leave such files out"
+        ) from None
+
+
+def check_image(path: Path, decode: bool) -> str | None:
+    """Why `path` cannot be used as an image (None when it can): its header is read, and with
+    `decode` the whole image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 (the header is parsed on open)
+            if decode:
+                image.convert("RGB")
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+class FolderImages(Dataset):
+    """Image files and their labels, served as (uint8 RGB CHW tensor, label)."""
+
+    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str]) -> None:
+        self.files = files
+        self.targets = labels
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return read_image(self.files[i]), int(self.targets[i])
+
+
+@dataclass(frozen=True)
+class FolderSplits:
+    """The scanned folders: the files of each split with their labels, and what was left out."""
+
+    root: Path
+    classes: list[str]
+    layout: str  # "one folder" or "split folders"
+    train: tuple[list[str], np.ndarray]
+    valid: tuple[list[str], np.ndarray]
+    test: tuple[list[str], np.ndarray]
+    skipped: list[tuple[str, str]]  # (file, why)
+    sources: dict[str, str]  # split -> where its images come from (for the log)
+
+    def dataset(self, split: str) -> FolderImages:
+        files, labels = getattr(self, split)
+        return FolderImages(files, labels, self.classes)
+
+
+def _class_folders(folder: Path, key: str) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{key}={folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_split(
+    folder: Path, skip_bad: bool, skipped: list[tuple[str, str]], classes: list[str] | None
+) -> tuple[list[str], list[str], np.ndarray]:
+    """(class names, files, labels) of a folder of class folders; `classes` (those of train/)
+    must be exactly its classes."""
+    class_dirs = _class_folders(folder, "data.root")
+    names = [p.name for p in class_dirs]
+    if not class_dirs:
+        loose = [p for p in folder.iterdir() if p.is_file() and is_image_name(p)]
+        raise DataError(
+            f"{folder} holds no class folders"
+            + (f" ({len(loose)} images lie in it directly)" if loose else "")
+            + ": data=imagefolder reads DIR/<class>/<image>, or DIR/train/<class>/<image> with "
+            "optional val/ and test/; set data.root to such a folder"
+        )
+    if classes is not None and names != classes:
+        missing = sorted(set(classes) - set(names))
+        extra = sorted(set(names) - set(classes))
+        what = []
+        if missing:
+            what.append(f"no folder for class(es) {', '.join(missing[:5])}")
+        if extra:
+            what.append(f"class folder(s) {', '.join(extra[:5])} that train/ lacks")
+        raise DataError(
+            f"{folder} has {' and '.join(what)}: every split must hold every class of "
+            f"{folder.parent / TRAIN_FOLDER}"
+        )
+    files: list[str] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        found = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_name(p))
+        good = []
+        for path in found:
+            problem = check_image(path, decode=skip_bad)
+            if problem is None:
+                good.append(path)
+            elif skip_bad:
+                skipped.append((str(path), problem))
+            else:
+                raise DataError(
+                    f"{path} is not a readable image ({problem}); remove it, or set "
+                    "data.skip_bad=true to leave such files out"
+                )
+        if not good:
+            left = f" ({len(found)} unreadable, left out)" if found else ""
+            raise DataError(
+                f"class folder {class_dir} holds no images{left}: every class needs images "
+                f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}); remove the folder or "
+                "add images to it"
+            )
+        files += [str(p) for p in good]
+        labels += [label] * len(good)
+    return names, files, np.asarray(labels, dtype=np.int64)
+
+
+def held_out_count(n: int, ratio: float) -> int:
+    """How many of a class's n images a held-out split takes: ratio * n rounded half up, at least
+    one when ratio > 0 (a split must hold every class)."""
+    if ratio <= 0:
+        return 0
+    return max(1, math.floor(ratio * n + 0.5))
+
+
+def carve(
+    labels: np.ndarray, ratio: float, seed: int, classes: list[str], what: str, key: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, taken) positions: per class, held_out_count(n, ratio) images drawn with the seed;
+    a DataError naming the class when it has too few images to leave one behind."""
+    rng = np.random.default_rng(seed)
+    kept, taken = [], []
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        k = held_out_count(len(idx), ratio)
+        if k >= len(idx):
+            raise DataError(
+                f"class {name!r} has {len(idx)} image(s) to split, and {key}={ratio} takes {k} "
+                f"for the {what} split, leaving none to train on: add images to it, or give the "
+                f"{what} images a folder of their own"
+            )
+        idx = rng.permutation(idx)
+        taken.append(idx[:k])
+        kept.append(idx[k:])
+    return np.sort(np.concatenate(kept)), np.sort(np.concatenate(taken))
+
+
+def _pick(files: list[str], labels: np.ndarray, idx: np.ndarray) -> tuple[list[str], np.ndarray]:
+    return [files[i] for i in idx], labels[idx]
+
+
+@functools.lru_cache(maxsize=4)
+def scan_folders(
+    root_name: str, valid_ratio: float, test_ratio: float, seed: int, skip_bad: bool
+) -> FolderSplits:
+    """Scan data.root once per process (the check before a run and the run share it)."""
+    root = Path(root_name).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root_name} is not a folder: data=imagefolder reads a folder of class "
+            "folders (DIR/<class>/<image>) or DIR/train/<class>/<image>"
+        )
+    skipped: list[tuple[str, str]] = []
+    valid_dir = next((root / v for v in VALID_FOLDERS if (root / v).is_dir()), None)
+    if (root / TRAIN_FOLDER).is_dir():
+        layout = "split folders"
+        classes, files, labels = _scan_split(root / TRAIN_FOLDER, skip_bad, skipped, None)
+        train = (files, labels)
+        sources = {"train": str(root / TRAIN_FOLDER)}
+        if (root / TEST_FOLDER).is_dir():
+            _, tf, tl = _scan_split(root / TEST_FOLDER, skip_bad, skipped, classes)
+            test = (tf, tl)
+            sources["test"] = str(root / TEST_FOLDER)
+        else:
+            _no_ratio("data.test_ratio", test_ratio, root)
+            kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
+                                "data.test_ratio")  # fmt: skip
+            test, train = _pick(files, labels, taken), _pick(files, labels, kept)
+            sources["test"] = f"data.test_ratio={test_ratio} of {root / TRAIN_FOLDER}"
+        if valid_dir is not None:
+            _, vf, vl = _scan_split(valid_dir, skip_bad, skipped, classes)
+            valid = (vf, vl)
+            sources["valid"] = str(valid_dir)
+        else:
+            valid, train = _carve_valid(train, valid_ratio, seed, classes)
+            sources["valid"] = f"data.valid_ratio={valid_ratio} of the training images"
+    else:
+        if valid_dir is not None or (root / TEST_FOLDER).is_dir():
+            raise DataError(
+                f"{root} has a val/ or test/ folder but no train/ folder: put the training "
+                "images' class folders in train/, or make every folder in it a class folder"
+            )
+        layout = "one folder"
+        classes, files, labels = _scan_split(root, skip_bad, skipped, None)
+        _no_ratio("data.test_ratio", test_ratio, root)
+        kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
+                            "data.test_ratio")  # fmt: skip
+        test, rest = _pick(files, labels, taken), _pick(files, labels, kept)
+        valid, train = _carve_valid(rest, valid_ratio, seed, classes)
+        sources = {
+            "train": str(root),
+            "valid": f"data.valid_ratio={valid_ratio} of {root}",
+            "test": f"data.test_ratio={test_ratio} of {root}",
+        }
+    return FolderSplits(root, classes, layout, train, valid, test, skipped, sources)
+
+
+def _no_ratio(key: str, ratio: float, root: Path) -> None:
+    if ratio <= 0:
+        raise ConfigError(
+            f"{key}={ratio} is invalid: {root} has no {TEST_FOLDER}/ folder, so the test images "
+            "are carved from the training images by this ratio; set it in (0, 1) (0.1 is usual), "
+            f"or give them a folder of their own, {root}/{TEST_FOLDER}/<class>/"
+        )
+
+
+def _carve_valid(
+    train: tuple[list[str], np.ndarray], ratio: float, seed: int, classes: list[str]
+) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
+    files, labels = train
+    if ratio <= 0:
+        return ([], np.zeros(0, dtype=np.int64)), train
+    kept, taken = carve(labels, ratio, seed, classes, "validation", "data.valid_ratio")
+    return _pick(files, labels, taken), _pick(files, labels, kept)
+
+
+def scan(cfg: Any, seed: int) -> FolderSplits:
+    """The folders of a data config (data=imagefolder); the files left out are logged once."""
+    found = scan_folders(str(cfg.root), float(cfg.valid_ratio), float(cfg.test_ratio), int(seed),
+                         bool(cfg.skip_bad))  # fmt: skip
+    if found.skipped and id(found) not in _reported:
+        _reported.add(id(found))
+        log.warning("data.skip_bad=true: %d file(s) left out:", len(found.skipped))
+        for path, why in found.skipped:
+            log.warning("  %s (%s)", path, why)
+    return found
+
+
+_reported: set[int] = set()

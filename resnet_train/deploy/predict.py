@@ -1,0 +1,201 @@
+"""task=predict: the classes of new images by a trained model.
+
+`predict.inputs` is an image, a folder (searched recursively for image files) or a text file of
+image paths, one per line (blank lines and lines starting with # are skipped; relative paths are
+taken from the text file's folder). Each image goes through the checkpoint's own evaluation
+transform (resize, centre crop, its mean and std; a model trained on fixed-size images without a
+resize gets its images resized to that size), in batches; the top predict.top_k classes with
+their softmax probabilities go to predictions.csv, the first rows to the console.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from resnet_train.data.folders import check_image, is_image_name, read_image
+from resnet_train.data.loaders import worker_count
+from resnet_train.data.transforms import build_transform
+from resnet_train.deploy.source import Trained, load_trained
+from resnet_train.errors import DataError
+from resnet_train.logging import progress_bar, write_json
+from resnet_train.precision import autocast
+
+log = logging.getLogger("resnet_train")
+
+
+def list_inputs(spec: str) -> list[Path]:
+    """The image files predict.inputs names; DataError naming what is wrong."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"predict.inputs={spec} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        if not files:
+            raise DataError(f"predict.inputs={spec} is a folder without image files")
+        return files
+    if is_image_name(path):
+        return [path]
+    try:
+        lines = path.read_text().splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(
+            f"predict.inputs={spec} is neither an image, a folder, nor a text file of image "
+            f"paths ({type(e).__name__})"
+        ) from None
+    files = []
+    for number, line in enumerate(lines, start=1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        listed = Path(entry).expanduser()
+        listed = listed if listed.is_absolute() else path.parent / listed
+        if not listed.is_file():
+            raise DataError(f"{spec}:{number}: {entry} does not exist (relative paths are "
+                            f"taken from {path.parent})")  # fmt: skip
+        files.append(listed)
+    if not files:
+        raise DataError(f"predict.inputs={spec} lists no image paths")
+    return files
+
+
+def usable_inputs(files: list[Path], skip_bad: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The files whose header reads as an image; the others are an error naming the first, or
+    with data.skip_bad=true left out and returned with the reason."""
+    good, skipped = [], []
+    for path in files:
+        problem = check_image(path, decode=skip_bad)
+        if problem is None:
+            good.append(path)
+        elif skip_bad:
+            skipped.append((str(path), problem))
+        else:
+            raise DataError(
+                f"{path} is not a readable image ({problem}); remove it from predict.inputs, or "
+                "set data.skip_bad=true to leave such files out"
+            )
+    if not good:
+        raise DataError("predict.inputs: none of the files is a readable image")
+    return good, skipped
+
+
+class _Images(Dataset):
+    def __init__(self, files: list[Path], transform: Any) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(read_image(str(self.files[i]))), i
+
+
+def predict_transform(trained: Trained) -> Any:
+    """The checkpoint's evaluation transform; where it has no resize (its images all had the
+    model's size), a resize and centre crop to that size first."""
+    d = trained.cfg.data
+    if not d.eval_resize:
+        d = copy.deepcopy(d)
+        d.eval_resize = d.image_size
+    return build_transform(d, train=False)
+
+
+def _table(rows: list[list[Any]], k: int, show: int) -> list[str]:
+    shown = rows[:show]
+    if not shown:
+        return []
+    width = min(max(len(r[0]) for r in shown), 60)
+    ranks = min(k, 3)
+    lines = [f"{'image':<{width}}  " + "  ".join(f"top-{i + 1}" for i in range(ranks))]
+    for row in shown:
+        name = row[0] if len(row[0]) <= width else "..." + row[0][-(width - 3) :]
+        cells = [f"{row[1 + 2 * i]} {float(row[2 + 2 * i]):.3f}" for i in range(ranks)]
+        lines.append(f"{name:<{width}}  " + "  ".join(cells))
+    return lines
+
+
+@torch.no_grad()
+def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """Predict predict.inputs with model.weights; write predictions.csv and predict.json into
+    run_dir; return predict.json's content."""
+    p = cfg.predict
+    trained = load_trained(cfg, overrides)
+    cfg = trained.cfg
+    files, skipped = usable_inputs(list_inputs(p.inputs), bool(cfg.data.skip_bad))
+    for path, why in skipped:
+        log.warning("data.skip_bad=true: left out %s (%s)", path, why)
+    names = trained.class_names()
+    model, device = trained.model, trained.device
+    batch = int(cfg.data.batch_size)
+    workers = min(worker_count(cfg.data), math.ceil(len(files) / batch))
+    loader = DataLoader(_Images(files, predict_transform(trained)), batch_size=batch,
+                        num_workers=workers)  # fmt: skip
+    memory = torch.channels_last if trained.channels_last else torch.contiguous_format
+    start = time.perf_counter()
+    bar = progress_bar(len(files), "predict", cfg.trainer.progress)
+    probabilities = []
+    for images, _ in loader:
+        images = images.to(device, memory_format=memory)
+        with autocast(device, cfg.trainer.precision):
+            logits = model(images).float()
+        probabilities.append(logits.softmax(1).cpu())
+        bar.update(len(images))
+    bar.close()
+    seconds = time.perf_counter() - start
+    probs = torch.cat(probabilities)
+    outputs = probs.shape[1]
+    labels = names + [f"class{i}" for i in range(len(names), outputs)]
+    k = min(int(p.top_k), outputs)
+    top = probs.topk(k, dim=1)
+    rows = []
+    for path, values, indices in zip(files, top.values.tolist(), top.indices.tolist(),
+                                     strict=True):  # fmt: skip
+        row: list[Any] = [str(path)]
+        for value, index in zip(values, indices, strict=True):
+            row += [labels[index], f"{value:.6f}"]
+        rows.append(row)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = run_dir / "predictions.csv"
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *[f"{what}_{i + 1}" for i in range(k)
+                                   for what in ("class", "prob")]])  # fmt: skip
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    d = cfg.data
+    result = {
+        **trained.record("predict"),
+        "inputs": str(p.inputs),
+        "images": len(files),
+        "skipped": [{"path": path, "why": why} for path, why in skipped],
+        "top_k": k,
+        "classes": labels,
+        "preprocessing": {
+            "resize": int(d.eval_resize or d.image_size),
+            "centre_crop": int(d.image_size),
+            "mean": [float(v) for v in d.mean],
+            "std": [float(v) for v in d.std],
+        },
+        "predictions": str(csv_path),
+        "seconds": seconds,
+        "images_per_s": len(files) / seconds if seconds > 0 else None,
+    }
+    write_json(run_dir / "predict.json", result)
+    for line in _table(rows, k, int(p.show)):
+        log.info("%s", line)
+    more = f" (the first {min(p.show, len(rows))} above)" if len(rows) > p.show else ""
+    log.info("predicted %d images with %s in %.1f s: %s%s", len(files), trained.weights.path,
+             seconds, csv_path, more)  # fmt: skip
+    return result
