@@ -79,7 +79,7 @@ class DataConfig:
     name: str = "cifar10"
     # The folder that holds the data set's files (for CIFAR-10, the one containing
     # cifar-10-batches-py/). Relative paths are taken from the directory the command runs in.
-    root: str = "~/data"
+    root: str | None = "~/data"
     download: bool = True
     # null (data=imagefolder): the number of class folders.
     num_classes: int | None = 10
@@ -396,13 +396,21 @@ SPLITS = ("train", "valid", "test")
 EXPORT_FORMATS = ("onnx", "pt2")
 PRUNE_IMPORTANCE = ("l1", "l2", "random")
 PRUNE_METHODS = ("auto", "blocks", "groups")
-# What a distillation recipe puts in trainer.distill.teacher: the command line must say which.
-TEACHER_REQUIRED = "REQUIRED"
+# What a recipe puts in a path it cannot know (trainer.distill.teacher of a distillation
+# recipe, model.weights of a fine-tuning one): the command line must say which.
+REQUIRED = "REQUIRED"
+TEACHER_REQUIRED = REQUIRED
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as typed: true
+        shown = (
+            "null"
+            if value is None
+            else str(value).lower()
+            if isinstance(value, bool)
+            else repr(value)
+        )
         raise ConfigError(f"{key}={shown} is invalid: {allowed}")
 
 
@@ -496,6 +504,10 @@ def validate(cfg: DictConfig) -> None:
     _optional("model.shortcut", m.shortcut, _one_of, SHORTCUTS)
     _optional("model.num_classes", m.num_classes, _at_least, 1)
     _within("model.dropout", m.dropout, "[0, 1)")
+    _check(m.weights != REQUIRED, "model.weights", m.weights,
+           "this experiment fine-tunes: give the pretrained weights, model.weights=PATH (a "
+           "torchvision .pth such as resnet50-11ad3fa6.pth, or a resnet-train "
+           "checkpoint)")  # fmt: skip
     if m.weights is not None:
         from pathlib import Path
 
@@ -503,6 +515,10 @@ def validate(cfg: DictConfig) -> None:
                "no such file: give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 
     _one_of("data.name", d.name, DATASETS)
+    _check(d.root is not None or d.name == "synthetic" or cfg.task == "predict", "data.root",
+           None, f"data={d.name} reads its images from a folder: give data.root=DIR"
+           + (" (DIR/<class>/<image>, or DIR/train/<class>/<image> with optional val/ and "
+              "test/)" if d.name == "imagefolder" else ""))  # fmt: skip
     if d.num_classes is None:
         _check(d.name == "imagefolder", "data.num_classes", None,
                "only data=imagefolder counts its classes (its class folders); give a number "

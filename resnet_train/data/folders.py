@@ -187,15 +187,23 @@ def held_out_count(n: int, ratio: float) -> int:
 
 
 def carve(
-    labels: np.ndarray, ratio: float, seed: int, classes: list[str], what: str, key: str
+    labels: np.ndarray,
+    ratio: float,
+    seed: int,
+    classes: list[str],
+    what: str,
+    key: str,
+    of: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, taken) positions: per class, held_out_count(n, ratio) images drawn with the seed;
+    """(kept, taken) positions: per class, held_out_count(n, ratio) images drawn with the seed,
+    n the class's count in `of` (the labels before an earlier split took its share) or here;
     a DataError naming the class when it has too few images to leave one behind."""
     rng = np.random.default_rng(seed)
+    base = np.bincount(labels if of is None else of, minlength=len(classes))
     kept, taken = [], []
     for c, name in enumerate(classes):
         idx = np.flatnonzero(labels == c)
-        k = held_out_count(len(idx), ratio)
+        k = held_out_count(int(base[c]), ratio)
         if k >= len(idx):
             raise DataError(
                 f"class {name!r} has {len(idx)} image(s) to split, and {key}={ratio} takes {k} "
@@ -245,7 +253,7 @@ def scan_folders(
             valid = (vf, vl)
             sources["valid"] = str(valid_dir)
         else:
-            valid, train = _carve_valid(train, valid_ratio, seed, classes)
+            valid, train = _carve_valid(train, valid_ratio, seed, classes, labels)
             sources["valid"] = f"data.valid_ratio={valid_ratio} of the training images"
     else:
         if valid_dir is not None or (root / TEST_FOLDER).is_dir():
@@ -259,7 +267,7 @@ def scan_folders(
         kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
                             "data.test_ratio")  # fmt: skip
         test, rest = _pick(files, labels, taken), _pick(files, labels, kept)
-        valid, train = _carve_valid(rest, valid_ratio, seed, classes)
+        valid, train = _carve_valid(rest, valid_ratio, seed, classes, labels)
         sources = {
             "train": str(root),
             "valid": f"data.valid_ratio={valid_ratio} of {root}",
@@ -278,25 +286,31 @@ def _no_ratio(key: str, ratio: float, root: Path) -> None:
 
 
 def _carve_valid(
-    train: tuple[list[str], np.ndarray], ratio: float, seed: int, classes: list[str]
+    train: tuple[list[str], np.ndarray],
+    ratio: float,
+    seed: int,
+    classes: list[str],
+    of: np.ndarray,
 ) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
+    """The validation split: ratio x each class's count in `of` (all its images, before the
+    test split took its share), drawn from `train` with the run's seed."""
     files, labels = train
     if ratio <= 0:
         return ([], np.zeros(0, dtype=np.int64)), train
-    kept, taken = carve(labels, ratio, seed, classes, "validation", "data.valid_ratio")
+    kept, taken = carve(labels, ratio, seed, classes, "validation", "data.valid_ratio", of)
     return _pick(files, labels, taken), _pick(files, labels, kept)
 
 
 def scan(cfg: Any, seed: int) -> FolderSplits:
-    """The folders of a data config (data=imagefolder); the files left out are logged once."""
-    found = scan_folders(str(cfg.root), float(cfg.valid_ratio), float(cfg.test_ratio), int(seed),
-                         bool(cfg.skip_bad))  # fmt: skip
-    if found.skipped and id(found) not in _reported:
-        _reported.add(id(found))
+    """The folders of a data config (data=imagefolder)."""
+    return scan_folders(str(cfg.root), float(cfg.valid_ratio), float(cfg.test_ratio), int(seed),
+                        bool(cfg.skip_bad))  # fmt: skip
+
+
+def log_skipped(cfg: Any, seed: int) -> None:
+    """The files data.skip_bad left out, in the log of the run that reads the folders."""
+    found = scan(cfg, seed)
+    if found.skipped:
         log.warning("data.skip_bad=true: %d file(s) left out:", len(found.skipped))
         for path, why in found.skipped:
             log.warning("  %s (%s)", path, why)
-    return found
-
-
-_reported: set[int] = set()

@@ -461,6 +461,10 @@ def build_loaders(
     share: the training epoch sharded and padded to equal length, the evaluation sets split
     without padding (their figures are summed over the processes)."""
     sp = read_splits(cfg, seed)
+    if cfg.name == "imagefolder":
+        from resnet_train.data.folders import log_skipped
+
+        log_skipped(cfg, seed)
     train_base, test_base = sp.train_base, sp.test_base
     fit_idx, valid_idx, test_idx = sp.fit, sp.valid, sp.test
     weights = balanced_weights(sp.train_labels[fit_idx]) if cfg.balance == "sampler" else None

@@ -59,7 +59,7 @@ def list_inputs(spec: str) -> list[Path]:
         if not entry or entry.startswith("#"):
             continue
         listed = Path(entry).expanduser()
-        listed = listed if listed.is_absolute() else path.parent / listed
+        listed = listed if listed.is_absolute() else Path(os.path.normpath(path.parent / listed))
         if not listed.is_file():
             raise DataError(f"{spec}:{number}: {entry} does not exist (relative paths are "
                             f"taken from {path.parent})")  # fmt: skip
@@ -85,7 +85,11 @@ def usable_inputs(files: list[Path], skip_bad: bool) -> tuple[list[Path], list[t
                 "set data.skip_bad=true to leave such files out"
             )
     if not good:
-        raise DataError("predict.inputs: none of the files is a readable image")
+        path, why = skipped[0]
+        raise DataError(
+            f"predict.inputs: none of the {len(skipped)} file(s) is a readable image ({path}: "
+            f"{why})"
+        )
     return good, skipped
 
 
