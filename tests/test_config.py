@@ -23,13 +23,26 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), GROUP_FILES)
 def test_every_config_file_composes_and_validates(group, option):
     """A distillation recipe asks for its teacher on the command line; null trains the student
-    alone (its baseline)."""
+    alone (its baseline). A fine-tuning recipe asks for its weights, data=imagefolder for the
+    folder of the images."""
+    given: list[str] = []
     cfg = compose_config(f"{group}={option}")
     if cfg.trainer.distill.teacher == "REQUIRED":
         with pytest.raises(ConfigError, match=r"^trainer.distill.teacher='REQUIRED' is invalid: "
                            r"this experiment distils: give the teacher's weights"):  # fmt: skip
             validate(cfg)
-        cfg = compose_config(f"{group}={option}", "trainer.distill.teacher=null")
+        given.append("trainer.distill.teacher=null")
+    if cfg.model.weights == "REQUIRED":
+        with pytest.raises(ConfigError, match=r"^model.weights='REQUIRED' is invalid: this "
+                           r"experiment fine-tunes: give the pretrained weights"):  # fmt: skip
+            validate(cfg)
+        given.append(f"model.weights={__file__}")
+    if cfg.data.root is None:
+        with pytest.raises(ConfigError, match=r"^data.root=null is invalid: data=imagefolder "
+                           r"reads its images from a folder: give data.root=DIR"):  # fmt: skip
+            validate(compose_config(f"{group}={option}", *given))
+        given.append("data.root=/data/own")
+    cfg = compose_config(f"{group}={option}", *given)
     validate(cfg)
     if group in ("model", "data", "optim", "schedule"):
         assert cfg[group].name == option
