@@ -476,3 +476,26 @@ def test_an_error_in_a_data_worker_is_one_line_on_the_command_line():
     assert "Original Traceback" in str(caught.value)
     assert one_line(str(caught.value)) == "/data/x.png is not a readable image (OSError: truncated)"
     assert one_line("plain message") == "plain message"
+
+
+def test_the_fine_tuning_recipe_runs_from_torchvision_weights(shapes, tmp_path):
+    """experiment=finetune_resnet50 from a torchvision-layout ResNet-50 file (1000 classes): a
+    new classifier for the folder's classes, ImageNet's mean and std, the backbone at a tenth
+    of the classifier's rate."""
+    import torchvision
+
+    weights = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), weights)
+    cfg = compose_config("experiment=finetune_resnet50", f"data.root={shapes}",
+                         f"model.weights={weights}", "data.image_size=32", "trainer.epochs=2",
+                         "data.train_size=16", "data.num_workers=0", "trainer.device=cpu",
+                         "trainer.log_every_steps=1")  # fmt: skip
+    validate(cfg)
+    metrics = fit(cfg, tmp_path / "run")
+    saved = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert saved["model"]["fc.weight"].shape == (3, 2048)
+    assert saved["config"]["data"]["mean"] == [0.485, 0.456, 0.406]
+    assert saved["config"]["data"]["eval_resize"] == round(32 / 0.875)
+    logged = scalars(tmp_path / "run")
+    backbone, head = logged["lr/backbone"][0][1], logged["lr/head"][0][1]
+    assert backbone == pytest.approx(0.1 * head) and metrics["epochs_run"] == 2
