@@ -88,6 +88,10 @@ def precheck(args: list[str]) -> None:
         validate(cfg)
         complete(cfg)
         if cfg.task == "summary":
+            if cfg.data.num_classes is None:  # data=imagefolder: its class folders
+                from resnet_train.data.loaders import class_names
+
+                cfg.data.num_classes = len(class_names(cfg.data, cfg.seed))
             print_summary(cfg)
             sys.exit(0)
         if cfg.task in WEIGHTS_TASKS:
