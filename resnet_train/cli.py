@@ -99,7 +99,9 @@ def precheck(args: list[str]) -> None:
             return
         from resnet_train.data import check_data
         from resnet_train.data.settle import settle_data
+        from resnet_train.models.build import check_freeze
 
+        check_freeze(cfg)
         check_data(cfg.data)
         settle_data(cfg)
         _check_steps(cfg)

@@ -499,3 +499,12 @@ def test_the_fine_tuning_recipe_runs_from_torchvision_weights(shapes, tmp_path):
     logged = scalars(tmp_path / "run")
     backbone, head = logged["lr/backbone"][0][1], logged["lr/head"][0][1]
     assert backbone == pytest.approx(0.1 * head) and metrics["epochs_run"] == 2
+
+
+def test_a_part_the_model_lacks_is_refused_before_anything_is_read_or_written(shapes, tmp_path):
+    result = run_cli(*SMALL_IMAGES, f"data.root={shapes}", "model.freeze=[stem,layer4]",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""  # no mean computed, nothing logged
+    assert result.stderr == ("resnet-train: error: model.freeze=layer4 is invalid: this model's "
+                             "parts are stem, layer1, layer2, layer3, fc, backbone\n")  # fmt: skip
+    assert not (tmp_path / "outputs").exists()

@@ -14,15 +14,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
     size (64 px or less: the CIFAR stem) and the classes follow the data set. model.weights
     loads a weights file; a pruned model's file (task=prune) first gives the model its widths."""
     m = cfg.model
-    model = create_model(
-        m.name,
-        num_classes=m.num_classes or cfg.data.num_classes,
-        stem=m.stem or ("cifar" if cfg.data.image_size <= 64 else "imagenet"),
-        shortcut=m.shortcut,
-        zero_init_residual=m.zero_init_residual,
-        stride_in_1x1=m.stride_in_1x1,
-        dropout=m.dropout,
-    )
+    model = create_model(m.name, **model_options(cfg))
     if m.weights is not None:
         from resnet_train.models.weights import load_state, read_weights
 
@@ -30,6 +22,33 @@ def build_model(cfg: DictConfig) -> nn.Module:
         apply_pruned_widths(model, weights, "model.weights")
         load_state(model, weights, replace_classifier=True)
     return model
+
+
+def model_options(cfg: DictConfig) -> dict:
+    """create_model's keyword options for cfg's model on cfg's data."""
+    m = cfg.model
+    return {
+        "num_classes": m.num_classes or cfg.data.num_classes,
+        "stem": m.stem or ("cifar" if cfg.data.image_size <= 64 else "imagenet"),
+        "shortcut": m.shortcut,
+        "zero_init_residual": m.zero_init_residual,
+        "stride_in_1x1": m.stride_in_1x1,
+        "dropout": m.dropout,
+    }
+
+
+def check_freeze(cfg: DictConfig) -> None:
+    """model.freeze names parts this model has, and leaves something to train: checked on a
+    model without storage (the meta device) before a run starts."""
+    if cfg.model.freeze is None:
+        return
+    import torch
+
+    from resnet_train.models.freeze import freeze
+
+    with torch.device("meta"):
+        model = create_model(cfg.model.name, **model_options(cfg))
+    freeze(model, cfg.model.freeze, False)
 
 
 def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:
