@@ -129,7 +129,8 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
     the optional dependencies are installed, the run directory is free."""
     from resnet_train.data import check_data
     from resnet_train.data.loaders import read_splits, split_indices
-    from resnet_train.deploy.source import load_trained, require
+    from resnet_train.deploy.source import given_keys, load_trained, require
+    from resnet_train.errors import ConfigError
 
     if cfg.task == "export" and cfg.export.format == "onnx":
         require("onnx", "export.format=onnx")
@@ -148,7 +149,14 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
 
         if method_for(trained.cfg, trained.model) == "groups":
             require("torch_pruning", "prune.method=groups")
-    check_data(trained.cfg.data)
+    d = trained.cfg.data
+    if d.name == "imagefolder" and not {"data", "data.root"} & given_keys(args):
+        raise ConfigError(
+            f"task={cfg.task} reads the images of the run's data=imagefolder: give its folder, "
+            "data.root=DIR"
+        )
+    check_data(d)
+    trained.check_data_classes()
     splits = read_splits(trained.cfg.data, trained.cfg.seed)
     split_indices(splits, trained.cfg.eval.split, trained.cfg.data)
     _check_deploy_run_dir(cfg.task, run_dir)
@@ -204,8 +212,12 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
 
     point = find_resume(cfg, run_dir)
     if point is not None:
+        from resnet_train.data.folders import check_same_files
+        from resnet_train.data.loaders import data_fingerprint
         from resnet_train.engine.distill import check_same_teacher
 
+        now = data_fingerprint(cfg.data, cfg.seed)
+        check_same_files(point.state.get("data_files"), now, point.path)
         check_config(point, cfg)
         check_same_teacher(point.state.get("teacher"), teacher, point.path)
 

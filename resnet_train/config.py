@@ -551,10 +551,6 @@ def validate(cfg: DictConfig) -> None:
         _check_normalisation(f"data.{key}", d[key], positive=key == "std")
     _within("data.test_ratio", d.test_ratio, "[0, 1)")
     _one_of("data.balance", d.balance, BALANCE)
-    if d.name == "imagefolder":
-        _check(d.valid_ratio + d.test_ratio < 1, "data.test_ratio", d.test_ratio,
-               f"with data.valid_ratio={d.valid_ratio} it leaves no training images: the two "
-               "must add up to less than 1")  # fmt: skip
     _check(
         d.batch_size >= 2,
         "data.batch_size",

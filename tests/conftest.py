@@ -115,4 +115,3 @@ def cifar10_root(tmp_path_factory) -> tuple[Path, dict]:
 
 # The shortest real run: a CIFAR ResNet-20 on 512 synthetic images.
 SMOKE = ["model=resnet20", "data=synthetic", "trainer.epochs=1", "trainer.device=cpu"]
-

@@ -21,7 +21,7 @@ from resnet_train.engine import faults
 from resnet_train.engine.checkpoint import load_checkpoint
 from resnet_train.engine.preemption import Preempted
 from resnet_train.engine.trainer import EpochStats, class_weights, evaluate, fit
-from resnet_train.errors import ConfigError, DataError
+from resnet_train.errors import CheckpointError, ConfigError, DataError
 from resnet_train.models import create_model
 from resnet_train.models.freeze import freeze
 from resnet_train.optim import build_optimizer, build_scheduler, group_lrs, main_lr
@@ -104,6 +104,17 @@ def test_bad_folders_are_one_line_errors_naming_what_to_fix(tmp_path):
     with pytest.raises(DataError, match=r"class 'square' has 1 image\(s\) to split, and "
                                         r"data.valid_ratio=0.1 takes 1"):  # fmt: skip
         scan_folders(str(tmp_path / "few"), 0.1, 0.1, 0, False)
+    make_shape_folders(tmp_path / "half", {"circle": 10, "square": 10}, formats=False)
+    with pytest.raises(DataError, match=r"class 'circle' has 5 image\(s\) to split, and "
+                                        r"data.valid_ratio=0.5 takes 5"):  # fmt: skip
+        scan_folders(str(tmp_path / "half"), 0.5, 0.5, 0, False)
+    make_shape_folders(tmp_path / "one", {"circle": 10}, formats=False)
+    with pytest.raises(DataError, match=r"one class folder \(circle\): a classifier needs at"):
+        scan_folders(str(tmp_path / "one"), 0.1, 0.1, 0, False)
+    for split in ("train", "val", "valid"):
+        make_shape_folders(tmp_path / "both" / split, {"circle": 4, "bar": 4}, formats=False)
+    with pytest.raises(DataError, match=r"has both val/ and valid/: keep one"):
+        scan_folders(str(tmp_path / "both"), 0.1, 0.1, 0, False)
     loose = tmp_path / "loose"
     loose.mkdir()
     Image.new("RGB", (8, 8)).save(loose / "a.png")
@@ -111,7 +122,6 @@ def test_bad_folders_are_one_line_errors_naming_what_to_fix(tmp_path):
         scan_folders(str(loose), 0.1, 0.1, 0, False)
     for key, value, allowed in (
         ("data.root", None, "give data.root=DIR"),
-        ("data.test_ratio", 0.9, "must add up to less than 1"),
         ("data.balance", "oversample", "allowed: none, sampler, loss"),
         ("data.mean", [0.5, 0.5], "must be three numbers"),
         ("data.std", [0.5, 0.0, 0.5], "three numbers .* > 0"),
@@ -383,6 +393,11 @@ def test_train_eval_and_predict_on_ones_own_folder_through_the_cli(shapes, tmp_p
     assert metrics["test"]["balanced_acc"] == pytest.approx(sum(recall.values()) / 3)
     assert load_checkpoint(run / "best.pt")["classes"] == metrics["classes"]
 
+    result = run_cli("task=eval", f"model.weights={run}/best.pt", "name=eval", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        "resnet-train: error: task=eval reads the images of the run's data=imagefolder: give its "
+        "folder, data.root=DIR\n"
+    )
     result = run_cli("task=eval", f"model.weights={run}/best.pt", f"data.root={shapes}",
                      "name=eval", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -508,3 +523,68 @@ def test_a_part_the_model_lacks_is_refused_before_anything_is_read_or_written(sh
     assert result.stderr == ("resnet-train: error: model.freeze=layer4 is invalid: this model's "
                              "parts are stem, layer1, layer2, layer3, fc, backbone\n")  # fmt: skip
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_floor_above_the_backbone_rate_is_refused(shapes):
+    from resnet_train.engine.plan import plan_steps
+
+    cfg = settle_data(folder_cfg(shapes, "optim.lr=0.01", "optim.backbone_lr_mult=0.1",
+                                 "schedule.min_lr=0.005"))  # fmt: skip
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"^schedule.min_lr=0.005 is invalid: the floor must be "
+                       r"below the backbone's learning rate 0.001 \(optim.backbone_lr_mult=0.1 "
+                       r"x 0.01\), or schedule=cosine would raise that rate to it$"):  # fmt: skip
+        plan_steps(cfg, 50, 1)
+
+
+def test_the_model_and_the_folder_must_agree_on_the_classes(shapes, tmp_path):
+    """A resumed run on a changed folder, an evaluation on other classes and a fine-tuning start
+    from other classes of the same count are each caught."""
+    run = tmp_path / "run"
+    _folder_run(shapes, run, "trainer.epochs=1")
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["data_files"]["images"] == {"train": 52, "valid": 6, "test": 6}
+    # an image added: the splits would move; refused in one line before the config's diff
+    (shapes / "square" / "new.png").write_bytes((shapes / "square" / "square_000.png").read_bytes())
+    from resnet_train.data.folders import scan_files
+
+    scan_files.cache_clear()
+    with pytest.raises(
+        CheckpointError,
+        match=r"was trained on other images: data.root's folders "
+        r"changed since \(train/valid/test images 52/6/6 then, 51/7/7 now\)",
+    ):
+        _folder_run(shapes, run, "trainer.epochs=2", "resume=auto")  # fmt: skip
+    # the same classes in other folders (renamed): a fine-tuning start replaces the classifier
+    other = make_shape_folders(tmp_path / "other", {"bar": 10, "cross": 10, "ring": 10})
+    tuned = tmp_path / "tuned"
+    _folder_run(other, tuned, f"model.weights={run}/best.pt", "trainer.epochs=1", "optim.lr=1e-9")
+    start, after = load_checkpoint(run / "best.pt")["model"], load_checkpoint(tuned / "last.pt")
+    assert not torch.allclose(start["fc.weight"], after["model"]["fc.weight"])  # re-initialised
+    assert torch.allclose(start["layer3.2.conv2.weight"], after["model"]["layer3.2.conv2.weight"])
+    # ... and evaluating the first model on them is refused, naming both
+    from resnet_train.deploy.source import load_trained
+
+    args = ["task=eval", f"model.weights={run}/best.pt", f"data.root={other}"]
+    trained = load_trained(compose_config(*args), args)
+    with pytest.raises(DataError, match=r"has the classes bar, cross, ring but best.pt was trained "
+                                        r"on circle, square, triangle"):  # fmt: skip
+        trained.check_data_classes()
+
+
+def test_predict_with_a_torchvision_file_needs_no_folder(tmp_path):
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), weights)
+    make_shape_folders(tmp_path / "new", {"ring": 3})
+    result = run_cli("task=predict", "model=resnet18", f"model.weights={weights}",
+                     "data=imagefolder", "data.image_size=64", "model.stem=imagenet",
+                     f"predict.inputs={tmp_path / 'new'}", "predict.show=0", "name=p",
+                     "trainer.device=cpu", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "outputs" / "p" / "predict.json").read_text())
+    assert record["classes"] == [f"class{i}" for i in range(7)] and record["images"] == 3
+    assert record["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert record["preprocessing"]["resize"] == round(64 / 0.875)
+    assert "(the first 0 above)" not in result.stdout

@@ -19,8 +19,10 @@ tested on the same images. The validation split does, as CIFAR's does.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +119,17 @@ class FolderSplits:
         return FolderImages(files, labels, self.classes)
 
 
-def _class_folders(folder: Path, key: str) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"{key}={folder} is not a folder")
+def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """The image files under a class folder, at any depth, symbolic links followed."""
+    found = []
+    for top, dirs, names in os.walk(class_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(top) / n for n in names if is_image_name(Path(n))]
+    return sorted(p for p in found if p.is_file())
 
 
 def _scan_split(
@@ -128,7 +137,7 @@ def _scan_split(
 ) -> tuple[list[str], list[str], np.ndarray]:
     """(class names, files, labels) of a folder of class folders; `classes` (those of train/)
     must be exactly its classes."""
-    class_dirs = _class_folders(folder, "data.root")
+    class_dirs = _class_folders(folder)
     names = [p.name for p in class_dirs]
     if not class_dirs:
         loose = [p for p in folder.iterdir() if p.is_file() and is_image_name(p)]
@@ -137,6 +146,11 @@ def _scan_split(
             + (f" ({len(loose)} images lie in it directly)" if loose else "")
             + ": data=imagefolder reads DIR/<class>/<image>, or DIR/train/<class>/<image> with "
             "optional val/ and test/; set data.root to such a folder"
+        )
+    if classes is None and len(class_dirs) < 2:
+        raise DataError(
+            f"{folder} holds one class folder ({names[0]}): a classifier needs at least 2 "
+            "classes, one folder of images each"
         )
     if classes is not None and names != classes:
         missing = sorted(set(classes) - set(names))
@@ -153,7 +167,7 @@ def _scan_split(
     files: list[str] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        found = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_name(p))
+        found = _image_files(class_dir)
         good = []
         for path in found:
             problem = check_image(path, decode=skip_bad)
@@ -176,6 +190,59 @@ def _scan_split(
         files += [str(p) for p in good]
         labels += [label] * len(good)
     return names, files, np.asarray(labels, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class FolderFiles:
+    """What the folders hold, before any split is drawn: per split folder (train, val, test, or
+    the one folder as "all"), its files and labels."""
+
+    root: Path
+    layout: str
+    classes: list[str]
+    parts: dict[str, tuple[list[str], np.ndarray]]
+    skipped: list[tuple[str, str]]
+
+
+@functools.lru_cache(maxsize=4)
+def scan_files(root_name: str, skip_bad: bool) -> FolderFiles:
+    """Read data.root's folders and every image's header (with skip_bad, decode every image),
+    once per process whatever the seed."""
+    if not root_name:
+        raise DataError("data.root='' is invalid: give the folder of the images, data.root=DIR")
+    root = Path(root_name).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root={root_name} is not a folder: data=imagefolder reads a folder of class "
+            "folders (DIR/<class>/<image>) or DIR/train/<class>/<image>"
+        )
+    valid_dirs = [root / v for v in VALID_FOLDERS if (root / v).is_dir()]
+    if len(valid_dirs) > 1:
+        raise DataError(
+            f"{root} has both {' and '.join(d.name + '/' for d in valid_dirs)}: keep one "
+            "folder of validation images"
+        )
+    skipped: list[tuple[str, str]] = []
+    parts: dict[str, tuple[list[str], np.ndarray]] = {}
+    if (root / TRAIN_FOLDER).is_dir():
+        layout = "split folders"
+        classes, files, labels = _scan_split(root / TRAIN_FOLDER, skip_bad, skipped, None)
+        parts["train"] = (files, labels)
+        for split, folder in (("valid", valid_dirs[0] if valid_dirs else None),
+                              ("test", root / TEST_FOLDER)):  # fmt: skip
+            if folder is not None and folder.is_dir():
+                _, more, more_labels = _scan_split(folder, skip_bad, skipped, classes)
+                parts[split] = (more, more_labels)
+    else:
+        if valid_dirs or (root / TEST_FOLDER).is_dir():
+            raise DataError(
+                f"{root} has a val/ or test/ folder but no train/ folder: put the training "
+                "images' class folders in train/, or make every folder in it a class folder"
+            )
+        layout = "one folder"
+        classes, files, labels = _scan_split(root, skip_bad, skipped, None)
+        parts["all"] = (files, labels)
+    return FolderFiles(root, layout, classes, parts, skipped)
 
 
 def held_out_count(n: int, ratio: float) -> int:
@@ -220,50 +287,35 @@ def _pick(files: list[str], labels: np.ndarray, idx: np.ndarray) -> tuple[list[s
     return [files[i] for i in idx], labels[idx]
 
 
-@functools.lru_cache(maxsize=4)
 def scan_folders(
     root_name: str, valid_ratio: float, test_ratio: float, seed: int, skip_bad: bool
 ) -> FolderSplits:
-    """Scan data.root once per process (the check before a run and the run share it)."""
-    root = Path(root_name).expanduser()
-    if not root.is_dir():
-        raise DataError(
-            f"data.root={root_name} is not a folder: data=imagefolder reads a folder of class "
-            "folders (DIR/<class>/<image>) or DIR/train/<class>/<image>"
-        )
-    skipped: list[tuple[str, str]] = []
-    valid_dir = next((root / v for v in VALID_FOLDERS if (root / v).is_dir()), None)
-    if (root / TRAIN_FOLDER).is_dir():
-        layout = "split folders"
-        classes, files, labels = _scan_split(root / TRAIN_FOLDER, skip_bad, skipped, None)
-        train = (files, labels)
+    """The three splits of data.root: its split folders, or what is carved from them per class
+    (the test split with a fixed seed, the validation split with the run's)."""
+    found = scan_files(root_name, skip_bad)
+    root, classes, parts = found.root, found.classes, found.parts
+    if found.layout == "split folders":
+        train = parts["train"]
+        files, labels = train
         sources = {"train": str(root / TRAIN_FOLDER)}
-        if (root / TEST_FOLDER).is_dir():
-            _, tf, tl = _scan_split(root / TEST_FOLDER, skip_bad, skipped, classes)
-            test = (tf, tl)
+        if "test" in parts:
+            test = parts["test"]
             sources["test"] = str(root / TEST_FOLDER)
         else:
-            _no_ratio("data.test_ratio", test_ratio, root)
+            _no_ratio("data.test_ratio", test_ratio, root, found.layout)
             kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
                                 "data.test_ratio")  # fmt: skip
             test, train = _pick(files, labels, taken), _pick(files, labels, kept)
             sources["test"] = f"data.test_ratio={test_ratio} of {root / TRAIN_FOLDER}"
-        if valid_dir is not None:
-            _, vf, vl = _scan_split(valid_dir, skip_bad, skipped, classes)
-            valid = (vf, vl)
-            sources["valid"] = str(valid_dir)
+        if "valid" in parts:
+            valid = parts["valid"]
+            sources["valid"] = "its own folder"
         else:
             valid, train = _carve_valid(train, valid_ratio, seed, classes, labels)
-            sources["valid"] = f"data.valid_ratio={valid_ratio} of the training images"
+            sources["valid"] = f"data.valid_ratio={valid_ratio} of {root / TRAIN_FOLDER}"
     else:
-        if valid_dir is not None or (root / TEST_FOLDER).is_dir():
-            raise DataError(
-                f"{root} has a val/ or test/ folder but no train/ folder: put the training "
-                "images' class folders in train/, or make every folder in it a class folder"
-            )
-        layout = "one folder"
-        classes, files, labels = _scan_split(root, skip_bad, skipped, None)
-        _no_ratio("data.test_ratio", test_ratio, root)
+        files, labels = parts["all"]
+        _no_ratio("data.test_ratio", test_ratio, root, found.layout)
         kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
                             "data.test_ratio")  # fmt: skip
         test, rest = _pick(files, labels, taken), _pick(files, labels, kept)
@@ -273,15 +325,21 @@ def scan_folders(
             "valid": f"data.valid_ratio={valid_ratio} of {root}",
             "test": f"data.test_ratio={test_ratio} of {root}",
         }
-    return FolderSplits(root, classes, layout, train, valid, test, skipped, sources)
+    return FolderSplits(root, classes, found.layout, train, valid, test, found.skipped, sources)
 
 
-def _no_ratio(key: str, ratio: float, root: Path) -> None:
+def _no_ratio(key: str, ratio: float, root: Path, layout: str) -> None:
     if ratio <= 0:
+        own = (
+            f"{root}/{TEST_FOLDER}/<class>/"
+            if layout == "split folders"
+            else f"{root}/{TEST_FOLDER}/<class>/ with the training images in "
+            f"{root}/{TRAIN_FOLDER}/<class>/"
+        )
         raise ConfigError(
             f"{key}={ratio} is invalid: {root} has no {TEST_FOLDER}/ folder, so the test images "
             "are carved from the training images by this ratio; set it in (0, 1) (0.1 is usual), "
-            f"or give them a folder of their own, {root}/{TEST_FOLDER}/<class>/"
+            f"or give them a folder of their own, {own}"
         )
 
 
@@ -307,9 +365,49 @@ def scan(cfg: Any, seed: int) -> FolderSplits:
                         bool(cfg.skip_bad))  # fmt: skip
 
 
-def log_skipped(cfg: Any, seed: int) -> None:
-    """The files data.skip_bad left out, in the log of the run that reads the folders."""
+def fingerprint(cfg: Any, seed: int) -> dict[str, Any]:
+    """What a checkpoint keeps of the folders it was trained on: the images per split, and a
+    sha256 of every file's path (under data.root), label, size and split, so that a resumed run
+    sees a changed folder (an image added moves others between the splits)."""
     found = scan(cfg, seed)
+    digest = hashlib.sha256()
+    images = {}
+    for split in ("train", "valid", "test"):
+        files, labels = getattr(found, split)
+        images[split] = len(files)
+        for path, label in sorted(zip(files, labels.tolist(), strict=True)):
+            rel = os.path.relpath(path, found.root)
+            digest.update(f"{split}\0{rel}\0{label}\0{os.path.getsize(path)}\n".encode())
+    return {"images": images, "sha256": digest.hexdigest()}
+
+
+def check_same_files(saved: dict[str, Any] | None, now: dict[str, Any] | None, path: Any) -> None:
+    """Refuse to resume a run whose image folders changed since its checkpoint was written."""
+    if saved is None or now is None or saved["sha256"] == now["sha256"]:
+        return
+    counts = "/".join(str(saved["images"][s]) for s in ("train", "valid", "test"))
+    counts_now = "/".join(str(now["images"][s]) for s in ("train", "valid", "test"))
+    from resnet_train.errors import CheckpointError
+
+    raise CheckpointError(
+        f"{path} was trained on other images: data.root's folders changed since (train/valid/test "
+        f"images {counts} then, {counts_now} now), and resuming would move images between the "
+        "splits; restore the folder, or start a new run with name=NEW_NAME"
+    )
+
+
+def log_folders(cfg: Any, seed: int) -> None:
+    """What the run reads: the classes with their images per split, where each split comes
+    from, and the files data.skip_bad left out."""
+    found = scan(cfg, seed)
+    counts = {s: np.bincount(getattr(found, s)[1], minlength=len(found.classes))
+              for s in ("train", "valid", "test")}  # fmt: skip
+    log.info("%s (%s): %d classes; images per class (train/valid/test): %s", found.root,
+             found.layout, len(found.classes), ", ".join(
+                 f"{name} {counts['train'][c]}/{counts['valid'][c]}/{counts['test'][c]}"
+                 for c, name in enumerate(found.classes)))  # fmt: skip
+    log.info("validation images: %s; test images: %s", found.sources["valid"],
+             found.sources["test"])  # fmt: skip
     if found.skipped:
         log.warning("data.skip_bad=true: %d file(s) left out:", len(found.skipped))
         for path, why in found.skipped:

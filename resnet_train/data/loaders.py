@@ -192,7 +192,8 @@ def _folder_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.num_classes is not None and cfg.num_classes != len(found.classes):
         raise DataError(
             f"data.num_classes={cfg.num_classes} but {found.root} has {len(found.classes)} "
-            "class folders; set data.num_classes=null to take them"
+            "class folders: point data.root at the model's images, or (to train) set "
+            "data.num_classes=null to take the folders'"
         )
     return Splits(
         train, test, train.targets, test.targets, fit, np.arange(len(valid)), test_idx,
@@ -462,9 +463,9 @@ def build_loaders(
     without padding (their figures are summed over the processes)."""
     sp = read_splits(cfg, seed)
     if cfg.name == "imagefolder":
-        from resnet_train.data.folders import log_skipped
+        from resnet_train.data.folders import log_folders
 
-        log_skipped(cfg, seed)
+        log_folders(cfg, seed)
     train_base, test_base = sp.train_base, sp.test_base
     fit_idx, valid_idx, test_idx = sp.fit, sp.valid, sp.test
     weights = balanced_weights(sp.train_labels[fit_idx]) if cfg.balance == "sampler" else None
@@ -523,6 +524,16 @@ def build_eval_loader(
         return _tensor_part(cfg, seed, device, base, idx, False, channels_last)
     transform = build_transform(cfg, train=False)
     return _torch_part(cfg, seed, device, base, idx, transform, False, False)
+
+
+def data_fingerprint(cfg: DataConfig, seed: int) -> dict[str, Any] | None:
+    """data=imagefolder: the fingerprint of its files that checkpoints keep (None for the data
+    sets whose files do not change)."""
+    if cfg.name != "imagefolder":
+        return None
+    from resnet_train.data.folders import fingerprint
+
+    return fingerprint(cfg, seed)
 
 
 def class_names(cfg: DataConfig, seed: int = 0) -> list[str]:

@@ -31,6 +31,8 @@ _stats_cache: dict[str, dict[str, list[float]]] = {}
 def settle_data(cfg: DictConfig) -> DictConfig:
     """Fill cfg.data's null / auto keys (see the module's docstring); returns cfg."""
     d = cfg.data
+    if d.num_classes is None and cfg.task == "predict" and cfg.model.weights is not None:
+        d.num_classes = weights_classes(cfg.model.weights)  # new images: no folder to count
     if d.num_classes is None:
         from resnet_train.data.folders import scan
 
@@ -55,6 +57,14 @@ def settle_data(cfg: DictConfig) -> DictConfig:
         log.info("data.%s=%s: %s (%s)", key, "auto" if value == "auto" else "null",
                  [round(v, 4) for v in d[key]], where)  # fmt: skip
     return cfg
+
+
+def weights_classes(path: str) -> int:
+    """The number of classes of a weights file's classifier."""
+    from resnet_train.models.weights import read_weights
+
+    weights = read_weights(path)
+    return int(weights.state["fc.weight"].shape[0]) if "fc.weight" in weights.state else 1000
 
 
 def weights_normalisation(path: str) -> tuple[dict[str, list[float]], str]:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "bar")
 
 

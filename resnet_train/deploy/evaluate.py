@@ -224,6 +224,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
     """Evaluate model.weights on eval.split; write eval.json, the confusion matrix (CSV, PNG), the
     reliability diagram and TensorBoard records into run_dir; return eval.json's content."""
     trained = load_trained(cfg, overrides)
+    trained.check_data_classes()
     cfg, split = trained.cfg, cfg.eval.split
     names = trained.class_names()
     loader = build_eval_loader(cfg.data, cfg.seed, trained.device, split, trained.channels_last)

@@ -204,6 +204,7 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
         require("onnx", "export.format=onnx")
         require("onnxruntime", "export.format=onnx")
     trained = load_trained(cfg, overrides, fake_quant=False)
+    trained.check_data_classes()
     cfg = trained.cfg
     model = trained.model.to("cpu", memory_format=torch.contiguous_format).float().eval()
     folded, report = fold_batchnorm(model)

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from resnet_train.data.folders import check_image, is_image_name, read_image
+from resnet_train.data.folders import IMAGE_EXTENSIONS, check_image, is_image_name, read_image
 from resnet_train.data.loaders import worker_count
 from resnet_train.data.transforms import build_transform
 from resnet_train.deploy.source import Trained, load_trained
@@ -48,10 +48,11 @@ def list_inputs(spec: str) -> list[Path]:
         return [path]
     try:
         lines = path.read_text().splitlines()
-    except (UnicodeDecodeError, OSError) as e:
+    except (UnicodeDecodeError, OSError):
         raise DataError(
-            f"predict.inputs={spec} is neither an image, a folder, nor a text file of image "
-            f"paths ({type(e).__name__})"
+            f"predict.inputs={spec} is neither an image file ("
+            + ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+            + "), a folder, nor a text file of image paths"
         ) from None
     files = []
     for number, line in enumerate(lines, start=1):
@@ -61,8 +62,9 @@ def list_inputs(spec: str) -> list[Path]:
         listed = Path(entry).expanduser()
         listed = listed if listed.is_absolute() else Path(os.path.normpath(path.parent / listed))
         if not listed.is_file():
-            raise DataError(f"{spec}:{number}: {entry} does not exist (relative paths are "
-                            f"taken from {path.parent})")  # fmt: skip
+            what = "is a folder, not an image file" if listed.is_dir() else "does not exist"
+            raise DataError(f"{spec}:{number}: {entry} {what} (relative paths are taken from "
+                            f"{path.parent})")  # fmt: skip
         files.append(listed)
     if not files:
         raise DataError(f"predict.inputs={spec} lists no image paths")
@@ -199,7 +201,7 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
     write_json(run_dir / "predict.json", result)
     for line in _table(rows, k, int(p.show)):
         log.info("%s", line)
-    more = f" (the first {min(p.show, len(rows))} above)" if len(rows) > p.show else ""
+    more = f" (the first {p.show} above)" if 0 < p.show < len(rows) else ""
     log.info("predicted %d images with %s in %.1f s: %s%s", len(files), trained.weights.path,
              seconds, csv_path, more)  # fmt: skip
     return result

@@ -160,6 +160,7 @@ def figures(model: nn.Module, image_size: int) -> dict[str, int]:
 def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """Prune model.weights; write pruned.pt and prune.json into run_dir; return the record."""
     trained = load_trained(cfg, overrides, fake_quant=False)
+    trained.check_data_classes()
     cfg, p = trained.cfg, cfg.prune
     method = method_for(cfg, trained.model)
     size, split = cfg.data.image_size, cfg.eval.split

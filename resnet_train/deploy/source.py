@@ -69,6 +69,24 @@ class Trained:
             log.warning("no class names (%s): class0, class1, ... instead", e)
             return [f"class{i}" for i in range(self.cfg.data.num_classes)]
 
+    def check_data_classes(self) -> None:
+        """The data evaluated (an image folder) has the classes the model was trained on."""
+        saved = (self.weights.checkpoint or {}).get("classes")
+        if self.cfg.data.name != "imagefolder" or not saved:
+            return
+        from resnet_train.data.loaders import class_names
+
+        here = class_names(self.cfg.data, self.cfg.seed)
+        if list(saved) != here:
+            from resnet_train.errors import DataError
+
+            raise DataError(
+                f"data.root={self.cfg.data.root} has the classes {', '.join(here[:6])}"
+                f"{' ...' if len(here) > 6 else ''} but {self.weights.path.name} was trained on "
+                f"{', '.join(saved[:6])}{' ...' if len(saved) > 6 else ''}: point data.root at "
+                "images of the model's classes"
+            )
+
     def record(self, split: str) -> dict[str, Any]:
         """What a task's record says of its source: the weights file, the model and the data."""
         return {

@@ -71,15 +71,24 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
             + (f" x {steps} steps per epoch" if s.interval == "step" else "")
             + f", schedule.interval={s.interval})"
         )
-    if s.name in FLOORED_SCHEDULES and s.min_lr >= lr:
+    # One floor for every parameter group: below the lowest starting rate (the backbone's, with
+    # optim.backbone_lr_mult < 1), or that group's rate would rise to it.
+    mult = min(cfg.optim.backbone_lr_mult, 1.0)
+    if s.name in FLOORED_SCHEDULES and s.min_lr > 0 and s.min_lr >= lr * mult:
         scaled = (
             f" (optim.lr={cfg.optim.lr} x global batch {global_batch} / "
             f"optim.reference_batch={cfg.optim.reference_batch})"
             if cfg.optim.lr_scaling == "linear"
             else ""
         )
+        which = (
+            f"the backbone's learning rate {lr * mult:.4g} (optim.backbone_lr_mult={mult} x "
+            f"{lr:.4g}{scaled})"
+            if mult < 1
+            else f"the learning rate {lr:.4g}{scaled}"
+        )
         raise ConfigError(
-            f"schedule.min_lr={s.min_lr} is invalid: the floor must be below the learning rate "
-            f"{lr:.4g}{scaled}, or schedule={s.name} would rise to it"
+            f"schedule.min_lr={s.min_lr} is invalid: the floor must be below {which}, or "
+            f"schedule={s.name} would raise that rate to it"
         )
     return StepPlan(fit_images, shard, batches, steps, global_batch, lr, length, notes)

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from resnet_train.config import CUDA_GRAPH_MODES, TrainerConfig, complete, to_dict
 from resnet_train.data import build_loaders
-from resnet_train.data.loaders import class_names
+from resnet_train.data.folders import check_same_files
+from resnet_train.data.loaders import class_names, data_fingerprint
 from resnet_train.data.settle import settle_data
 from resnet_train.data.transforms import build_batch_mixer
 from resnet_train.engine import distributed, faults
@@ -547,6 +548,7 @@ class _Run:
         self.start_batch = 0  # the batch of its first epoch it resumed at
         self.teacher: Teacher | None = None  # trainer.distill's teacher
         self.classes: list[str] = []  # the data's class names, in label order
+        self.data_files: dict[str, Any] | None = None  # data=imagefolder's files (fingerprint)
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
@@ -574,6 +576,7 @@ class _Run:
             "teacher": self.teacher.record() if self.teacher is not None else None,
             "channels": channels_of(t.model),  # a pruned model's widths (task=prune)
             "classes": self.classes,
+            "data_files": self.data_files,
             "best_valid": self.best_valid,
             "history": self.history,
             "weights": "raw",
@@ -626,6 +629,7 @@ class _Run:
                 f"{point.path} has checkpoint format {state.get('format_version')}, this "
                 f"version reads format {FORMAT_VERSION}"
             )
+        check_same_files(state.get("data_files"), self.data_files, point.path)
         check_config(point, self.cfg)
         check_same_teacher(state.get("teacher"), self.teacher, point.path)
         saved_world = state.get("world_size", 1)
@@ -776,7 +780,8 @@ def _build_run(
     channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loaders = build_loaders(cfg.data, cfg.seed, device, channels_last, d.rank, d.world)
-    model = build_model(cfg)
+    classes = class_names(cfg.data, cfg.seed)
+    model = build_model(cfg, classes)
     if tc.qat:
         layers = prepare_qat(model)
         log.info("QAT: fake int8 quantization in %d conv and linear layers", layers)
@@ -819,7 +824,8 @@ def _build_run(
         )
     es = tc.early_stopping
     run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta), plan)
-    run.classes = class_names(cfg.data, cfg.seed)
+    run.classes = classes
+    run.data_files = data_fingerprint(cfg.data, cfg.seed)
     monitor = run.monitor
     if tc.distill.teacher is not None:
         run.teacher = load_teacher(cfg)

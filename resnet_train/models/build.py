@@ -9,10 +9,11 @@ from resnet_train.models.channels import apply_channels
 from resnet_train.models.registry import create_model
 
 
-def build_model(cfg: DictConfig) -> nn.Module:
+def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
     """The model of cfg.model for the data of cfg.data: unless set, the stem follows the image
     size (64 px or less: the CIFAR stem) and the classes follow the data set. model.weights
-    loads a weights file; a pruned model's file (task=prune) first gives the model its widths."""
+    loads a weights file; a pruned model's file (task=prune) first gives the model its widths.
+    `classes`: the data's class names, so that a classifier trained on others is replaced."""
     m = cfg.model
     model = create_model(m.name, **model_options(cfg))
     if m.weights is not None:
@@ -20,7 +21,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
 
         weights = read_weights(m.weights)
         apply_pruned_widths(model, weights, "model.weights")
-        load_state(model, weights, replace_classifier=True)
+        load_state(model, weights, replace_classifier=True, classes=classes)
     return model
 
 

@@ -50,7 +50,10 @@ def read_weights(path: str | Path, key: str = "model.weights") -> WeightsFile:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{key}={path} is unreadable ({type(e).__name__})") from None
+        raise CheckpointError(
+            f"{key}={path} is unreadable ({type(e).__name__}): give a torchvision .pth or a "
+            "resnet-train checkpoint (.pt)"
+        ) from None
     checkpoint = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         checkpoint, state = state, state["model"]  # a resnet-train checkpoint
@@ -73,15 +76,24 @@ def load_weights(
 
 
 def load_state(
-    model: nn.Module, weights: WeightsFile, replace_classifier: bool, key: str = "model.weights"
+    model: nn.Module,
+    weights: WeightsFile,
+    replace_classifier: bool,
+    key: str = "model.weights",
+    classes: list[str] | None = None,
 ) -> bool:
+    """Load `weights` into `model` strictly; with replace_classifier, a classifier of another
+    size, or one the file's run trained on other classes (by name, where both are known), is
+    left freshly initialised. Returns whether it was."""
     path, state = weights.path, weights.state
     own = model.state_dict()
     file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
+    saved_names = (weights.checkpoint or {}).get("classes")
+    renamed = bool(classes and saved_names and list(saved_names) != list(classes))
     replaced = (
         replace_classifier
         and "fc.weight" in state
-        and state["fc.weight"].shape != own["fc.weight"].shape
+        and (state["fc.weight"].shape != own["fc.weight"].shape or renamed)
     )
     if replaced:
         state = {k: v for k, v in state.items() if k not in CLASSIFIER}
@@ -110,7 +122,10 @@ def load_state(
             )
         raise CheckpointError(f"{key}={path} does not fit this model ({'; '.join(problems)}){hint}")
     model.load_state_dict(state, strict=not replaced)
-    if replaced:
+    if replaced and renamed and file_classes == own["fc.weight"].shape[0]:
+        log.info("loaded %s; classifier replaced (the file's classes %s, here %s)", path,
+                 _short(list(saved_names)), _short(list(classes or [])))  # fmt: skip
+    elif replaced:
         log.info(
             "loaded %s; classifier replaced (%d classes in the file, %d here)",
             path,
