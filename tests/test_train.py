@@ -294,3 +294,12 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = OmegaConf.create(result.stdout)
     assert printed.model.name == "resnet50" and printed.data.image_size == 224
+
+
+def test_the_smoke_recipe_visibly_learns(tmp_path):
+    """The README's first command: every figure it shows is what the code gives."""
+    metrics = fit(compose_config("experiment=smoke"), tmp_path)
+    assert metrics["epochs_done"] == 4
+    assert metrics["valid"]["acc"] >= 80 and metrics["test"]["acc"] >= 80
+    assert metrics["valid"]["loss"] < 0.5 and metrics["test"]["loss"] < 0.5
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"] / 4
