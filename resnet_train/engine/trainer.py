@@ -240,6 +240,18 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def cpu_half_is_fast(precision: str) -> bool:
+    """Whether this CPU computes the half precision natively (the flags of /proc/cpuinfo:
+    AVX-512 FP16 / BF16 or AMX); False where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return False
+    wanted = {"fp16": {"avx512_fp16", "amx_fp16"}, "bf16": {"avx512_bf16", "amx_bf16"}}
+    return bool(flags & wanted[precision])
+
+
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -895,6 +907,17 @@ def _describe(run: _Run) -> None:
     )  # fmt: skip
     for note in plan.notes:
         log.warning("%s", note)
+    if (
+        device.type == "cpu"
+        and tc.precision in ("fp16", "bf16")
+        and not cpu_half_is_fast(tc.precision)
+    ):
+        log.warning(
+            "trainer.precision=%s on this CPU is emulated and slow (ResNet-20: 19 img/s in fp16, "
+            "21 in bf16, 218 in fp32 on an AVX2 CPU): use trainer.precision=fp32 on a CPU without "
+            "%s", tc.precision, "AVX-512 FP16 or AMX" if tc.precision == "fp16" else
+            "AVX-512 BF16 or AMX",
+        )  # fmt: skip
     log.info(
         "global batch %d (%d x %d accumulation steps%s%s), learning rate %.4g%s, %d optimizer "
         "steps per epoch",
