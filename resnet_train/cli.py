@@ -223,13 +223,19 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
 
 
 def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
-    from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted
+    import signal
+
+    from resnet_train.engine.preemption import (
+        INTERRUPTED_EXIT_CODE,
+        PREEMPTED_EXIT_CODE,
+        Preempted,
+    )
     from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
 
     try:
         metrics = fit(cfg, run_dir)
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)  # fit() has logged where the checkpoint is
+    except Preempted as stop:  # fit() has logged where the checkpoint is
+        sys.exit(INTERRUPTED_EXIT_CODE if stop.signum == signal.SIGINT else PREEMPTED_EXIT_CODE)
     valid = metrics.get("valid")
     return valid["acc"] if valid else None
 
@@ -302,12 +308,20 @@ def main() -> None:
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
             "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"
         )
-    # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
-    if not any(arg.startswith("-") for arg in args):
-        precheck(args)
-        if int(os.environ.get("RANK", "0")) > 0:
-            sys.argv += QUIET_RANK_OVERRIDES
-    train()
+    try:
+        # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
+        if not any(arg.startswith("-") for arg in args):
+            precheck(args)
+            if int(os.environ.get("RANK", "0")) > 0:
+                sys.argv += QUIET_RANK_OVERRIDES
+        train()
+    except KeyboardInterrupt:  # a Ctrl-C outside a run's steps, or a second one inside
+        print(
+            "resnet-train: interrupted: stopped at once; checkpoints are written whole, so the "
+            "last one saved is intact (resume=auto continues from it)",
+            file=sys.stderr,
+        )
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -462,13 +462,39 @@ def test_every_key_that_may_change_on_resume_changes_without_changing_the_result
 
 
 @pytest.mark.slow
-def test_ctrl_c_with_data_workers_ends_the_process(tmp_path):
-    """Workers ignore the group's stop signals; the process still exits after a Ctrl-C (it used
-    to wait forever for workers that ignored multiprocessing's SIGTERM at exit)."""
+def test_ctrl_c_saves_exits_130_and_the_run_resumes_bit_identical(tmp_path, small_cli_reference):
+    """A first Ctrl-C finishes the step, saves last.pt, says in one line how to continue and
+    exits 130 (with data workers, which ignore the group's signals and must not hold the exit);
+    the run continued with resume=auto ends as the uninterrupted one."""
+    proc = start(tmp_path, *SMALL, "name=run", env={faults.ENV: "step:4:INT"})
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    run = tmp_path / "outputs" / "run"
+    stopped = [line for line in output.splitlines() if "stopped by" in line]
+    assert len(stopped) == 1 and stopped[0].endswith(
+        f"stopped by Ctrl-C (SIGINT) after step 4; the run continues from {run}/last.pt with the "
+        "same command and resume=auto"
+    ), output
+    assert "Traceback" not in output
+    assert load_checkpoint(run / "last.pt")["global_step"] == 4
+    result = run_cli(*SMALL, "name=run", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert_same_result(run, small_cli_reference)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     proc = start(tmp_path, *SMALL, "data.num_workers=2", "name=run",
-                 env={faults.ENV: "step:4:INT"})  # fmt: skip
-    proc.communicate(timeout=120)
-    assert proc.returncode not in (0, None)
+                 env={faults.ENV: "step:2:INT,step:2:INT"})  # two Ctrl-C  # fmt: skip
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert output.strip().splitlines()[-1] == (
+        "resnet-train: interrupted: stopped at once; checkpoints are written whole, so the last "
+        "one saved is intact (resume=auto continues from it)"
+    )
+    assert "Traceback" not in output
+    run = tmp_path / "outputs" / "run"
+    assert not any(run.glob("*.pt")) and not any(run.glob(".*tmp*"))  # none saved, none half
 
 
 def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch, caplog):
@@ -504,7 +530,9 @@ def test_a_ctrl_c_whose_keyboard_interrupt_a_finalizer_dropped_still_ends_the_ru
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with StopSignals() as signals:
-            DropsIt()  # collected at once: its __del__ runs, the exception is dropped
+            os.kill(os.getpid(), signal.SIGINT)  # the first: remembered, the run saves and stops
+            assert signals.received == signal.SIGINT and not signals.interrupted
+            DropsIt()  # the second, collected at once: its __del__ runs, the exception dropped
             assert signals.interrupted
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:

@@ -4,7 +4,8 @@
 time the run passes POINT, for instance `saved best.pt:2:KILL` (killed right after the second
 best.pt is in place) or `step:7:TERM` (a stop request after optimizer step 7). The points are
 the calls to `point()` below: between any two file writes of an epoch's end, and after every
-optimizer step. Unset, each call is one dictionary look-up.
+optimizer step. Several, separated by commas, are sent in order (`step:2:INT,step:2:INT`: two
+Ctrl-C at the same step). Unset, each call is one dictionary look-up.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ _passed: Counter[str] = Counter()
 
 
 def point(name: str) -> None:
-    spec = os.environ.get(ENV)
-    if not spec:
+    specs = os.environ.get(ENV)
+    if not specs:
         return
-    target, count, signame = spec.rsplit(":", 2)
-    if target != name:
+    faults = [spec.rsplit(":", 2) for spec in specs.split(",")]
+    if not any(target == name for target, _, _ in faults):
         return
     _passed[name] += 1
-    if _passed[name] == int(count):
-        os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))
+    for target, count, signame in faults:  # several, in order (a second Ctrl-C)
+        if target == name and _passed[name] == int(count):
+            os.kill(os.getpid(), getattr(signal, f"SIG{signame}"))
 
 
 def reset() -> None:

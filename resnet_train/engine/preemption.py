@@ -1,5 +1,6 @@
 """Stopping on request: SIGTERM, SIGUSR1 or SIGUSR2 finishes the current optimizer step, saves a
-checkpoint and exits with PREEMPTED_EXIT_CODE; under SLURM the job can requeue itself."""
+checkpoint and exits with PREEMPTED_EXIT_CODE (under SLURM the job can requeue itself); a first
+Ctrl-C (SIGINT) does the same and exits with INTERRUPTED_EXIT_CODE, a second ends at once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from resnet_train.logging import log
 # EX_TEMPFAIL of sysexits.h: "temporary failure, try again": distinct from success (0), a crash
 # (1) and bad input (2).
 PREEMPTED_EXIT_CODE = 75
+# 128 + SIGINT, what a shell reports for a program ended by Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
 # SIGUSR1: sbatch --signal=USR1@N; SIGUSR2: what submitit (Hydra's SLURM launcher) asks for.
 NAMES = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 SIGNALS = tuple(getattr(signal, name) for name in NAMES if hasattr(signal, name))
@@ -26,6 +29,7 @@ class Preempted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: str) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
+        name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else name
         super().__init__(
             f"stopped by {name} after step {step}; the run continues from {checkpoint} with "
             "the same command and resume=auto"
@@ -33,12 +37,14 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 instead of dying of it.
+    """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT instead of dying of
+    it: the run saves at its next step and stops. The previous handlers come back on exit, so a
+    program that calls the trainer keeps its own.
 
-    SIGINT (Ctrl-C) still raises KeyboardInterrupt at once, and is remembered too: Python raises
-    it in whatever frame the main thread is running, and when that is a finalizer (`__del__` of
-    an object being collected) the exception is printed and dropped. The trainer raises it again
-    at its next step (`interrupted`), so a Ctrl-C always ends the run."""
+    A second Ctrl-C raises KeyboardInterrupt at once, and is remembered too: Python raises it in
+    whatever frame the main thread is running, and when that is a finalizer (`__del__` of an
+    object being collected) the exception is printed and dropped. The trainer raises it again at
+    its next step (`interrupted`), so a second Ctrl-C always ends the run."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -50,6 +56,10 @@ class StopSignals:
             self.received = signum
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum  # the first Ctrl-C: finish the step, save, stop
+            log.info("Ctrl-C: saving at the end of this step (Ctrl-C again to stop at once)")
+            return
         self.interrupted = True
         raise KeyboardInterrupt
 

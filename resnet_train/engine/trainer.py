@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -774,7 +775,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
             tested = _final_test(run, epochs.run)
     except Preempted as stop:
         log.info("%s", stop)
-        if cfg.trainer.requeue:
+        if cfg.trainer.requeue and stop.signum != signal.SIGINT:  # Ctrl-C: a person stopped it
             requeue_slurm_job()
         raise
     finally:
