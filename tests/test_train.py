@@ -303,3 +303,34 @@ def test_the_smoke_recipe_visibly_learns(tmp_path):
     assert metrics["valid"]["acc"] >= 80 and metrics["test"]["acc"] >= 80
     assert metrics["valid"]["loss"] < 0.5 and metrics["test"]["loss"] < 0.5
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"] / 4
+
+
+def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkeypatch):
+    """Every trainer.log_every_steps optimizer steps, or every 60 s, whichever comes first."""
+    import logging
+    import re
+
+    from resnet_train.engine import trainer
+
+    small = [*SMOKE, "data.train_size=100", "data.test_size=32", "trainer.epochs=2"]
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(compose_config(*small, "trainer.log_every_steps=2"), tmp_path / "a")
+    lines = [r.message for r in caplog.records if "train  batch " in r.message]
+    # 90 images in batches of 32: 3 steps an epoch, 6 in all; lines at steps 2, 4, 6
+    assert [re.match(r"epoch (\d)/2 train  batch (\d)/3", m).groups() for m in lines] == [
+        ("1", "2"), ("2", "1"), ("2", "3")
+    ]  # fmt: skip
+    assert re.fullmatch(r"epoch 1/2 train  batch 2/3  loss \d+\.\d{4} acc \d+\.\d\d%  \d+ img/s  "
+                        r"lr 0\.1  epoch left \d+s  run left \d+s", lines[0])  # fmt: skip
+    epochs = [r.message for r in caplog.records if r.message.startswith("epoch 1/2  train")]
+    assert re.search(r"  ETA \d+s$", epochs[0])
+    caplog.clear()
+    monkeypatch.setattr(trainer, "PROGRESS_LINE_SECONDS", 0.0)  # as if each step took a minute
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(compose_config(*small, "trainer.log_every_steps=100"), tmp_path / "b")
+    assert sum("train  batch " in r.message for r in caplog.records) == 6
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(compose_config(*small, "trainer.progress=false", "trainer.log_every_steps=1"),
+            tmp_path / "c")  # fmt: skip
+    assert not any("train  batch " in r.message for r in caplog.records)

@@ -220,6 +220,10 @@ class Training:
     objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # BatchNorm layers kept in eval mode while training (model.freeze, model.freeze_bn).
     held_norms: list[nn.Module] = field(default_factory=list)
+    # For the time left in progress lines: epochs after the current one, and the seconds the
+    # last epoch's evaluations took.
+    epochs_after: int = 0
+    eval_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective is None:
@@ -288,6 +292,52 @@ class LabelLoss:
         self, images: torch.Tensor, outputs: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         return self.criterion(outputs, labels)
+
+
+# Without a terminal, a progress line every trainer.log_every_steps optimizer steps or every this
+# many seconds, whichever comes first.
+PROGRESS_LINE_SECONDS = 60.0
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class ProgressLines:
+    """The progress bar's figures as log lines (no terminal): epoch, batch, running loss and
+    accuracy, images/s, learning rate, time left for the epoch and the run. The figures are read
+    from the device only when a line is due (log steps sync anyway; the 60 s rule at most once a
+    minute)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.last = start
+
+    def due(self, step: int, every: int) -> bool:
+        return step % every == 0 or time.perf_counter() - self.last >= PROGRESS_LINE_SECONDS
+
+    def write(self, t: Training, desc: str, done: int, n_batches: int, first: int) -> None:
+        now = time.perf_counter()
+        self.last = now
+        sums = t.sums
+        per_batch = (now - self.start) / max(done, 1)
+        epoch_left = per_batch * (n_batches - first - done)
+        run_left = epoch_left + t.epochs_after * (per_batch * n_batches + t.eval_seconds)
+        images = sums.seen - sums.untimed_images
+        rate = images / sums.seconds if sums.seconds > 0 else 0.0
+        log.info(
+            "%s  batch %d/%d  loss %.4f acc %.2f%%  %.0f img/s  lr %.4g  epoch left %s  run "
+            "left %s",
+            desc, first + done, n_batches, sums.loss.item() / max(sums.seen, 1),
+            100 * sums.correct.item() / max(sums.seen, 1), rate, main_lr(t.optimizer),
+            duration(epoch_left), duration(run_left),
+        )  # fmt: skip
 
 
 def _log_grad_norms(t: Training) -> None:
@@ -424,6 +474,11 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
     shard = math.ceil(len(loader.dataset) / t.dist.world)
     bar = progress_bar(shard, desc, cfg.progress if t.dist.main else False)
     bar.update(sums.seen)
+    # Without a terminal (a batch job's log, nohup, CI) the bar is off: lines instead, unless
+    # trainer.progress=false asks for quiet.
+    lines = (
+        ProgressLines(start) if bar.disable and t.dist.main and cfg.progress is not False else None
+    )
     group_loss = torch.zeros((), device=t.device)
     excluded = 0.0  # seconds of compilation in this call
     for i, (images, targets) in enumerate(loader, start=first):
@@ -477,6 +532,8 @@ def train_one_epoch(t: Training, loader: DataLoader, desc: str) -> EpochStats:
             sums.untimed_images += batch
         if last_in_group:
             sums.seconds = seconds_before + time.perf_counter() - start - excluded
+            if lines is not None and lines.due(t.global_step, cfg.log_every_steps):
+                lines.write(t, desc, i + 1 - first, n_batches, first)
             if t.on_step is not None:
                 t.on_step()
         if not bar.disable and ((i + 1) % BAR_REFRESH_STEPS == 0 or i in (first, n_batches - 1)):
@@ -979,10 +1036,13 @@ def _train_epochs(run: _Run) -> _Epochs:
     throughputs = out.throughputs
     stop_reason = monitor.reason() if run.point is not None and monitor.should_stop else None
     epochs_run, train_stats = 0, None
+    walls: list[float] = []  # each epoch's wall time, evaluations included (for the ETA)
     for epoch in range(run.epoch, epochs):
         if stop_reason:
             break
         tag = f"epoch {epoch + 1}/{epochs}"
+        epoch_wall_start = time.perf_counter()
+        t.epochs_after = epochs - epoch - 1
         # A stop after an epoch's last step resumes at its end: the last batch may be
         # short, so the position is capped at the epoch's size.
         start = min(start_batch * cfg.data.batch_size, plan.shard_images)
@@ -1068,7 +1128,12 @@ def _train_epochs(run: _Run) -> _Epochs:
             record.update(test_loss=tested.loss, test_acc=tested.acc,
                           test_seconds=tested.seconds)  # fmt: skip
         run.history.append(record)
-        log.info("%s  lr %.4g%s", line, lr_now, "  (best)" if improved else "")
+        wall = time.perf_counter() - epoch_wall_start
+        walls.append(wall)
+        t.eval_seconds = max(wall - train_stats.seconds - compile_seconds, 0.0)
+        left = epochs - (epoch + 1)
+        eta = f"  ETA {duration(float(np.median(walls[-3:])) * left)}" if left else ""
+        log.info("%s  lr %.4g%s%s", line, lr_now, "  (best)" if improved else "", eta)
 
         run.epoch = e
         faults.point("validated")
