@@ -303,6 +303,10 @@ def test_the_smoke_recipe_visibly_learns(tmp_path):
     assert metrics["valid"]["acc"] >= 80 and metrics["test"]["acc"] >= 80
     assert metrics["valid"]["loss"] < 0.5 and metrics["test"]["loss"] < 0.5
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"] / 4
+    from PIL import Image
+
+    with Image.open(tmp_path / "curves.png") as curves:  # the run's picture, without TensorBoard
+        assert curves.format == "PNG" and curves.size == (1500, 420)
 
 
 def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkeypatch):

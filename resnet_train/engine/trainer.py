@@ -1223,6 +1223,9 @@ def _write_metrics(
     }
     if d.main:
         write_json(run_dir / "metrics.json", metrics)
+        from resnet_train.curves import write_curves
+
+        write_curves(run_dir / "curves.png", metrics)
     return metrics
 
 
