@@ -296,6 +296,41 @@ def train(cfg: DictConfig) -> float | None:
         _fail(e)
 
 
+# Hydra's flags that take a value, and those of them after which a config is only printed.
+VALUE_FLAGS = ("--cfg", "-c", "--package", "-p")
+PRINT_FLAGS = ("--cfg", "-c")
+
+
+def cfg_print_overrides(args: list[str]) -> list[str] | None:
+    """The overrides of `resnet-train --cfg job [--package P] key=value ...`, or None for any
+    other use of flags (Hydra handles those alone)."""
+    overrides, flags, i = [], set(), 0
+    while i < len(args):
+        arg = args[i]
+        if arg in VALUE_FLAGS:
+            flags.add(arg)
+            i += 2
+            continue
+        if arg.startswith("-"):
+            return None
+        overrides.append(arg)
+        i += 1
+    return overrides if flags & set(PRINT_FLAGS) else None
+
+
+def check_config_only(overrides: list[str]) -> None:
+    """Compose and validate a config (no data read): a one-line error and exit 2 if it is bad."""
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+    except Exception as e:
+        _fail(describe_composition_error(e))
+    try:
+        validate(cfg)
+    except UserError as e:
+        _fail(e)
+
+
 # Under torchrun, the processes other than rank 0 share rank 0's run directory and write no
 # .hydra/ record there (fit() takes their log file handler away).
 QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
@@ -309,9 +344,12 @@ def main() -> None:
             "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"
         )
     try:
-        # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle.
+        # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle; --cfg prints a
+        # config that is checked first, as a run's would be.
         if not any(arg.startswith("-") for arg in args):
             precheck(args)
+        elif (overrides := cfg_print_overrides(args)) is not None:
+            check_config_only(overrides)
             if int(os.environ.get("RANK", "0")) > 0:
                 sys.argv += QUIET_RANK_OVERRIDES
         train()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,26 @@ def test_resume_from_a_file_into_a_directory_that_holds_another_run_is_refused(
         capsys.readouterr().err
     )
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cfg", "job", "model.depht=18"], "model.depht is not a config key: allowed in model: "),
+        (["--cfg", "job", "optim.lr=-1"], "optim.lr=-1.0 is invalid: must be > 0"),
+        (["-c", "all", "--package", "optim", "optim.momentum=2"],
+         "optim.momentum=2.0 is invalid: must be in [0, 1)"),
+    ],
+)  # fmt: skip
+def test_printing_a_config_checks_it_as_a_run_would(args, message, monkeypatch, capsys):
+    from resnet_train import cli
+
+    monkeypatch.setattr(sys, "argv", ["resnet-train", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"resnet-train: error: {message}") and err.count("\n") == 1
+    assert cli.cfg_print_overrides(["--cfg", "job", "optim.lr=0.2"]) == ["optim.lr=0.2"]
+    assert cli.cfg_print_overrides(["--help"]) is None
+    assert cli.cfg_print_overrides(["-m", "optim.lr=0.1,0.2"]) is None

@@ -20,6 +20,7 @@ from resnet_train.engine import faults
 from resnet_train.engine.checkpoint import load_checkpoint
 from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 from resnet_train.engine.trainer import NonFiniteLossError, cpu_half_is_fast, fit
+from resnet_train.errors import CheckpointError
 from tests.conftest import SMOKE, compose_config, run_cli
 from tests.test_train import scalars, sha256
 
@@ -551,3 +552,24 @@ def test_a_ctrl_c_whose_keyboard_interrupt_a_finalizer_dropped_still_ends_the_ru
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_unreadable_checkpoints_say_what_the_file_is_in_one_line(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:2000])
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    pickled = tmp_path / "pickled.pt"
+    pickled.write_bytes(__import__("pickle").dumps({1: object}))
+    expected = {
+        cut: r"is unreadable: a damaged or truncated PyTorch file \(2000 bytes; a save that was "
+        r"cut short\?\) \(",
+        text: r"is unreadable: not a PyTorch file \(it starts with b'hello'\)$",
+        pickled: r"is unreadable: a pickle of Python objects, not a checkpoint of tensors",
+    }
+    for path, message in expected.items():
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {path} {message}") as error:
+            load_checkpoint(path)
+        assert "\n" not in str(error.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,21 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {detail[:200]}"
 
 
+def unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load could not read a file, in words: what the file looks like, and the error's
+    informative line."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size = path.stat().st_size
+    if head.startswith(b"PK"):  # torch's zip format
+        return (f"a damaged or truncated PyTorch file ({size} bytes; a save that was cut "
+                f"short?) ({_reason(error)})")  # fmt: skip
+    if head.startswith(b"\x80"):  # a pickle
+        return ("a pickle of Python objects, not a checkpoint of tensors (torch.load with "
+                "weights_only=True reads only those)")  # fmt: skip
+    return f"not a PyTorch file (it starts with {head!r})"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -104,9 +120,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's legacy-format notes: the error says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle errors, foreign formats: all unreadable
-        raise CheckpointError(f"checkpoint {path} is unreadable ({_reason(e)})") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable: {unreadable(path, e)}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"checkpoint {path} is not a resnet-train checkpoint")
     return state

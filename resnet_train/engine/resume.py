@@ -40,6 +40,9 @@ MAY_CHANGE = (
 )
 
 
+_warned: set[str] = set()
+
+
 @dataclass
 class ResumePoint:
     path: Path
@@ -120,7 +123,9 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
         return ResumePoint(path, load_checkpoint(path))
     points, problems = _valid_checkpoints(run_dir)
     for problem in problems:
-        log.warning("resume=auto: skipping %s", problem)
+        if problem not in _warned:  # once per process: the check before the run finds it too
+            _warned.add(problem)
+            log.warning("resume=auto: skipping %s", problem)
     if not points:
         if problems:
             raise CheckpointError(
