@@ -2,7 +2,7 @@
 tensor data path against the DataLoader + PIL path, side by side in one process.
 
     python scripts/benchmark.py [--model resnet20] [--batch 128] [--steps 10] [--repeats 5]
-                                [--precision fp32] [--device cpu] [--no-write]
+                                [--precision fp32] [--device cpu] [--write]
     # ResNet-50 on ImageNet-shaped synthetic batches, as on a GPU box:
     python scripts/benchmark.py --model resnet50 --image-size 224 --classes 1000 --batch 256 \
         --precision bf16 --device cuda --compile --skip-data
@@ -11,7 +11,7 @@ tensor data path against the DataLoader + PIL path, side by side in one process.
         --compile --tensor-loader --skip-data
 
 Prints the figures (medians over the repeats, interleaved so both sides see the same machine
-state) and their ratios, and appends a row to BENCHMARKS.md.
+state) and their ratios; with --write, appends a row to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def profile_sides(folder: Path, device: torch.device, sides: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
@@ -177,10 +177,10 @@ def main() -> None:
         help="after timing, profile one more epoch of each side: the busiest operators of each "
         "go to PROFILE/trainer.txt and PROFILE/bare.txt, and the device's busy share is printed",
     )
-    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    parser.add_argument(
-        "--output", type=Path, default=REPO / "BENCHMARKS.md", help=argparse.SUPPRESS
-    )
+    parser.add_argument("--write", action="store_true",
+                        help="append the row to BENCHMARKS.md (else only printed)")  # fmt: skip
+    parser.add_argument("--output", type=Path, default=None,
+                        help="append the row to this file instead (implies --write)")  # fmt: skip
     args = parser.parse_args()
     try:
         device = torch.device(args.device)
@@ -318,8 +318,8 @@ def main() -> None:
             "tensor_data_images_per_s": tensor_ips, "pil_data_images_per_s": pil_ips,
         }  # fmt: skip
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    if not args.no_write:
-        path = args.output
+    if args.write or args.output is not None:
+        path = args.output or REPO / "BENCHMARKS.md"
         if not path.exists():
             path.write_text(
                 "# Benchmarks\n\nRows appended by `scripts/benchmark.py` (medians over repeats; "

@@ -269,7 +269,7 @@ def append_recipe_rows(path: Path, rows: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", required=True, type=Path,
                         help="the folder that holds cifar-10-batches-py/")  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="where the results go")
