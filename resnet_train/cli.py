@@ -343,6 +343,16 @@ def main() -> None:
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
             "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"
         )
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    if launcher == "slurm" and not {"--cfg", "-c", "--help", "-h"} & set(args):
+        import shutil
+
+        if shutil.which("sbatch") is None:
+            _fail(
+                "hydra/launcher=slurm is invalid here: this machine has no SLURM (no sbatch on "
+                "PATH); run it on the cluster's login node, or leave hydra/launcher out to run "
+                "the jobs here"
+            )
     try:
         # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle; --cfg prints a
         # config that is checked first, as a run's would be.

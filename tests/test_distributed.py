@@ -323,3 +323,18 @@ def test_a_cuda_device_without_an_index_gets_this_processs_gpu(
     )
     device = distributed.device_for(name, d)
     assert str(device) == expected and chosen == [device.index]
+
+
+def test_the_slurm_launcher_off_a_cluster_is_one_line(monkeypatch, capsys):
+    from resnet_train import cli
+
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch
+    monkeypatch.setattr(sys, "argv", ["resnet-train", "-m", "hydra/launcher=slurm", "seed=1,2"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        "resnet-train: error: hydra/launcher=slurm is invalid here: this machine has no SLURM (no "
+        "sbatch on PATH); run it on the cluster's login node, or leave hydra/launcher out to run "
+        "the jobs here\n"
+    )
