@@ -518,7 +518,10 @@ def test_compiled_forward_keeps_compilation_out_of_the_epoch_time():
 
 @pytest.mark.slow
 def test_trainer_compile_runs_with_inductor(tmp_path, caplog):
-    cfg = compose_config(*SMOKE, "data.train_size=128", "trainer.compile=true", "trainer.epochs=2")
+    # 64 images: 58 to train on in two batches of 29, one batch shape to compile (inductor's
+    # first compilation in a process takes about a minute on this CPU)
+    cfg = compose_config(*SMOKE, "data.train_size=64", "data.batch_size=29", "data.test_size=32",
+                         "trainer.compile=true", "trainer.epochs=2")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="resnet_train"):
         metrics = fit(cfg, tmp_path)
     assert metrics["epochs_done"] == 2 and math.isfinite(metrics["train"]["loss"])

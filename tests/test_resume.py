@@ -510,9 +510,9 @@ def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch,
     with caplog.at_level(logging.INFO, logger="resnet_train"):
         fit(compose_config(*cfg, "resume=auto"), tmp_path / "run")
         fit(compose_config(*cfg), tmp_path / "reference")
-    lines = [r.message for r in caplog.records if r.message.startswith("epoch 2/3")]
+    lines = [r.message for r in caplog.records if r.message.startswith("epoch 2/3  train")]
     assert len(lines) == 2
-    assert lines[0].split("lr ")[-1] == lines[1].split("lr ")[-1]
+    assert lines[0].split("  lr ")[-1].split()[0] == lines[1].split("  lr ")[-1].split()[0]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
