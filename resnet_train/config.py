@@ -399,7 +399,6 @@ PRUNE_METHODS = ("auto", "blocks", "groups")
 # What a recipe puts in a path it cannot know (trainer.distill.teacher of a distillation
 # recipe, model.weights of a fine-tuning one): the command line must say which.
 REQUIRED = "REQUIRED"
-TEACHER_REQUIRED = REQUIRED
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -435,7 +434,7 @@ def _positive(key: str, value: Any) -> None:
 
 
 def _validate_distill(kd: DictConfig, models: list[str]) -> None:
-    _check(kd.teacher != TEACHER_REQUIRED, "trainer.distill.teacher", kd.teacher,
+    _check(kd.teacher != REQUIRED, "trainer.distill.teacher", kd.teacher,
            "this experiment distils: give the teacher's weights, trainer.distill.teacher=PATH "
            "(or null to train the student alone)")  # fmt: skip
     if kd.teacher is not None:

@@ -86,6 +86,26 @@ def check_image(path: Path, decode: bool) -> str | None:
     return None
 
 
+def readable_images(
+    paths: list[Path], skip_bad: bool, skipped: list[tuple[str, str]], remove: str = "remove it"
+) -> list[Path]:
+    """The paths whose header reads as an image (with skip_bad, whose whole image decodes); the
+    others are a DataError naming the first, or with skip_bad appended to `skipped` with why."""
+    good = []
+    for path in paths:
+        problem = check_image(path, decode=skip_bad)
+        if problem is None:
+            good.append(path)
+        elif skip_bad:
+            skipped.append((str(path), problem))
+        else:
+            raise DataError(
+                f"{path} is not a readable image ({problem}); {remove}, or set "
+                "data.skip_bad=true to leave such files out"
+            )
+    return good
+
+
 class FolderImages(Dataset):
     """Image files and their labels, served as (uint8 RGB CHW tensor, label)."""
 
@@ -168,18 +188,7 @@ def _scan_split(
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
         found = _image_files(class_dir)
-        good = []
-        for path in found:
-            problem = check_image(path, decode=skip_bad)
-            if problem is None:
-                good.append(path)
-            elif skip_bad:
-                skipped.append((str(path), problem))
-            else:
-                raise DataError(
-                    f"{path} is not a readable image ({problem}); remove it, or set "
-                    "data.skip_bad=true to leave such files out"
-                )
+        good = readable_images(found, skip_bad, skipped)
         if not good:
             left = f" ({len(found)} unreadable, left out)" if found else ""
             raise DataError(

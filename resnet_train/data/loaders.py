@@ -169,6 +169,27 @@ def _read_sets_cached(
     )
 
 
+def _subsets(
+    cfg: DataConfig, train_labels: np.ndarray, test_labels: np.ndarray, seed: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training and test indices: all, or the data.train_size / data.test_size stratified
+    subsets; a size above what the part holds is an error naming `where` ("the cifar10 {part}
+    set")."""
+    parts = {"training": (cfg.train_size, train_labels), "test": (cfg.test_size, test_labels)}
+    chosen = []
+    for (part, (size, labels)), key in zip(parts.items(), ("data.train_size", "data.test_size"),
+                                           strict=True):  # fmt: skip
+        n = len(labels)
+        if size is not None and size > n:
+            holder = where.replace("{part}", part)
+            raise ConfigError(
+                f"{key}={size} is invalid: {holder} has {n} images; set at most {n}, or null "
+                "for all"
+            )
+        chosen.append(np.arange(n) if size is None else stratified_subset(labels, size, seed))
+    return chosen[0], chosen[1]
+
+
 def _folder_splits(cfg: DataConfig, seed: int) -> Splits:
     """data=imagefolder: the scanned folders' three splits (data.train_size / data.test_size
     subsets taken as for the other data sets)."""
@@ -176,19 +197,8 @@ def _folder_splits(cfg: DataConfig, seed: int) -> Splits:
 
     found = scan(cfg, seed)
     train, valid, test = (found.dataset(s) for s in ("train", "valid", "test"))
-    fit = np.arange(len(train))
-    test_idx = np.arange(len(test))
-    for key, size, n, part in (("data.train_size", cfg.train_size, len(train), "training"),
-                               ("data.test_size", cfg.test_size, len(test), "test")):  # fmt: skip
-        if size is not None and size > n:
-            raise ConfigError(
-                f"{key}={size} is invalid: the {part} split of {found.root} has {n} images; set "
-                f"at most {n}, or null for all"
-            )
-    if cfg.train_size is not None:
-        fit = stratified_subset(train.targets, cfg.train_size, seed)
-    if cfg.test_size is not None:
-        test_idx = stratified_subset(test.targets, cfg.test_size, seed)
+    where = f"the {{part}} split of {found.root}"
+    fit, test_idx = _subsets(cfg, train.targets, test.targets, seed, where)
     if cfg.num_classes is not None and cfg.num_classes != len(found.classes):
         raise DataError(
             f"data.num_classes={cfg.num_classes} but {found.root} has {len(found.classes)} "
@@ -215,23 +225,11 @@ def read_splits(cfg: DataConfig, seed: int) -> Splits:
     ):
         top = max(train_labels.max(), test_labels.max() if len(test_labels) else 0)
         raise DataError(f"data.num_classes={cfg.num_classes} but the labels go up to {top}")
-    train_idx = np.arange(len(train_labels))
-    test_idx = np.arange(len(test_labels))
-    if cfg.name != "synthetic":
-        for key, size, n in (
-            ("data.train_size", cfg.train_size, len(train_labels)),
-            ("data.test_size", cfg.test_size, len(test_labels)),
-        ):
-            if size is not None and size > n:
-                part = "training" if key == "data.train_size" else "test"
-                raise ConfigError(
-                    f"{key}={size} is invalid: the {cfg.name} {part} set has {n} images; "
-                    f"set at most {n}, or null for all"
-                )
-        if cfg.train_size is not None:
-            train_idx = stratified_subset(train_labels, cfg.train_size, seed)
-        if cfg.test_size is not None:
-            test_idx = stratified_subset(test_labels, cfg.test_size, seed)
+    if cfg.name == "synthetic":  # made at data.train_size / data.test_size already
+        train_idx, test_idx = np.arange(len(train_labels)), np.arange(len(test_labels))
+    else:
+        where = f"the {cfg.name} {{part}} set"
+        train_idx, test_idx = _subsets(cfg, train_labels, test_labels, seed, where)
     fit_part, valid_part = stratified_split(train_labels[train_idx], cfg.valid_ratio, seed)
     n = len(train_idx)
     if len(fit_part) == 0:

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_train.config import IMAGENET_MEAN, IMAGENET_STD
+from resnet_train.models.weights import WeightsFile
 
 log = logging.getLogger("resnet_train")
 # The centre crop's share of the resized image in the ImageNet protocol (224 of 256).
@@ -31,8 +32,15 @@ _stats_cache: dict[str, dict[str, list[float]]] = {}
 def settle_data(cfg: DictConfig) -> DictConfig:
     """Fill cfg.data's null / auto keys (see the module's docstring); returns cfg."""
     d = cfg.data
-    if d.num_classes is None and cfg.task == "predict" and cfg.model.weights is not None:
-        d.num_classes = weights_classes(cfg.model.weights)  # new images: no folder to count
+    weights = None  # model.weights, peeked at (config and shapes) once, where needed
+    if cfg.model.weights is not None and (
+        (d.num_classes is None and cfg.task == "predict") or d.mean is None or d.std is None
+    ):
+        from resnet_train.models.weights import read_weights
+
+        weights = read_weights(cfg.model.weights, peek=True)
+    if d.num_classes is None and cfg.task == "predict" and weights is not None:
+        d.num_classes = weights_classes(weights)  # new images: no folder to count
     if d.num_classes is None:
         from resnet_train.data.folders import scan
 
@@ -44,8 +52,8 @@ def settle_data(cfg: DictConfig) -> DictConfig:
     if not asked:
         return cfg
     from_weights = None
-    if cfg.model.weights is not None and any(v is None for v in asked.values()):
-        from_weights = weights_normalisation(cfg.model.weights)
+    if weights is not None and any(v is None for v in asked.values()):
+        from_weights = weights_normalisation(weights)
     computed = None
     for key, value in asked.items():
         if value is None and from_weights is not None:
@@ -59,19 +67,13 @@ def settle_data(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def weights_classes(path: str) -> int:
+def weights_classes(weights: WeightsFile) -> int:
     """The number of classes of a weights file's classifier."""
-    from resnet_train.models.weights import read_weights
-
-    weights = read_weights(path)
     return int(weights.state["fc.weight"].shape[0]) if "fc.weight" in weights.state else 1000
 
 
-def weights_normalisation(path: str) -> tuple[dict[str, list[float]], str]:
+def weights_normalisation(weights: WeightsFile) -> tuple[dict[str, list[float]], str]:
     """The mean and std a weights file's model was trained with, and where that comes from."""
-    from resnet_train.models.weights import read_weights
-
-    weights = read_weights(path)
     data = (weights.config or {}).get("data", {})
     mean, std = data.get("mean"), data.get("std")
     if isinstance(mean, list) and isinstance(std, list):

@@ -19,12 +19,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from resnet_train.data.folders import IMAGE_EXTENSIONS, check_image, is_image_name, read_image
-from resnet_train.data.loaders import worker_count
+from resnet_train.data.folders import (
+    IMAGE_EXTENSIONS,
+    FolderImages,
+    is_image_name,
+    readable_images,
+)
+from resnet_train.data.loaders import TransformedSubset, worker_count
 from resnet_train.data.transforms import build_transform
 from resnet_train.deploy.source import Trained, load_trained
 from resnet_train.errors import DataError
@@ -74,18 +80,8 @@ def list_inputs(spec: str) -> list[Path]:
 def usable_inputs(files: list[Path], skip_bad: bool) -> tuple[list[Path], list[tuple[str, str]]]:
     """The files whose header reads as an image; the others are an error naming the first, or
     with data.skip_bad=true left out and returned with the reason."""
-    good, skipped = [], []
-    for path in files:
-        problem = check_image(path, decode=skip_bad)
-        if problem is None:
-            good.append(path)
-        elif skip_bad:
-            skipped.append((str(path), problem))
-        else:
-            raise DataError(
-                f"{path} is not a readable image ({problem}); remove it from predict.inputs, or "
-                "set data.skip_bad=true to leave such files out"
-            )
+    skipped: list[tuple[str, str]] = []
+    good = readable_images(files, skip_bad, skipped, remove="remove it from predict.inputs")
     if not good:
         path, why = skipped[0]
         raise DataError(
@@ -93,17 +89,6 @@ def usable_inputs(files: list[Path], skip_bad: bool) -> tuple[list[Path], list[t
             f"{why})"
         )
     return good, skipped
-
-
-class _Images(Dataset):
-    def __init__(self, files: list[Path], transform: Any) -> None:
-        self.files, self.transform = files, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(read_image(str(self.files[i]))), i
 
 
 def predict_transform(trained: Trained) -> Any:
@@ -144,8 +129,10 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
     model, device = trained.model, trained.device
     batch = int(cfg.data.batch_size)
     workers = min(worker_count(cfg.data), math.ceil(len(files) / batch))
-    loader = DataLoader(_Images(files, predict_transform(trained)), batch_size=batch,
-                        num_workers=workers)  # fmt: skip
+    positions = np.arange(len(files))  # each image's label is its place in the list
+    images_set = FolderImages([str(f) for f in files], positions, names)
+    loader = DataLoader(TransformedSubset(images_set, positions, predict_transform(trained)),
+                        batch_size=batch, num_workers=workers)  # fmt: skip
     memory = torch.channels_last if trained.channels_last else torch.contiguous_format
     start = time.perf_counter()
     bar = progress_bar(len(files), "predict", cfg.trainer.progress)

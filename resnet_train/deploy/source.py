@@ -54,11 +54,17 @@ class Trained:
         """Of the weights file; read when a record asks for it (not by the command's check)."""
         return file_sha256(self.weights.path)
 
+    @property
+    def saved_classes(self) -> list[str] | None:
+        """The class names the checkpoint's run saved (None for a bare .pth, older files)."""
+        saved = (self.weights.checkpoint or {}).get("classes")
+        return saved if isinstance(saved, list) and saved else None
+
     def class_names(self) -> list[str]:
         """The class names the checkpoint's run saved; else the data's (its files, or class0,
         class1, ...)."""
-        saved = (self.weights.checkpoint or {}).get("classes")
-        if isinstance(saved, list) and len(saved) == self.cfg.data.num_classes:
+        saved = self.saved_classes
+        if saved is not None and len(saved) == self.cfg.data.num_classes:
             return [str(name) for name in saved]
         from resnet_train.data.loaders import class_names
         from resnet_train.errors import DataError
@@ -71,8 +77,8 @@ class Trained:
 
     def check_data_classes(self) -> None:
         """The data evaluated (an image folder) has the classes the model was trained on."""
-        saved = (self.weights.checkpoint or {}).get("classes")
-        if self.cfg.data.name != "imagefolder" or not saved:
+        saved = self.saved_classes
+        if self.cfg.data.name != "imagefolder" or saved is None:
             return
         from resnet_train.data.loaders import class_names
 

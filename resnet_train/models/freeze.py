@@ -16,10 +16,6 @@ from resnet_train.errors import ConfigError
 CLASSIFIER = "fc"
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_children() if name.startswith("layer")]
-
-
 def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Each freezable part's modules: stem (the layers before the first stage), layer1, ...,
     fc, and backbone (all but fc)."""

@@ -41,14 +41,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_weights(path: str | Path, key: str = "model.weights") -> WeightsFile:
+def read_weights(path: str | Path, key: str = "model.weights", peek: bool = False) -> WeightsFile:
     """Read a torchvision .pth, a resnet-train checkpoint or a DDP dump; raise CheckpointError
-    naming `key` when the file is missing, unreadable or holds no state dict."""
+    naming `key` when the file is missing, unreadable or holds no state dict. With `peek`, the
+    tensors are memory-mapped, not read: for a look at the config and the shapes before the
+    file is loaded for real."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{key}={path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
+        except RuntimeError:  # a file of torch's legacy format cannot be mapped: read it
+            if not peek:
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"{key}={path} is unreadable ({type(e).__name__}): give a torchvision .pth or a "
