@@ -358,10 +358,10 @@ def main() -> None:
         # config that is checked first, as a run's would be.
         if not any(arg.startswith("-") for arg in args):
             precheck(args)
-        elif (overrides := cfg_print_overrides(args)) is not None:
-            check_config_only(overrides)
             if int(os.environ.get("RANK", "0")) > 0:
                 sys.argv += QUIET_RANK_OVERRIDES
+        elif (overrides := cfg_print_overrides(args)) is not None:
+            check_config_only(overrides)
         train()
     except KeyboardInterrupt:  # a Ctrl-C outside a run's steps, or a second one inside
         print(

@@ -338,3 +338,18 @@ def test_the_slurm_launcher_off_a_cluster_is_one_line(monkeypatch, capsys):
         "sbatch on PATH); run it on the cluster's login node, or leave hydra/launcher out to run "
         "the jobs here\n"
     )
+
+
+def test_ranks_other_than_0_run_without_a_hydra_record(monkeypatch):
+    """Under torchrun, rank 0 alone writes .hydra/ into the shared run directory."""
+    from resnet_train import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "precheck", lambda args: None)
+    monkeypatch.setattr(cli, "train", lambda: seen.setdefault("argv", list(sys.argv)))
+    for rank, quiet in (("1", True), ("0", False)):
+        seen.clear()
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(sys, "argv", ["resnet-train", "model=resnet20"])
+        cli.main()
+        assert (cli.QUIET_RANK_OVERRIDES[0] in seen["argv"]) == quiet
