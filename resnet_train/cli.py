@@ -331,6 +331,21 @@ def check_config_only(overrides: list[str]) -> None:
         _fail(e)
 
 
+def register_sweeper() -> None:
+    """Make resnet-train's resumable Optuna sweeper (hydra_plugins/resnet_train_optuna) known to
+    Hydra. Hydra's scan of the hydra_plugins namespace finds it in an installed wheel but not in
+    an editable install (pip install -e), whose import hook the scan cannot list; Hydra's
+    Plugins.register is the documented way to add it by hand. Without the optuna extra there
+    is nothing to register."""
+    try:
+        from hydra_plugins.resnet_train_optuna.resumable_sweeper import ResumableOptunaSweeper
+    except ImportError:
+        return
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance().register(ResumableOptunaSweeper)
+
+
 # Under torchrun, the processes other than rank 0 share rank 0's run directory and write no
 # .hydra/ record there (fit() takes their log file handler away).
 QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
@@ -362,6 +377,8 @@ def main() -> None:
                 sys.argv += QUIET_RANK_OVERRIDES
         elif (overrides := cfg_print_overrides(args)) is not None:
             check_config_only(overrides)
+        if {"-m", "--multirun"} & set(args):
+            register_sweeper()
         train()
     except KeyboardInterrupt:  # a Ctrl-C outside a run's steps, or a second one inside
         print(

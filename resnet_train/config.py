@@ -9,8 +9,12 @@ runs before any data is touched.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -339,23 +343,114 @@ class TrainConfig:
     resume: str | None = None
 
 
-def run_name(name: str | None, overrides: str) -> str:
-    """A run's directory name: `name` when given, else its overrides ("data-cifar10+seed-1"),
-    made safe as one folder name; "default" when there are none."""
+# Keys that may differ between a checkpoint and the run that continues it: where the data is, the
+# device, what is logged and when, how long to train. Any other difference is refused on resume,
+# and every other key names the run's directory (run_name).
+MAY_CHANGE = (
+    "resume",
+    "name",
+    "task",
+    "data.root",
+    "data.download",
+    "data.num_workers",
+    "trainer.epochs",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.log_every_steps",
+    "trainer.grad_norm_every_steps",
+    "trainer.checkpoint_every_steps",
+    "trainer.requeue",
+    "trainer.early_stopping.patience",
+    "trainer.test_every_epoch",
+    # the teacher's file may move: its contents are compared (its sha256) instead
+    "trainer.distill.teacher",
+)
+# Of those, the keys a sweep may vary on purpose (resnet-train-report shows them as swept).
+SWEEPABLE_MAY_CHANGE = ("trainer.epochs", "trainer.early_stopping.patience")
+DIGEST_CHARS = 8
+
+
+def _safe(text: str) -> str:
+    """One folder-name part: letters, digits and ._+- only (nothing a shell would expand)."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "_"
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :DIGEST_CHARS
+    ]
+
+
+def training_identity(root: DictConfig) -> dict[str, Any]:
+    """What makes a run train differently: every resolved key of the job's config except the
+    ones that may change on resume, and the process count (torchrun's WORLD_SIZE)."""
+    keys = [k for k in root if k != "hydra"]
+    tree = {k: OmegaConf.to_container(root[k], resolve=True) if isinstance(root[k], DictConfig)
+            else root[k] for k in keys}  # fmt: skip
+    flat = {k: v for k, v in flatten(tree).items() if k not in MAY_CHANGE}
+    flat["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    return flat
+
+
+def run_name(name: str | None, *, _root_: DictConfig) -> str:
+    """A run's directory name: `name` when given; else <model>-<data>-<8 hex digits of the
+    training config> for a training run (resnet56-cifar10-3fa9c2d1), <task>-<the weights' run
+    folder>-<digest> for the tasks that read a model (eval-resnet56-cifar10-3fa9c2d1-0b12c4de).
+    The same config gives the same name however it is spelt on the command line, so
+    resume=auto finds the run again; any config that trains differently gets another."""
     if name:
-        return name
-    if not overrides:
-        return "default"
-    safe = overrides.replace("/", "_").replace("\\", "_")
-    if len(safe) > 200:  # file systems cap a name at 255 bytes
-        safe = f"{safe[:180]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
-    return safe
+        return str(name)
+    identity = training_identity(_root_)
+    task = str(_root_.get("task", "train"))
+    if task in ("train", "summary"):
+        parts = [str(_root_.model.name), str(_root_.data.name)]
+    else:
+        weights = _root_.model.get("weights")
+        parts = [task] + ([Path(str(weights)).parent.name or Path(str(weights)).stem]
+                          if weights else [])  # fmt: skip
+    return "-".join([*(_safe(p) for p in parts), _digest(identity)])
+
+
+def sweep_name(name: str | None, *, _root_: DictConfig) -> str:
+    """A multirun's directory name: `name` when given; else <model>-<data>-<digest of the base
+    config, the sweep's overrides and search space>, so every different sweep gets a directory
+    of its own and the same command relaunched finds its own again. (A group that is swept
+    shows as "models" or "data".)"""
+    if name:
+        return str(name)
+    # Computed once, on the sweep's own config, and kept in its resolver cache, which Hydra
+    # copies into every job's config (composed again with that job's overrides). OmegaConf's
+    # use_cache cannot be combined with _root_, hence the cache by hand.
+    cache = OmegaConf.get_cache(_root_)["sweep_name"]
+    if "dir" not in cache:
+        cache["dir"] = _sweep_name(_root_)
+    return cache["dir"]
+
+
+def _sweep_name(_root_: DictConfig) -> str:
+    hydra_node = _root_.get("hydra")
+    overrides = [str(o) for o in (hydra_node.overrides.task if hydra_node is not None else [])]
+    kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
+    swept = {_override_key(o) for o in overrides if "," in o or "(" in o}
+    params = None
+    if hydra_node is not None and isinstance(hydra_node.sweeper.get("params"), DictConfig):
+        params = OmegaConf.to_container(hydra_node.sweeper.params, resolve=False)
+    payload = {"base": training_identity(_root_), "overrides": kept, "params": params}
+    model = "models" if "model" in swept else str(_root_.model.name)
+    data = "data" if "data" in swept else str(_root_.data.name)
+    return "-".join([_safe(model), _safe(data), _digest(payload)])
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
+    if not OmegaConf.has_resolver("sweep_name"):
+        OmegaConf.register_new_resolver("sweep_name", sweep_name)
 
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")

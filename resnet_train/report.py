@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE
+from resnet_train.search import Trial, read_trials
+
 SEED = "seed"
 
 
@@ -83,11 +86,14 @@ def read_sweep(sweep: Path) -> list[Job]:
 
 
 def swept_keys(jobs: list[Job]) -> list[str]:
-    """The override keys whose values are not the same in every job, in command-line order."""
+    """The override keys whose values are not the same in every job, in command-line order.
+    Keys that only say where or how a run is done (data.root, trainer.device, resume, ...) are
+    never taken as swept: a job relaunched with resume=auto or on another machine is the same."""
     keys: list[str] = []
     for job in jobs:
         keys += [k for k in job.overrides if k not in keys]
-    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1
+            if k not in MAY_CHANGE or k in SWEEPABLE_MAY_CHANGE]  # fmt: skip
 
 
 def _sort_key(value: str | None) -> tuple:
@@ -174,9 +180,23 @@ def write_csvs(out: Path, groups: list[Group], jobs: list[Job], keys: list[str])
             ])  # fmt: skip
 
 
+# Panels per row of report.png: the figure wraps into rows, so it stays readable for any number of
+# swept keys.
+PANELS_PER_ROW = 3
+
+
+def _numbers(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
 def plot(out: Path, jobs: list[Job], keys: list[str], title: str) -> Path | None:
-    """Validation accuracy of every finished job (dots) and each value's mean against each
-    swept key's values, one panel per key."""
+    """Validation accuracy of every finished job (dots) and each value's mean (bars) against each
+    swept key's values, one panel per key, PANELS_PER_ROW panels a row. Numeric keys get a
+    numeric axis (logarithmic where the values span a factor of 10 or more, as learning rates
+    do); others one tick per value."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,46 +206,132 @@ def plot(out: Path, jobs: list[Job], keys: list[str], title: str) -> Path | None
     done = [j for j in jobs if j.figure("valid", "acc") is not None]
     if not done or not shown:
         return None
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], shown, strict=True):
+    cols = min(PANELS_PER_ROW, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, shown, strict=False):
         values = sorted({j.overrides.get(key, "") for j in done}, key=_sort_key)
-        for x, value in enumerate(values):
+        numbers = _numbers(values)
+        if numbers is not None and len(values) > 1:
+            log = min(numbers) > 0 and max(numbers) / min(numbers) >= 10
+            positions = numbers
+            width = 0.0
+        else:
+            log, positions, width = False, list(range(len(values))), 0.2
+        for x, value in zip(positions, values, strict=True):
             accs = [j.figure("valid", "acc") for j in done if j.overrides.get(key, "") == value]
             ax.scatter([x] * len(accs), accs, color="tab:blue", alpha=0.6, s=22)
-            ax.plot([x - 0.2, x + 0.2], [statistics.fmean(accs)] * 2, color="tab:red", lw=2)
-        ax.set_xticks(range(len(values)), values, rotation=30 if len(values) > 4 else 0)
+            if width:
+                ax.plot([x - width, x + width], [statistics.fmean(accs)] * 2, color="tab:red")
+        if log:
+            ax.set_xscale("log")
+        if width:
+            labels = [v if len(v) <= 14 else v[:13] + "…" for v in values]
+            ax.set_xticks(positions, labels, rotation=30 if len(values) > 4 else 0, ha="right"
+                          if len(values) > 4 else "center")  # fmt: skip
         ax.set_xlabel(key)
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shown) :]:
+        ax.set_visible(False)
     fig.suptitle(title)
     fig.tight_layout()
     path = out / "report.png"
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
+def _same(override: str | None, param: Any) -> bool:
+    if override is None:
+        return False
+    if isinstance(param, float):
+        try:
+            return float(override) == param
+        except ValueError:
+            return False
+    return override == str(param)
+
+
+def _holds(job: Job, params: dict[str, Any]) -> bool:
+    return bool(params) and all(_same(job.overrides.get(k), v) for k, v in params.items())
+
+
+def trial_rows(trials: list[Trial], jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
+    """One row per Optuna trial: finished ones by their value (the validation accuracy, best
+    first), then the failed, killed and waiting ones by number. A trial's job is the folder
+    whose overrides hold its parameters (a killed trial and its re-run share one)."""
+    keys: list[str] = []
+    for t in trials:
+        keys += [k for k in t.params if k not in keys]
+    done = sorted((t for t in trials if t.state == "COMPLETE" and t.value is not None),
+                  key=lambda t: -t.value)  # fmt: skip
+    rest = sorted((t for t in trials if t not in done), key=lambda t: t.number)
+    header = ["trial", "state", *keys, "valid acc %", "test acc %", "job"]
+    rows = []
+
+    def state(t: Trial) -> str:
+        rerun = next((r for r in trials if r.number > t.number and r.params == t.params), None)
+        return f"killed, rerun as {rerun.number}" if t.state == "FAIL" and rerun else t.state
+
+    for t in done + rest:
+        job = next((j for j in jobs if _holds(j, t.params)), None)
+        test = job.figure("test", "acc") if job else None
+        rows.append([
+            str(t.number), state(t),
+            *(_short(t.params.get(k)) for k in keys),
+            "-" if t.value is None else f"{t.value:.2f}",
+            "-" if test is None or t.state != "COMPLETE" else f"{test:.2f}",
+            job.path.name if job else "-",
+        ])  # fmt: skip
+    return header, rows
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def report(sweep: Path, out: Path | None = None) -> str:
     """Read the sweep, write report.csv, jobs.csv and report.png into `out` (the sweep folder
-    by default) and return the printed table."""
+    by default) and return the printed table. An Optuna search (its optuna.db in the sweep)
+    is shown as its trials, one row each, also written as trials.csv."""
     jobs = read_sweep(sweep)
     keys = swept_keys(jobs)
     groups = group_jobs(jobs, keys)
     out = out or sweep
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = table_rows(groups, keys)
-    table = format_table(header, rows)
+    trials = read_trials(sweep)
+    if trials is not None:
+        header, rows = trial_rows(trials, jobs)
+        with open(out / "trials.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+        finished = sum(t.state == "COMPLETE" for t in trials)
+        heading = [
+            f"{sweep}: Optuna study of {len(trials)} trials ({finished} finished), "
+            f"{len(jobs)} job folders",
+            "sorted by validation accuracy (the value the study maximises)",
+        ]
+        written = [out / "trials.csv"]
+    else:
+        header, rows = table_rows(groups, keys)
+        finished = sum(j.metrics is not None for j in jobs)
+        swept = ", ".join(keys) if keys else "nothing (every job has the same overrides)"
+        heading = [
+            f"{sweep}: {len(jobs)} jobs ({finished} finished), swept: {swept}",
+            "sorted by validation accuracy; mean ± sample std over seeds",
+        ]
+        written = []
     write_csvs(out, groups, jobs, keys)
     png = plot(out, jobs, keys, sweep.name)
-    finished = sum(j.metrics is not None for j in jobs)
-    swept = ", ".join(keys) if keys else "nothing (every job has the same overrides)"
+    written += [out / "report.csv", out / "jobs.csv"]
     lines = [
-        f"{sweep}: {len(jobs)} jobs ({finished} finished), swept: {swept}",
-        "sorted by validation accuracy; mean ± sample std over seeds",
+        *heading,
         "",
-        table,
+        format_table(header, rows),
         "",
-        f"wrote {out / 'report.csv'}, {out / 'jobs.csv'}"
+        f"wrote {', '.join(str(p) for p in written)}"
         + (f", {png}" if png else " (no plot: no job has a validation accuracy)"),
     ]
     return "\n".join(lines)
@@ -242,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(report(args.sweep, args.out))
-    except (ReportError, OSError, json.JSONDecodeError, yaml.YAMLError) as e:
+    except (ReportError, OSError, json.JSONDecodeError, yaml.YAMLError, ImportError) as e:
         print(f"resnet-train-report: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,10 +24,30 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 register_configs()
 
 
+def _stop_pytest(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
+# A SIGTERM sent to pytest stops it (with its summary), also while a test trains in-process: the
+# trainer saves, then hands the signal on to this handler.
+signal.signal(signal.SIGTERM, _stop_pytest)
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The config the CLI would compose for these overrides."""
     with initialize_config_module("resnet_train.configs", version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def run_dir_name(*overrides: str) -> str:
+    """The name of the run directory the CLI gives these overrides (and a sweep's job with the
+    same config: a sweep's job folder is named as its single run would be)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_module("resnet_train.configs", version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return Path(str(cfg.hydra.run.dir)).name
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

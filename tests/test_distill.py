@@ -196,7 +196,7 @@ def test_a_stopped_distillation_resumes_bit_identical(
     cfg = kd_small(teacher)
     run = tmp_path / "run"
     faults.reset()
-    monkeypatch.setenv(faults.ENV, f"step:{step}:TERM")
+    monkeypatch.setenv(faults.ENV, f"step:{step}:USR1")
     with pytest.raises(Preempted):
         fit(compose_config(*cfg), run)
     monkeypatch.delenv(faults.ENV)

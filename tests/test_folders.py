@@ -343,7 +343,7 @@ def test_a_balanced_run_stopped_mid_epoch_resumes_bit_identical(
               "trainer.early_stopping.monitor=valid/balanced_acc"]  # fmt: skip
     reference = _folder_run(shapes, tmp_path / "reference", *common)
     faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:6:TERM")  # inside epoch 2 (4 steps an epoch)
+    monkeypatch.setenv(faults.ENV, "step:6:USR1")  # inside epoch 2 (4 steps an epoch)
     _folder_run(shapes, tmp_path / "run", *common, expect_stop=True)
     monkeypatch.delenv(faults.ENV)
     resumed = _folder_run(shapes, tmp_path / "run", *common, "resume=auto")

@@ -308,7 +308,7 @@ def test_a_run_shortened_on_resume_below_where_it_stopped_only_tests(tmp_path, m
 
     common = [*SMOKE, "data.train_size=64", "schedule=onecycle"]
     faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:5:TERM")  # inside epoch 3 of 3
+    monkeypatch.setenv(faults.ENV, "step:5:USR1")  # inside epoch 3 of 3
     with pytest.raises(Preempted):
         fit(compose_config(*common, "trainer.epochs=3"), tmp_path)
     monkeypatch.delenv(faults.ENV)

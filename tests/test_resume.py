@@ -21,7 +21,7 @@ from resnet_train.engine.checkpoint import load_checkpoint
 from resnet_train.engine.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals
 from resnet_train.engine.trainer import NonFiniteLossError, cpu_half_is_fast, fit
 from resnet_train.errors import CheckpointError
-from tests.conftest import SMOKE, compose_config, run_cli
+from tests.conftest import SMOKE, compose_config, run_cli, run_dir_name
 from tests.test_train import scalars, sha256
 
 # Random crops, flips, Cutout and MixUp in a 3-epoch run of 29 steps an epoch: every source of
@@ -285,14 +285,9 @@ def test_an_interrupted_sweep_relaunched_runs_only_what_is_left(tmp_path):
     sweep = ["-m", *SMOKE[:2], "trainer.device=cpu", "data.train_size=256", "trainer.epochs=2",
              "seed=0,1", "name=sw"]  # fmt: skip
     proc = start(tmp_path, *sweep)
-    first = (
-        tmp_path
-        / "outputs"
-        / "multirun"
-        / "sw"
-        / "data.train_size-256+data-synthetic+model-resnet20+seed-0"
-    )
-    second = first.with_name(first.name.replace("seed-0", "seed-1"))
+    job = [*SMOKE[:2], "data.train_size=256"]
+    first = tmp_path / "outputs" / "multirun" / "sw" / run_dir_name(*job, "seed=0")
+    second = first.with_name(run_dir_name(*job, "seed=1"))
     deadline = time.monotonic() + 240
     while not second.exists():
         assert proc.poll() is None and time.monotonic() < deadline
@@ -368,7 +363,7 @@ def test_a_stop_after_any_step_resumes_bit_identical(
     sample 96 ("start=96 is outside an epoch of 90 samples") and failed at every retry."""
     cfg = [*SMALL, f"data.loader={loader}"]
     faults.reset()
-    monkeypatch.setenv(faults.ENV, f"step:{step}:TERM")
+    monkeypatch.setenv(faults.ENV, f"step:{step}:USR1")
     with pytest.raises(Preempted):
         fit(compose_config(*cfg), tmp_path)
     state = load_checkpoint(tmp_path / "last.pt")
@@ -443,7 +438,7 @@ def test_every_key_that_may_change_on_resume_changes_without_changing_the_result
     # Stopped at the end of epoch 1 of 2, before the cosine schedule's first step: the schedule
     # rebuilt for 3 epochs is then the 3-epoch run's from its start.
     faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:3:TERM")
+    monkeypatch.setenv(faults.ENV, "step:3:USR1")
     with pytest.raises(Preempted):
         fit(compose_config(*SMALL, "data.loader=torch", "trainer.epochs=2"), tmp_path)
     monkeypatch.delenv(faults.ENV)
@@ -503,7 +498,7 @@ def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch,
 
     cfg = [*SMALL, "schedule.interval=step"]
     faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:5:TERM")  # inside epoch 2
+    monkeypatch.setenv(faults.ENV, "step:5:USR1")  # inside epoch 2
     with pytest.raises(Preempted):
         fit(compose_config(*cfg), tmp_path / "run")
     monkeypatch.delenv(faults.ENV)
@@ -552,6 +547,27 @@ def test_a_ctrl_c_whose_keyboard_interrupt_a_finalizer_dropped_still_ends_the_ru
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_program_with_its_own_sigterm_handler_gets_the_signal_after_the_run_saved():
+    """pytest (conftest.py) and applications handle SIGTERM themselves: the trainer stops and
+    saves, then hands the signal on, so the program stops too instead of going on."""
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Stop):
+            with StopSignals() as signals:
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert signals.received == signal.SIGTERM  # remembered, not raised, mid-run
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_unreadable_checkpoints_say_what_the_file_is_in_one_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_train import create_model
 from resnet_train.engine.trainer import fit
-from tests.conftest import REPO, SHARED_DATA, SMOKE, compose_config, run_cli
+from tests.conftest import REPO, SHARED_DATA, SMOKE, compose_config, run_cli, run_dir_name
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -203,34 +204,42 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
 
 
 def test_multirun_gives_one_directory_per_job(tmp_path):
-    result = run_cli(
-        "-m",
-        *SMOKE,
-        "data.train_size=64",
-        "optim.lr=0.1,0.05",
-        "hydra.sweep.dir=sweep",
-        cwd=tmp_path,
-    )
+    sweep = ["-m", *SMOKE, "data.train_size=64", "optim.lr=0.1,0.05"]
+    result = run_cli(*sweep, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    # Each job's directory is named after its overrides, as a single run's is.
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == [
-        "data.train_size-64+data-synthetic+model-resnet20+optim.lr-0.05",
-        "data.train_size-64+data-synthetic+model-resnet20+optim.lr-0.1",
-    ]
+    # An unnamed sweep gets a directory of its own, and each job one named as its single run's.
+    (folder,) = (tmp_path / "outputs" / "multirun").iterdir()
+    assert re.fullmatch(r"resnet20-synthetic-[0-9a-f]{8}", folder.name)
+    jobs = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert sorted(p.name for p in jobs) == sorted(
+        run_dir_name(*SMOKE, "data.train_size=64", f"optim.lr={lr}") for lr in (0.1, 0.05)
+    )
     lrs = []
     for job in jobs:
         assert (job / "last.pt").is_file() and (job / "metrics.json").is_file()
         lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr)
     assert sorted(lrs) == [0.05, 0.1]
+    # The same sweep relaunched finds its own directory (trainer.epochs and resume may change:
+    # its jobs continue); another sweep gets another (one used to overwrite the first's
+    # multirun.yaml).
+    again = run_cli(*sweep, "trainer.epochs=2", "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in (tmp_path / "outputs" / "multirun").iterdir()] == [folder.name]
+    assert [json.loads((j / "metrics.json").read_text())["epochs_done"] for j in jobs] == [2, 2]
+    other = run_cli("-m", *SMOKE, "data.train_size=64", "optim.lr=0.1,0.2", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 2
 
 
 def test_default_run_directory_is_under_outputs(tmp_path):
     result = run_cli(*SMOKE, "data.train_size=64", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    # Named after the overrides, leaving out those that may change on resume (epochs, device).
-    run = tmp_path / "outputs" / "data.train_size-64+data-synthetic+model-resnet20"
+    # <model>-<data>-<digest of the training config>; what was given is in .hydra/overrides.yaml
+    (run,) = (tmp_path / "outputs").iterdir()
+    assert re.fullmatch(r"resnet20-synthetic-[0-9a-f]{8}", run.name)
     assert (run / "metrics.json").is_file() and (run / "last.pt").is_file()
+    assert "data.train_size=64" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert f"run directory: {run}" in result.stdout
     assert run_cli("name=mine", *SMOKE, "data.train_size=64", cwd=tmp_path).returncode == 0
     assert (tmp_path / "outputs" / "mine" / "metrics.json").is_file()
 

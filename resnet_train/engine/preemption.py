@@ -39,7 +39,8 @@ class Preempted(Exception):
 class StopSignals:
     """While active, remember the first SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT instead of dying of
     it: the run saves at its next step and stops. The previous handlers come back on exit, so a
-    program that calls the trainer keeps its own.
+    program that calls the trainer keeps its own; one that handles SIGTERM itself is sent the
+    SIGTERM again once the run has saved.
 
     A second Ctrl-C raises KeyboardInterrupt at once, and is remembered too: Python raises it in
     whatever frame the main thread is running, and when that is a finalizer (`__del__` of an
@@ -72,9 +73,14 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        previous_term = self._previous.get(signal.SIGTERM)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self.received == signal.SIGTERM and callable(previous_term):
+            # The program that called the trainer has a SIGTERM handler of its own (a test
+            # runner, an application): the run has saved, now it gets the signal it was sent.
+            signal.raise_signal(signal.SIGTERM)
 
 
 def requeue_slurm_job() -> None:

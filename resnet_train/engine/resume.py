@@ -12,33 +12,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from resnet_train.config import flatten, to_dict
+from resnet_train.config import MAY_CHANGE, flatten, to_dict
 from resnet_train.engine.checkpoint import CHECKPOINT_NAMES, load_checkpoint
 from resnet_train.errors import CheckpointError, RunDirError
 from resnet_train.logging import log
-
-# Keys that may differ between a checkpoint and the run that continues it: where the data is, the
-# device, what is logged and when, how long to train. Any other difference is refused.
-MAY_CHANGE = (
-    "resume",
-    "name",
-    "task",
-    "data.root",
-    "data.download",
-    "data.num_workers",
-    "trainer.epochs",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.log_every_steps",
-    "trainer.grad_norm_every_steps",
-    "trainer.checkpoint_every_steps",
-    "trainer.requeue",
-    "trainer.early_stopping.patience",
-    "trainer.test_every_epoch",
-    # the teacher's file may move: its contents are compared (its sha256) instead
-    "trainer.distill.teacher",
-)
-
 
 _warned: set[str] = set()
 

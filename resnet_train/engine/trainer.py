@@ -1239,7 +1239,7 @@ class NullWriter:
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's settings as TensorBoard HParams: every config key with a scalar value (lists
     as text), paths and logging settings left out."""
-    from resnet_train.engine.resume import MAY_CHANGE, flatten
+    from resnet_train.config import MAY_CHANGE, flatten
 
     flat = flatten(to_dict(cfg))
     out: dict[str, Any] = {}
