@@ -22,13 +22,17 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 
 from resnet_train.config import WEIGHTS_TASKS, TrainConfig, complete, register_configs, validate
 from resnet_train.errors import UserError
+from resnet_train.launch import CHECKED_ENV, split_launch_args
 
 CONFIG_MODULE = "resnet_train.configs"
 register_configs()
 
 
 def _fail(message: object) -> None:
-    print(f"resnet-train: error: {one_line(str(message))}", file=sys.stderr)
+    """Print the error in one line and exit with status 2. Under torchrun, rank 0 alone prints
+    it (every process meets the same error)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resnet-train: error: {one_line(str(message))}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -353,6 +357,11 @@ QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
 
 def main() -> None:
     args = sys.argv[1:]
+    if (launch_args := split_launch_args(args)) is not None:
+        from resnet_train.launch import launch
+
+        launch(*launch_args, precheck)
+        return
     if "WORLD_SIZE" in os.environ and {"-m", "--multirun"} & set(args):
         _fail(
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
@@ -372,7 +381,8 @@ def main() -> None:
         # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle; --cfg prints a
         # config that is checked first, as a run's would be.
         if not any(arg.startswith("-") for arg in args):
-            precheck(args)
+            if not os.environ.get(CHECKED_ENV):  # checked once by `resnet-train --nproc-per-node`
+                precheck(args)
             if int(os.environ.get("RANK", "0")) > 0:
                 sys.argv += QUIET_RANK_OVERRIDES
         elif (overrides := cfg_print_overrides(args)) is not None:

@@ -335,7 +335,7 @@ class TrainConfig:
     # torch.export program (export.*); "prune": write a smaller model.weights (prune.*);
     # "predict": the classes of new images (predict.inputs) by model.weights.
     task: str = "train"
-    # The run's directory is outputs/<name>; null names it after the command line's overrides.
+    # The run's directory is outputs/<name>; null: outputs/<model>-<data>-<config digest>.
     name: str | None = None
     # "auto": continue the run in this run's directory from its newest readable checkpoint (or
     # start it when it has none); or a checkpoint file (last.pt of an earlier run); null: a new

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from resnet_train.config import validate
 from resnet_train.errors import ConfigError
-from tests.conftest import REPO, SMOKE, compose_config, run_cli
+from tests.conftest import REPO, SMOKE, compose_config, run_cli, run_dir_name
 
 GROUP_FILES = sorted((path.parent.name, path.stem) for path in (REPO / "configs").glob("*/*.yaml"))
 
@@ -352,3 +354,68 @@ def test_printing_a_config_checks_it_as_a_run_would(args, message, monkeypatch, 
     assert cli.cfg_print_overrides(["--cfg", "job", "optim.lr=0.2"]) == ["optim.lr=0.2"]
     assert cli.cfg_print_overrides(["--help"]) is None
     assert cli.cfg_print_overrides(["-m", "optim.lr=0.1,0.2"]) is None
+
+
+# --- run directory names ------------------------------------------------------------------------
+
+
+def test_run_directory_names_are_short_stable_and_differ_for_every_training_change(monkeypatch):
+    base = run_dir_name("model=resnet18", "data=cifar10")
+    assert re.fullmatch(r"resnet18-cifar10-[0-9a-f]{8}", base)
+    # The same config however spelt: order, defaults written out, keys that may change on resume
+    same = [
+        ("data=cifar10", "model=resnet18"),
+        ("model=resnet18", "data=cifar10", "optim.lr=0.1", "seed=0"),
+        ("model=resnet18", "data=cifar10", "data.root=/elsewhere", "trainer.epochs=3",
+         "trainer.device=cpu", "trainer.checkpoint_every_steps=500", "resume=auto"),
+    ]  # fmt: skip
+    for overrides in same:
+        assert run_dir_name(*overrides) == base, overrides
+    # Any key that trains differently: another directory each, with no [ ] , = or spaces in it
+    others = [
+        ("model=resnet18", "data=cifar10", "optim.lr=0.2"),
+        ("model=resnet18", "data=cifar10", "seed=1"),
+        ("model=resnet18", "data=cifar10", "schedule=multistep",
+         "schedule.milestones=[32000,48000]"),
+        ("model=resnet18", "data=cifar10", "data.augment.crop=none"),
+        ("model=resnet18", "data=cifar100"),
+    ]  # fmt: skip
+    names = {run_dir_name(*overrides) for overrides in others}
+    assert len(names) == len(others) and base not in names
+    assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in names), names
+    # torchrun's process count trains differently (another global batch): its own directory
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_dir_name("model=resnet18", "data=cifar10") != base
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_dir_name("model=resnet18", "data=cifar10") == base
+    assert run_dir_name("model=resnet18", "name=baseline") == "baseline"
+    evaluation = run_dir_name("task=eval", "model.weights='outputs/r20 [v2]/best.pt'")
+    assert re.fullmatch(r"eval-r20_v2-[0-9a-f]{8}", evaluation), evaluation
+
+
+def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from resnet_train.config import sweep_name
+
+    def name(*task_overrides: str, params: dict | None = None) -> str:
+        with initialize_config_module("resnet_train.configs", version_base="1.3"):
+            cfg = compose("train", overrides=SMOKE, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        OmegaConf.set_readonly(cfg.hydra, False)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = list(task_overrides)
+            cfg.hydra.sweeper.params = params
+        return sweep_name(None, _root_=cfg)
+
+    first = name("optim.lr=0.1,0.05", "seed=0")
+    assert re.fullmatch(r"resnet20-synthetic-[0-9a-f]{8}", first)
+    assert name("seed=0", "optim.lr=0.1,0.05") == first  # the same sweep, other order
+    assert name("optim.lr=0.1,0.05", "seed=0", "resume=auto", "data.root=/x") == first
+    assert name("optim.lr=0.1,0.2", "seed=0") != first  # another sweep
+    assert name(params={"optim.lr": "interval(0.01, 0.1)"}) != name(
+        params={"optim.lr": "interval(0.01, 0.5)"}
+    )
+    assert name("model=resnet20,resnet32").startswith("models-synthetic-")
+    assert sweep_name("depth", _root_=OmegaConf.create({})) == "depth"

@@ -20,17 +20,21 @@ from resnet_train.data.sampler import EpochSampler, ShardSampler
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine import distributed
 from resnet_train.engine.checkpoint import load_checkpoint
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_cli
 from tests.test_resume import RUN as RESUME_RUN
 
 # The resume tests' run: random crops, flips, Cutout and MixUp, 3 epochs.
 RUN = RESUME_RUN
 
 
-def torchrun(cwd: Path, *args: str, processes: int = 2) -> subprocess.Popen:
+def torchrun(cwd: Path, *args: str, processes: int = 2, ours: bool = False) -> subprocess.Popen:
+    """torchrun ... -m resnet_train ARGS, or (ours) resnet-train --nproc-per-node=N ARGS."""
+    launcher = (["-m", "resnet_train"] if ours else
+                ["-m", "torch.distributed.run"])  # fmt: skip
+    tail = [] if ours else ["-m", "resnet_train"]
     return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc_per_node={processes}", "-m", "resnet_train", *args],
+        [sys.executable, *launcher, f"--nproc-per-node={processes}", "--standalone", *tail,
+         *args],
         cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE,
@@ -120,7 +124,9 @@ def test_preempted_ddp_run_resumes_bit_for_bit(tmp_path):
 
     cwd = tmp_path / "preempted"
     cwd.mkdir()
-    proc = torchrun(cwd, *RUN, "trainer.checkpoint_every_steps=4")
+    # resnet-train starts the processes itself: a signal to it reaches both processes, which
+    # save and stop, and the command exits 75 as a single process does (torchrun exits 1).
+    proc = torchrun(cwd, *RUN, "trainer.checkpoint_every_steps=4", ours=True)
     last = cwd / "outputs" / "run" / "last.pt"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # into epoch 2, then the preemption signal
@@ -132,15 +138,15 @@ def test_preempted_ddp_run_resumes_bit_for_bit(tmp_path):
             except Exception:
                 pass
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    proc.send_signal(signal.SIGTERM)  # passed on to both processes
     out = finish(proc)
     assert "stopped by SIGTERM after step" in out, out
-    assert proc.returncode != 0
+    assert proc.returncode == 75 and "Traceback" not in out, out
     state = load_checkpoint(last)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert state["batch_in_epoch"] > 0 and len(state["epoch_sums"]) == 2  # mid-epoch
 
-    out = finish(torchrun(cwd, *RUN, "resume=auto"))
+    out = finish(torchrun(cwd, *RUN, "resume=auto", ours=True))
     assert "resumed from" in out and "weights identical on all 2 processes" in out, out
     ours = load_checkpoint(cwd / "outputs" / "run" / "last.pt")
     theirs = load_checkpoint(reference / "outputs" / "run" / "last.pt")
@@ -155,6 +161,35 @@ def test_preempted_ddp_run_resumes_bit_for_bit(tmp_path):
             and a["test"] == b["test"]
             and a["train"]["loss"] == (b["train"]["loss"])
         )
+
+
+def test_a_launch_with_a_bad_config_fails_in_one_line_before_any_process_starts(tmp_path):
+    result = run_cli("--nproc-per-node", "2", "--standalone", "model=resnet20", "data=synthetic",
+                     "optim.lr=-1", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "resnet-train: error: optim.lr=-1.0 is invalid: must be > 0\n"
+    assert not (tmp_path / "outputs").exists()
+    # Under plain torchrun every process meets the error: rank 0 alone says it.
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    quiet = subprocess.run([sys.executable, "-m", "resnet_train", "optim.lr=-1"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert quiet.returncode == 2 and quiet.stderr == ""
+    bad = run_cli("--nproc-per-node=2", "-m", "seed=0,1", cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "-m is invalid with --nproc-per-node" in bad.stderr
+
+
+def test_launch_options_are_torchruns_up_to_the_first_override():
+    from resnet_train.launch import split_launch_args
+
+    assert split_launch_args(["model=resnet18"]) is None
+    assert split_launch_args(["--cfg", "job"]) is None
+    assert split_launch_args(["--nproc-per-node", "8", "--standalone", "model=resnet18"]) == (
+        ["--nproc-per-node", "8", "--standalone"], ["model=resnet18"])  # fmt: skip
+    assert split_launch_args(["--nproc_per_node=2", "--nnodes=2", "--rdzv-endpoint", "n1:29500",
+                              "data=cifar10", "seed=1"]) == (
+        ["--nproc_per_node=2", "--nnodes=2", "--rdzv-endpoint", "n1:29500"],
+        ["data=cifar10", "seed=1"])  # fmt: skip
 
 
 def test_resuming_with_another_process_count_is_refused(tmp_path):

@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,79 @@ def test_report_of_a_real_multirun(tmp_path):
     rows = [line.split()[0] for line in out.stdout.splitlines() if "/2" in line]
     assert sorted(rows) == ["plain20", "resnet20"]
     assert (sweep / "report.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_report_png_stays_readable_for_many_swept_keys(tmp_path):
+    sweep = tmp_path / "sweep"
+    keys = ["optim.lr", "optim.weight_decay", "seed", "model", "trainer.label_smoothing",
+            "data.batch_size", "optim.momentum"]  # fmt: skip
+    for i in range(8):
+        values = [f"{0.01 * 2**i}", f"{1e-5 * 3**i}", str(i % 2), f"resnet{20 + 12 * (i % 3)}",
+                  f"{0.02 * i}", str(32 * (1 + i % 2)), f"0.{9 - i % 2}"]  # fmt: skip
+        overrides = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+        # the resume-only keys differ between jobs (one was resumed, on another machine)
+        overrides += ["resume=auto"] * (i % 2) + [f"data.root=/data{i % 2}"]
+        make_job(sweep, f"job{i}", overrides, 50.0 + i, 49.0)
+    text = report(sweep)
+    swept = text.splitlines()[0].split("swept: ")[1].split(", ")
+    assert swept == keys  # not resume, not data.root
+    width, height = _png_size(sweep / "report.png")
+    # 6 panels (seed is grouped, not plotted): 3 a row, 2 rows
+    assert width <= 1500 and 600 <= height <= 800, (width, height)
+
+
+@pytest.mark.slow
+def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna")
+    search = ["-m", "experiment=cifar10_cpu", "data=synthetic", "data.train_size=96",
+              "data.test_size=32", "data.batch_size=32", "trainer.epochs=2", "name=search",
+              "hydra/sweeper=optuna_cpu", "hydra.sweeper.n_trials=3"]  # fmt: skip
+    sweep = tmp_path / "outputs" / "multirun" / "search"
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "resnet_train", *search], cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        # Kill it in its second trial, after that trial's first epoch is saved.
+        deadline = time.monotonic() + 240
+        while True:
+            jobs = [p for p in sweep.glob("*/") if (p / ".hydra").is_dir()]
+            if len(jobs) == 2 and any((j / "last.pt").exists() and not (j / "metrics.json").exists()
+                                      for j in jobs):  # fmt: skip
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "first.log"
+            ).read_text()
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    again = run_cli(*search, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "1 trials finished, 1 killed ones run again first, 2 to run" in again.stdout
+
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    trials = optuna.load_study(study_name="resnet-train", storage=storage).get_trials()
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(done) == 3 and len(failed) == 1 and len(trials) == 4
+    params = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(params)) == 3  # no trial run twice
+    rerun = next(t for t in done if t.params == failed[0].params)
+    jobs = [p for p in sweep.iterdir() if (p / "metrics.json").is_file()]
+    assert len(jobs) == 3
+    assert again.stdout.count("resumed from") == 1  # the killed trial continued its checkpoint
+
+    text = report(sweep)
+    assert "Optuna study of 4 trials (3 finished), 3 job folders" in text
+    rows = [line for line in text.splitlines() if line[:1].isdigit()]
+    assert [r.split()[1] for r in rows[:3]] == ["COMPLETE"] * 3
+    assert f"killed, rerun as {rerun.number}" in rows[3]
+    values = [float(r.split()[5]) for r in rows[:3]]
+    assert values == sorted(values, reverse=True)
+    assert values[0] == pytest.approx(max(t.value for t in done), abs=0.01)
+    assert (sweep / "trials.csv").is_file() and _png_size(sweep / "report.png")[0] > 0

@@ -316,6 +316,9 @@ def test_the_smoke_recipe_visibly_learns(tmp_path):
 
     with Image.open(tmp_path / "curves.png") as curves:  # the run's picture, without TensorBoard
         assert curves.format == "PNG" and curves.size == (1500, 420)
+    readme = (REPO / "README.md").read_text()
+    assert f"(`outputs/{run_dir_name('experiment=smoke')}/train.log`;" in readme
+    assert f"`outputs/{run_dir_name('model=resnet18', 'data=cifar10')}/`" in readme
 
 
 def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkeypatch):

@@ -1,0 +1,87 @@
+"""`resnet-train --nproc-per-node=N [torchrun options] key=value ...`: DistributedDataParallel
+started by resnet-train itself, through torchrun's own launcher (torch.distributed.run).
+
+Started so, a run behaves as a single process does: a bad config is refused once, in one line,
+with exit status 2, before any process starts or anything is written; an error in the
+processes is the one line rank 0 prints, and the command exits with the processes' status (2
+for bad input, 75 when stopped by SIGTERM, 130 by Ctrl-C) instead of torchrun's report of a
+failed child (a page of traceback, status 1). `torchrun ... -m resnet_train` works as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# The options that make a command a launch: torchrun's, in either spelling.
+LAUNCH_FLAGS = ("--nproc-per-node", "--nproc_per_node")
+# Set on the processes this launcher starts: their config was checked once, here.
+CHECKED_ENV = "RESNET_TRAIN_LAUNCHED"
+
+
+def split_launch_args(args: list[str]) -> tuple[list[str], list[str]] | None:
+    """(torchrun's options, the overrides) of `--nproc-per-node=N [--opt[=v] ...] key=value
+    ...`, or None for a command that does not start with --nproc-per-node. The options end at
+    the first argument that is neither an option nor an option's value (key=value)."""
+    if not args or args[0].split("=", 1)[0] not in LAUNCH_FLAGS:
+        return None
+    i = 0
+    while i < len(args) and args[i].startswith("--"):
+        takes_value = "=" not in args[i]
+        i += 1
+        if takes_value and i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
+            i += 1  # --nproc-per-node 2
+    return args[:i], args[i:]
+
+
+def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
+    """Check the config as the processes will see it (their number known), then start them."""
+    from resnet_train.cli import _fail
+
+    if any(a.startswith("-") for a in overrides):
+        _fail(
+            f"{' '.join(a for a in overrides if a.startswith('-'))} is invalid with "
+            "--nproc-per-node: give torchrun's options first, then key=value overrides only "
+            "(a sweep, -m, runs each job with its own launch)"
+        )
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        args = torchrun.parse_args([*launch_args, "-m", "resnet_train", *overrides])
+        nproc = torchrun.determine_local_world_size(args.nproc_per_node)
+        min_nodes, max_nodes = torchrun.parse_min_max_nnodes(args.nnodes)
+    except (SystemExit, ValueError) as e:  # argparse has printed its usage line
+        _fail(f"{' '.join(launch_args)} is invalid: torchrun's options are expected ({e})")
+    world = nproc * min_nodes if min_nodes == max_nodes else None
+    os.environ["WORLD_SIZE"] = str(world or nproc)  # the run's directory and step plan use it
+    try:
+        precheck(overrides)
+    finally:
+        del os.environ["WORLD_SIZE"]
+    os.environ[CHECKED_ENV] = "1"
+    # Spread the cores over the processes (torchrun's default is 1 thread each, with a banner).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # torchrun's own lines about a failed or signalled process: the processes say it better
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code in (2, 75, 130):  # rank 0 has said why in one line
+            sys.exit(code)
+        if code < 0:
+            print(f"resnet-train: error: process {rank} was killed by signal {-code}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(128 - code)
+        print(f"resnet-train: error: process {rank} failed with exit status {code} (its error "
+              "is above)", file=sys.stderr)  # fmt: skip
+        sys.exit(code)
+    except SignalException as e:  # a signal to this launcher: torchrun passed it on to the
+        # processes, which saved at a step and stopped (rank 0 says where)
+        sys.exit(130 if e.sigval == 2 else 75)
