@@ -63,6 +63,12 @@ class Batches:
         return len(self.batches)
 
 
+def fail(message: str) -> None:
+    """A bad option: one line (no usage text) and status 2."""
+    print(f"benchmark.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def trainer_epoch(t: Training, batches: Batches) -> float:
     sync_device(t.device)
     start = time.perf_counter()
@@ -185,11 +191,11 @@ def main() -> None:
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        parser.error(f"--device {args.device!r} is not a torch device")
+        fail(f"--device {args.device!r} is not a torch device")
     if args.compile_mode != "default" and not args.compile:
-        parser.error(f"--compile-mode {args.compile_mode} needs --compile")
+        fail(f"--compile-mode {args.compile_mode} needs --compile")
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+        fail(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     channels_last = device.type == "cuda"
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)

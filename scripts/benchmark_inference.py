@@ -51,6 +51,12 @@ HEADER = (
 )
 
 
+def fail(message: str) -> None:
+    """A bad option: one line (no usage text) and status 2."""
+    print(f"benchmark_inference.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def cpu_name() -> str:
     """The CPU's model and the vector extensions that decide int8 speed (ONNX Runtime's u8 x s8
     kernels use VNNI or AMX where the CPU has them, AVX2's pairwise products otherwise)."""
@@ -166,7 +172,7 @@ def main() -> None:
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.weights and len(args.weights) != len(args.models):
-        parser.error("--weights takes one checkpoint per model in --models")
+        fail("--weights takes one checkpoint per model in --models")
     import onnxruntime
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs"

@@ -53,6 +53,12 @@ class Clock:
         return max(0.0, min(timeout, self.end - time.monotonic()))
 
 
+def fail(message: str) -> None:
+    """A bad option: one line (no usage text) and status 2."""
+    print(f"gpu_proof.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_part(name: str, command: list[str], log, timeout: float, cwd: Path = REPO) -> dict:
     """Run one part's command, copying its output into the log; never raises. A part left with
     under 5 s of the budget is not started (exit None, output says so)."""
@@ -291,17 +297,19 @@ def main() -> None:
     parser.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md",
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
+    import torch  # after the options are parsed: --help stays quick
+
+    if not args.tiny and not torch.cuda.is_available():
+        fail("this machine has no CUDA device: the proof's figures need one (--tiny runs every "
+             "part at toy size on the CPU)")
     if not (args.data_root / "cifar-10-batches-py").is_dir():
-        parser.error(f"--data-root {args.data_root}: no cifar-10-batches-py/ in it")
+        fail(f"--data-root {args.data_root}: no cifar-10-batches-py/ in it")
     args.seeds = args.seeds if args.seeds is not None else ([0, 1] if args.tiny else [0, 1, 2])
     args.timeout = args.timeout or (300.0 if args.tiny else 150.0)
     args.no_write = args.no_write or args.tiny
     args.data_root = args.data_root.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.clock = Clock(args.budget)
-
-    import torch  # after the argument checks: --help stays quick
-
     machine = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (tiny)"
     results: dict = {"date": str(datetime.date.today()), "machine": machine,
                      "torch": torch.__version__, "tiny": args.tiny}  # fmt: skip

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -155,3 +156,14 @@ def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_
     table = (tmp_path / "out" / "results.md").read_text()
     assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit None\)", table)
     assert re.search(r"\| resnet18 +\| did not finish \(exit None\)", table), table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_scripts_refuse_a_missing_cuda_device_in_one_line(tmp_path):
+    proof = ["--data-root", str(tmp_path), "--out", str(tmp_path)]
+    for script, args in (("benchmark.py", ["--device", "cuda"]), ("gpu_proof.py", proof)):
+        result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f"{script}: error: ") and "no CUDA device" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
