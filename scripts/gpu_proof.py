@@ -300,8 +300,10 @@ def main() -> None:
     import torch  # after the options are parsed: --help stays quick
 
     if not args.tiny and not torch.cuda.is_available():
-        fail("this machine has no CUDA device: the proof's figures need one (--tiny runs every "
-             "part at toy size on the CPU)")
+        fail(
+            "this machine has no CUDA device: the proof's figures need one (--tiny runs every "
+            "part at toy size on the CPU)"
+        )
     if not (args.data_root / "cifar-10-batches-py").is_dir():
         fail(f"--data-root {args.data_root}: no cifar-10-batches-py/ in it")
     args.seeds = args.seeds if args.seeds is not None else ([0, 1] if args.tiny else [0, 1, 2])

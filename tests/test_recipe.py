@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import math
+import multiprocessing
 import subprocess
 import sys
 
@@ -415,6 +416,9 @@ def test_deterministic_runs_with_workers_are_bit_identical(tmp_path):
             f"seed={seed}",
         )
         fit(cfg, tmp_path / name)
+        # The run's data workers end with it (a program that trains again, a sweep's next
+        # job, does not carry them along)
+        assert multiprocessing.active_children() == []
         return load_checkpoint(tmp_path / name / "last.pt")
 
     first, second, other = run("a", 0), run("b", 0), run("c", 1)

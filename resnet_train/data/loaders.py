@@ -346,6 +346,20 @@ def _init_worker(worker_id: int) -> None:
             signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
+def close_loaders(loaders: Loaders | None) -> None:
+    """End the data workers of the loaders that keep theirs between epochs (persistent_workers):
+    at once, when a run ends or stops, rather than whenever the garbage collector finds them (a
+    program that trains several runs in one process, a sweep's jobs, would otherwise carry their
+    idle workers along and wait seconds for each when they are collected)."""
+    if loaders is None:
+        return
+    for loader in (loaders.train, loaders.valid, loaders.test):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 @functools.cache
 def _register_exit_handler() -> None:
     """Once per process, the first time a loader with workers is built."""

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from resnet_train.config import CUDA_GRAPH_MODES, TrainerConfig, complete, to_dict
 from resnet_train.data import build_loaders
 from resnet_train.data.folders import check_same_files
-from resnet_train.data.loaders import class_names, data_fingerprint
+from resnet_train.data.loaders import class_names, close_loaders, data_fingerprint
 from resnet_train.data.settle import settle_data
 from resnet_train.data.transforms import build_batch_mixer
 from resnet_train.engine import distributed, faults
@@ -837,6 +837,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
         raise
     finally:
         t.writer.close()
+        close_loaders(run.loaders)
     return _write_metrics(run, epochs, tested, wall_start)
 
 
