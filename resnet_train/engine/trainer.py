@@ -241,7 +241,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        # torch.use_deterministic_algorithms imports torch._inductor (about 2 s of start-up on a
+        # CPU): called only to turn off what an earlier run in this process turned on.
+        if torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
