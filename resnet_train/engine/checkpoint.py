@@ -95,7 +95,10 @@ def _reason(error: Exception) -> str:
     """The informative line of a torch.load error (they can run to a page)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     detail = next((line for line in lines if "Unpickler error" in line), lines[0] if lines else "")
-    return f"{type(error).__name__}: {detail[:200]}"
+    sentence = detail.split(". ")[0].rstrip(".")  # whole sentences only, never cut midway
+    if len(sentence) > 200:
+        sentence = sentence[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {sentence}"
 
 
 def unreadable(path: Path, error: Exception) -> str:
