@@ -44,7 +44,11 @@ def write_curves(path: Path, metrics: dict[str, Any]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for ax in (loss_ax, acc_ax, lr_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(epochs) <= 12:  # one tick per epoch (a locator finds no integers in a 1-epoch run)
+            ax.set_xticks(epochs)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend(loc="lower right")
     lr_ax.plot(epochs, [h.get("lr") for h in history], "o-", color="tab:green")
