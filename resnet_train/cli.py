@@ -335,6 +335,15 @@ def check_config_only(overrides: list[str]) -> None:
         _fail(e)
 
 
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def register_sweeper() -> None:
     """Make resnet-train's resumable Optuna sweeper (hydra_plugins/resnet_train_optuna) known to
     Hydra. Hydra's scan of the hydra_plugins namespace finds it in an installed wheel but not in
@@ -366,6 +375,16 @@ def main() -> None:
         _fail(
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
             "sweep; run the sweep's jobs one torchrun each, or use hydra/launcher=slurm"
+        )
+    sweeper = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/sweeper=")), None)
+    if (
+        sweeper
+        and sweeper.startswith("optuna")
+        and not _installed("hydra_plugins.hydra_optuna_sweeper")
+    ):
+        _fail(
+            f"hydra/sweeper={sweeper} needs Hydra's Optuna sweeper, which is not installed: "
+            'pip install "resnet-train[optuna]" (or -e ".[optuna]" in a checkout)'
         )
     launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
     if launcher == "slurm" and not {"--cfg", "-c", "--help", "-h"} & set(args):

@@ -204,3 +204,25 @@ def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_pat
     assert values == sorted(values, reverse=True)
     assert values[0] == pytest.approx(max(t.value for t in done), abs=0.01)
     assert (sweep / "trials.csv").is_file() and _png_size(sweep / "report.png")[0] > 0
+
+
+def test_an_optuna_search_without_the_optuna_extra_is_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from resnet_train import cli
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "hydra_plugins.hydra_optuna_sweeper" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(sys, "argv", ["resnet-train", "-m", "hydra/sweeper=optuna_cpu"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "resnet-train: error: hydra/sweeper=optuna_cpu needs Hydra's Optuna sweeper, which is not "
+        'installed: pip install "resnet-train[optuna]" (or -e ".[optuna]" in a checkout)\n'
+    )
