@@ -39,15 +39,20 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose("train", overrides=list(overrides))
 
 
+def compose_hydra(*overrides: str) -> DictConfig:
+    """The config the CLI would compose, with its hydra node (run and sweep directories)."""
+    with initialize_config_module("resnet_train.configs", version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
 def run_dir_name(*overrides: str) -> str:
     """The name of the run directory the CLI gives these overrides (and a sweep's job with the
     same config: a sweep's job folder is named as its single run would be)."""
     from hydra.core.hydra_config import HydraConfig
 
-    with initialize_config_module("resnet_train.configs", version_base="1.3"):
-        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-        return Path(str(cfg.hydra.run.dir)).name
+    cfg = compose_hydra(*overrides)
+    HydraConfig.instance().set_config(cfg)
+    return Path(str(cfg.hydra.run.dir)).name
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

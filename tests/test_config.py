@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from resnet_train.config import validate
 from resnet_train.errors import ConfigError
-from tests.conftest import REPO, SMOKE, compose_config, run_cli, run_dir_name
+from tests.conftest import REPO, SMOKE, compose_config, compose_hydra, run_cli, run_dir_name
 
 GROUP_FILES = sorted((path.parent.name, path.stem) for path in (REPO / "configs").glob("*/*.yaml"))
 
@@ -400,8 +399,7 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():
     from resnet_train.config import sweep_name
 
     def name(*task_overrides: str, params: dict | None = None) -> str:
-        with initialize_config_module("resnet_train.configs", version_base="1.3"):
-            cfg = compose("train", overrides=SMOKE, return_hydra_config=True)
+        cfg = compose_hydra(*SMOKE)
         HydraConfig.instance().set_config(cfg)
         OmegaConf.set_readonly(cfg.hydra, False)
         with open_dict(cfg):

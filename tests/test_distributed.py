@@ -20,7 +20,7 @@ from resnet_train.data.sampler import EpochSampler, ShardSampler
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine import distributed
 from resnet_train.engine.checkpoint import load_checkpoint
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config, compose_hydra, run_cli
 from tests.test_resume import RUN as RESUME_RUN
 
 # The resume tests' run: random crops, flips, Cutout and MixUp, 3 epochs.
@@ -204,13 +204,6 @@ def test_resuming_with_another_process_count_is_refused(tmp_path):
     cfg = compose_config(*RUN[:3], "trainer.epochs=2", "trainer.device=cpu", "resume=auto")
     with pytest.raises(CheckpointError, match="saved by 2 process.*this run has 1"):
         fit(cfg, tmp_path)
-
-
-def compose_hydra(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("resnet_train.configs", version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
 def test_the_slurm_launcher_config_composes_into_a_valid_submitit_launcher():
