@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pickle
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +58,9 @@ def run_dir_name(*overrides: str) -> str:
     return Path(str(cfg.hydra.run.dir)).name
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `python -m resnet_train ARGS` in cwd, as a user would from a shell."""
+def run_cli_process(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m resnet_train ARGS` in cwd in a process of its own, as a user would from a
+    shell: for what only a process shows (its imports, signals, a crash, torchrun)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, "-m", "resnet_train", *args],
@@ -65,6 +69,98 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def _fresh_process_state() -> None:
+    """Forget what an earlier command left in this process that a new process would not have:
+    Hydra's singletons, resnet-train's per-process caches and once-only warnings."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from resnet_train.engine import faults, resume
+
+    GlobalHydra.instance().clear()
+    faults.reset()
+    resume._warned.clear()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("resnet_train") and module is not None:
+            for value in list(vars(module).values()):
+                if callable(getattr(value, "cache_clear", None)) and hasattr(value, "cache_info"):
+                    value.cache_clear()
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`resnet-train ARGS` run in cwd as from a shell, but inside this process (a new Python
+    process costs 3-4 s of imports): its exit status, stdout and stderr as a process would give
+    them. The working directory, arguments, environment, logging, warnings, signal handlers and
+    torch's global switches are put back afterwards. `timeout` is for run_cli_process's
+    signature: an in-process run cannot be cut short."""
+    import logging
+
+    import torch
+
+    from resnet_train import cli
+
+    root = logging.getLogger()
+    saved = (
+        os.getcwd(),
+        sys.argv,
+        dict(os.environ),
+        list(root.handlers),
+        root.level,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+        {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)},
+    )
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    _fresh_process_state()
+    os.environ["HYDRA_FULL_ERROR"] = "0"
+    os.chdir(cwd)
+    sys.argv = ["resnet-train", *args]
+    try:
+        with (
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            warnings.showwarning = _print_warning
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code
+    finally:
+        cwd_before, sys.argv, environ, handlers, level, deterministic, threads, handlers_by = saved
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(environ)
+        for handler in root.handlers:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        if torch.are_deterministic_algorithms_enabled() != deterministic:
+            torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+        for signum, handler in handlers_by.items():
+            signal.signal(signum, handler)
+        _fresh_process_state()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message") prints it and exits 1
+        err.write(f"{code}\n")
+        code = 1
+    return subprocess.CompletedProcess(
+        ["resnet-train", *args], code, out.getvalue(), err.getvalue()
     )
 
 
