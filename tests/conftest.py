@@ -95,15 +95,33 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`resnet-train ARGS` run in cwd as from a shell, but inside this process (a new Python
-    process costs 3-4 s of imports): its exit status, stdout and stderr as a process would give
-    them. The working directory, arguments, environment, logging, warnings, signal handlers and
-    torch's global switches are put back afterwards. `timeout` is for run_cli_process's
-    signature: an in-process run cannot be cut short."""
+    process costs 3-5 s of imports): its exit status, stdout and stderr as a process would give
+    them. `timeout` is for run_cli_process's signature: an in-process run cannot be cut short."""
+    from resnet_train import cli
+
+    return run_in_process("resnet-train", cli.main, args, cwd)
+
+
+def run_program(program: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python PROGRAM ARGS` (a script's path, or the name of a module with a main()) in cwd,
+    inside this process like run_cli."""
+    import importlib
+    import runpy
+
+    if program.endswith(".py"):
+        path = str(Path(cwd, program))
+        return run_in_process(path, lambda: runpy.run_path(path, run_name="__main__"), args, cwd)
+    module = importlib.import_module(program)  # its console script's entry point: main()
+    return run_in_process(program, module.main, args, cwd)
+
+
+def run_in_process(argv0: str, entry, args, cwd: Path) -> subprocess.CompletedProcess:
+    """Call entry() with sys.argv = [argv0, *args] in cwd, as a fresh process would run it: its
+    exit status (SystemExit), stdout and stderr. The working directory, arguments, environment,
+    logging, warnings, signal handlers and torch's global switches are put back afterwards."""
     import logging
 
     import torch
-
-    from resnet_train import cli
 
     root = logging.getLogger()
     saved = (
@@ -121,7 +139,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     _fresh_process_state()
     os.environ["HYDRA_FULL_ERROR"] = "0"
     os.chdir(cwd)
-    sys.argv = ["resnet-train", *args]
+    sys.argv = [argv0, *args]
     try:
         with (
             contextlib.redirect_stdout(out),
@@ -132,7 +150,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
             warnings.simplefilter("default")
             warnings.showwarning = _print_warning
             try:
-                cli.main()
+                entry()
             except SystemExit as e:
                 code = e.code
     finally:
@@ -159,9 +177,7 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     elif not isinstance(code, int):  # sys.exit("message") prints it and exits 1
         err.write(f"{code}\n")
         code = 1
-    return subprocess.CompletedProcess(
-        ["resnet-train", *args], code, out.getvalue(), err.getvalue()
-    )
+    return subprocess.CompletedProcess([argv0, *args], code, out.getvalue(), err.getvalue())
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels: np.ndarray, label_key: str) -> None:

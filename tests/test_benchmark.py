@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run_program
 
 
 def test_benchmark_prints_the_figures_and_adds_a_consistent_row_to_the_table(tmp_path):
@@ -19,11 +19,8 @@ def test_benchmark_prints_the_figures_and_adds_a_consistent_row_to_the_table(tmp
     head = (REPO / "BENCHMARKS.md").read_text().split("\n\n## ")[0]
     table.write_text(head.rstrip("\n") + "\n\n## Another section\n\ntext\n")
     before = table.read_text().splitlines()
-    result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--steps", "2", "--repeats", "1",
-         "--batch", "16", "--data-images", "256", "--output", str(table)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_program("scripts/benchmark.py", "--steps", "2", "--repeats", "1", "--batch", "16",
+                         "--data-images", "256", "--output", str(table))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "trainer / bare" in result.stdout and "tensor / PIL" in result.stdout
     after = table.read_text().splitlines()
@@ -86,7 +83,6 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
     table = tmp_path / "BENCHMARKS.md"
     table.write_text("# Benchmarks\n\n| date | a |\n| --- | --- |\n| x | 1 |\n")
     args = [
-        sys.executable,
         "scripts/benchmark_inference.py",
         "--models",
         "resnet20",
@@ -101,8 +97,7 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
     ]
     # the second run, of a pruned model, appends below the first one's rows
     for extra in ([], ["--weights", str(pruned_weights(tmp_path))]):
-        result = subprocess.run([*args, *extra], cwd=REPO, capture_output=True, text=True,
-                                timeout=300)  # fmt: skip
+        result = run_program(*args, *extra)
         assert result.returncode == 0, result.stderr
     assert "int8 / ONNX Runtime fp32" in result.stdout
     lines = table.read_text().splitlines()
@@ -162,8 +157,7 @@ def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_
 def test_scripts_refuse_a_missing_cuda_device_in_one_line(tmp_path):
     proof = ["--data-root", str(tmp_path), "--out", str(tmp_path)]
     for script, args in (("benchmark.py", ["--device", "cuda"]), ("gpu_proof.py", proof)):
-        result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args],
-                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        result = run_program(f"scripts/{script}", *args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"{script}: error: ") and "no CUDA device" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -21,10 +21,20 @@ from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine import distributed
 from resnet_train.engine.checkpoint import load_checkpoint
 from tests.conftest import compose_config, compose_hydra, run_cli
-from tests.test_resume import RUN as RESUME_RUN
 
-# The resume tests' run: random crops, flips, Cutout and MixUp, 3 epochs.
-RUN = RESUME_RUN
+# Random crops, flips, Cutout and MixUp, 3 epochs of 15 steps of 2 x 16 images.
+RUN = [
+    "model=resnet20",
+    "data=synthetic",
+    "data.train_size=512",
+    "data.batch_size=16",
+    "data.augment.cutout=8",
+    "data.augment.mixup_alpha=0.2",
+    "trainer.epochs=3",
+    "trainer.device=cpu",
+    "trainer.log_every_steps=1",
+    "name=run",
+]
 
 
 def torchrun(cwd: Path, *args: str, processes: int = 2, ours: bool = False) -> subprocess.Popen:
@@ -373,11 +383,11 @@ def test_ranks_other_than_0_run_without_a_hydra_record(monkeypatch):
     from resnet_train import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "precheck", lambda args: None)
-    monkeypatch.setattr(cli, "train", lambda: seen.setdefault("argv", list(sys.argv)))
-    for rank, quiet in (("1", True), ("0", False)):
+    monkeypatch.setattr(cli, "precheck", lambda args, cfg: None)
+    monkeypatch.setattr(cli, "run_single", lambda cfg: seen.setdefault("cfg", cfg))
+    for rank, subdir in (("1", None), ("0", ".hydra")):
         seen.clear()
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setattr(sys, "argv", ["resnet-train", "model=resnet20"])
         cli.main()
-        assert (cli.QUIET_RANK_OVERRIDES[0] in seen["argv"]) == quiet
+        assert seen["cfg"].hydra.output_subdir == subdir

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from resnet_train.report import report
-from tests.conftest import SMOKE, compose_config, run_cli
+from tests.conftest import SMOKE, compose_config, run_cli, run_program
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,11 +74,7 @@ def test_report_groups_seeds_sorts_by_validation_and_writes_csv_and_png(sweep):
 def test_report_command_says_what_is_wrong_in_one_line(tmp_path):
     for target, message in ((tmp_path / "nope", "is not a folder"),
                             (tmp_path, "holds no job folders")):  # fmt: skip
-        result = subprocess.run(
-            [sys.executable, "-m", "resnet_train.report", str(target)],
-            capture_output=True,
-            text=True,
-        )
+        result = run_program("resnet_train.report", str(target))
         assert result.returncode == 2
         assert result.stderr.startswith("resnet-train-report: error: ")
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -117,12 +113,7 @@ def test_report_of_a_real_multirun(tmp_path):
                      "name=sw", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     sweep = tmp_path / "outputs" / "multirun" / "sw"
-    out = subprocess.run(
-        [sys.executable, "-m", "resnet_train.report", str(sweep)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    out = run_program("resnet_train.report", str(sweep), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "4 jobs (4 finished), swept: model, seed" in out.stdout
     rows = [line.split()[0] for line in out.stdout.splitlines() if "/2" in line]

@@ -350,3 +350,35 @@ def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkey
         fit(compose_config(*small, "trainer.progress=false", "trainer.log_every_steps=1"),
             tmp_path / "c")  # fmt: skip
     assert not any("train  batch " in r.message for r in caplog.records)
+
+
+def _colours(path: Path) -> set[tuple[int, int, int]]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1500, 420)
+        return {rgb for _, rgb in image.convert("RGB").getcolors(maxcolors=1 << 20)}
+
+
+def test_curves_draw_each_series_the_run_has_and_mark_the_test_accuracy(tmp_path):
+    from resnet_train.curves import BLUE, GREEN, ORANGE, RED, write_curves
+
+    history = [{"epoch": e, "train_loss": 2.0 / e, "valid_loss": 2.2 / e, "train_acc": 20.0 * e,
+                "valid_acc": 18.0 * e, "lr": 0.1 / e} for e in (1, 2, 3)]  # fmt: skip
+    metrics = {"history": history, "test": {"acc": 51.5}, "selected_epoch": 3,
+               "selected_checkpoint": "best.pt", "model": "resnet20", "data": "synthetic",
+               "epochs_done": 3, "epochs_total": 3}  # fmt: skip
+    write_curves(tmp_path / "curves.png", metrics)
+    assert {BLUE, ORANGE, GREEN, RED} <= _colours(tmp_path / "curves.png")
+    assert not list(tmp_path.glob(".*tmp*"))  # written whole
+    # No validation set and no test figure: nothing orange, no red star.
+    for h in history:
+        h["valid_loss"] = h["valid_acc"] = None
+    write_curves(tmp_path / "bare.png", {**metrics, "test": {}})
+    colours = _colours(tmp_path / "bare.png")
+    assert BLUE in colours and GREEN in colours and ORANGE not in colours and RED not in colours
+    # One epoch, a rate of 1e-5 and a loss spanning 1000x (a logarithmic axis) draw too.
+    one = [{"epoch": 1, "train_loss": 1000.0, "valid_loss": 1.0, "train_acc": 0.0,
+            "valid_acc": 0.0, "lr": 1e-5}]  # fmt: skip
+    write_curves(tmp_path / "one.png", {**metrics, "history": one})
+    assert ORANGE in _colours(tmp_path / "one.png")
