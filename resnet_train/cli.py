@@ -22,7 +22,7 @@ from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from resnet_train.config import WEIGHTS_TASKS, TrainConfig, complete, register_configs, validate
+from resnet_train.config import WEIGHTS_TASKS, complete, register_configs, schema, validate
 from resnet_train.errors import UserError
 from resnet_train.launch import CHECKED_ENV, split_launch_args
 
@@ -64,8 +64,7 @@ def describe_composition_error(error: Exception) -> str:
             return f"{choice} is invalid: allowed: {', '.join(cause.options)}"
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
             parent, _, key = str(cause.full_key).rpartition(".")
-            node = OmegaConf.structured(TrainConfig)
-            node = OmegaConf.select(node, parent) if parent else node
+            node = OmegaConf.select(schema(), parent) if parent else schema()
             allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
             where = parent or "the top level"
             return f"{cause.full_key} is not a config key: allowed in {where}: {allowed}"

@@ -215,8 +215,8 @@ def test_imagenet_recipes_scale_the_lr_with_the_global_batch():
     assert modern.trainer.label_smoothing == 0.1 and modern.trainer.ema.decay == 0.99997
 
 
-# (schedule overrides, epochs first, epochs on resume); 58 training images of batch 32: 2 steps
-# an epoch.
+# (schedule overrides, epochs first, epochs on resume); 58 training images (of 8x8: the rates
+# are the point) in batches of 32: 2 steps an epoch.
 LONGER = {
     "cosine": (["schedule=cosine"], 2, 5),
     "cosine per step": (["schedule=cosine", "schedule.interval=step"], 2, 4),
@@ -235,7 +235,8 @@ def test_a_run_lengthened_on_resume_follows_the_schedule_of_its_new_length(case,
     run configured with the new length from the start uses (cosine used to sit at 0.0 and rise
     again; one-cycle crashed: "Tried to step 5 times")."""
     overrides, first, longer = LONGER[case]
-    common = [*SMOKE, "data.train_size=64", "trainer.log_every_steps=1", *overrides]
+    common = [*SMOKE, "data.train_size=64", "data.test_size=16", "data.image_size=8",
+              "trainer.log_every_steps=1", *overrides]  # fmt: skip
     fit(compose_config(*common, f"trainer.epochs={first}"), tmp_path / "run")
     fit(compose_config(*common, f"trainer.epochs={longer}", "resume=auto"), tmp_path / "run")
     fit(compose_config(*common, f"trainer.epochs={longer}"), tmp_path / "reference")
