@@ -1,3 +1,3 @@
-from resnet_train.cli import main
+from resnet_train.cli import run
 
-main()
+run()

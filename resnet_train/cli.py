@@ -457,5 +457,27 @@ def main() -> None:
         sys.exit(130)
 
 
+def run() -> None:
+    """The `resnet-train` command: main(), then an exit that skips the interpreter's teardown.
+    With torch loaded, Python's own exit spends 1-1.5 s on a 2-core CPU freeing modules that
+    the operating system frees at once; everything a run writes is closed by then (checkpoints,
+    metrics, TensorBoard's event files), and the log handlers and standard streams are flushed
+    here first. An uncaught exception still takes the ordinary way out, with its traceback."""
+    import logging
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

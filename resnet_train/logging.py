@@ -33,5 +33,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def tensorboard_writer(run_dir: Path, purge_step: int | None = None) -> SummaryWriter:
     """Every scalar is logged against the optimizer step. purge_step (a resumed run's first
-    step) hides the events a killed run wrote at or after it, so no step appears twice."""
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+    step) hides the events a killed run wrote at or after it, so no step appears twice.
+
+    TensorBoard reads a folder's event files in the order of their names, which start with the
+    second they were opened in: a run resumed within the second its killed predecessor started
+    would be read first and have its steps purged by the older file. So a new file is opened
+    in a later second than every file already there (a wait of under a second, only then)."""
+    import time
+
+    folder = run_dir / "tensorboard"
+    opened = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
+              if p.name.split(".")[3].isdigit()]  # fmt: skip
+    if opened and (wait := max(opened) + 1 - time.time()) > 0:
+        time.sleep(wait)
+    return SummaryWriter(log_dir=str(folder), purge_step=purge_step)

@@ -87,9 +87,9 @@ def run_part(name: str, command: list[str], log, timeout: float, cwd: Path = REP
 
 
 def tests_part(args, log) -> dict:
-    done = run_part("tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q",
-                              "-p", "no:cacheprovider", "tests/test_cuda.py"], log,
-                    args.clock.limit(args.timeout))  # fmt: skip
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+               "-p", "no:xdist", "tests/test_cuda.py"]  # fmt: skip
+    done = run_part("tests", command, log, args.clock.limit(args.timeout))
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error")}
     words = r"(\d+) (passed|failed|skipped|errors?|deselected)"
     summary = [line for line in done["output"].splitlines() if re.search(words, line)]

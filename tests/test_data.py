@@ -367,10 +367,11 @@ def test_the_plain_torch_cifar_pipeline_gives_torchvisions_images_bit_for_bit(au
 
 def test_a_cifar_run_starts_without_importing_torchvision(tmp_path):
     code = (
-        "import sys, runpy; sys.argv = ['resnet-train', 'model=resnet20', 'data=synthetic', "
+        "import sys; sys.argv = ['resnet-train', 'model=resnet20', 'data=synthetic', "
         "'data.train_size=64', 'data.test_size=32', 'trainer.epochs=1', 'trainer.device=cpu', "
         "'hydra.run.dir=run']\n"
-        "try:\n    runpy.run_module('resnet_train', run_name='__main__')\n"
+        "from resnet_train.cli import main\n"
+        "try:\n    main()\n"
         "except SystemExit as e:\n    assert not e.code, e.code\n"
         "print('TORCHVISION' if 'torchvision' in sys.modules else 'NO TORCHVISION')"
     )

@@ -86,21 +86,25 @@ def test_console_script_and_progress_bar(tmp_path):
     # The tqdm bar: images/s as its rate, loss and accuracy as its postfix.
     assert "epoch 1/1 train" in result.stderr and "img/s" in result.stderr
     assert "loss=" in result.stderr and "acc=" in result.stderr
+    # The command ends without the interpreter's teardown: everything is written and closed
+    # first (the log's last line, TensorBoard's events, metrics.json, curves.png).
+    run = tmp_path / "run"
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.endswith("(mean per-class recall over 10 classes)")
+    assert (run / "train.log").read_text().strip().splitlines()[-1] == last
+    assert len(scalars(run)["train/loss"]) == 1 and json.loads((run / "metrics.json").read_text())
+    assert (run / "curves.png").read_bytes().startswith(b"\x89PNG")
+    bad = subprocess.run([str(script), "optim.lr=-1"], cwd=tmp_path, capture_output=True,
+                         text=True)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr == (
+        "resnet-train: error: optim.lr=-1.0 is invalid: must be > 0\n"
+    )
 
 
 def test_no_progress_bar_when_not_on_a_terminal(tmp_path):
     result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "it/s" not in result.stderr and "\r" not in result.stderr
-
-
-def test_loss_falls_and_validation_beats_chance(tmp_path):
-    cfg = compose_config(*SMOKE, "trainer.epochs=3")
-    metrics = fit(cfg, tmp_path)
-    losses = [value for _, value in scalars(tmp_path)["train/loss"]]
-    assert len(losses) == 3 and losses[2] < losses[0]
-    assert metrics["valid"]["acc"] > 30  # 10 classes: chance is 10%
-    assert metrics["test"]["acc"] > 30
 
 
 def epoch_lrs(run_dir: Path, epochs: int) -> list[float]:
@@ -312,6 +316,8 @@ def test_the_smoke_recipe_visibly_learns(tmp_path):
     assert metrics["valid"]["acc"] >= 80 and metrics["test"]["acc"] >= 80
     assert metrics["valid"]["loss"] < 0.5 and metrics["test"]["loss"] < 0.5
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"] / 4
+    losses = [value for _, value in scalars(tmp_path)["train/loss"]]  # TensorBoard's, per epoch
+    assert len(losses) == 4 and losses == sorted(losses, reverse=True)
     from PIL import Image
 
     with Image.open(tmp_path / "curves.png") as curves:  # the run's picture, without TensorBoard

@@ -801,6 +801,8 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     """The story of a run: build it (or find it finished), say what it will do, train its
     epochs, test the selected weights, write metrics.json."""
     wall_start = time.perf_counter()
+    # When this process reached each phase (Unix time; scripts/benchmark_process.py reads it).
+    timeline = {"fit": time.time()}
     tc = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_temporaries(run_dir) if d.main else ():
@@ -831,8 +833,11 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     try:
         with StopSignals() as signals:
             run.signals = signals
+            timeline["train"] = time.time()
             epochs = _train_epochs(run)
+            timeline["test"] = time.time()
             tested = _final_test(run, epochs.run)
+            timeline["tested"] = time.time()
     except Preempted as stop:
         log.info("%s", stop)
         if cfg.trainer.requeue and stop.signum != signal.SIGINT:  # Ctrl-C: a person stopped it
@@ -841,7 +846,7 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     finally:
         t.writer.close()
         close_loaders(run.loaders)
-    return _write_metrics(run, epochs, tested, wall_start)
+    return _write_metrics(run, epochs, tested, wall_start, timeline)
 
 
 def _build_run(
@@ -1195,7 +1200,11 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
 
 
 def _write_metrics(
-    run: _Run, done: _Epochs, tested: tuple[str, dict[str, Any], EpochStats], wall_start: float
+    run: _Run,
+    done: _Epochs,
+    tested: tuple[str, dict[str, Any], EpochStats],
+    wall_start: float,
+    timeline: dict[str, float],
 ) -> dict[str, Any]:
     """metrics.json (rank 0 writes it); every process returns it."""
     cfg, t, loaders, run_dir = run.cfg, run.t, run.loaders, run.run_dir
@@ -1221,6 +1230,9 @@ def _write_metrics(
         "teacher": run.teacher.record() if run.teacher is not None else None,
         "images_per_s": float(np.median(throughputs)) if throughputs else None,
         "wall_time_s": time.perf_counter() - wall_start,
+        # This process: fit() called, training started (data read, model built), testing
+        # started, tested (Unix times).
+        "timeline": timeline,
         # Per epoch, this run's and those of the processes it resumed: rate, train figures,
         # training seconds (compilation apart), validation and, if asked, test figures.
         "history": run.history,
