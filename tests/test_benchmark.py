@@ -161,3 +161,30 @@ def test_scripts_refuse_a_missing_cuda_device_in_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith(f"{script}: error: ") and "no CUDA device" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_whole_process_benchmark_times_each_phase_of_both_sides(tmp_path):
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path / "data", "cifar10", per_file=26)  # 130 training images, 26 to test
+    table = tmp_path / "BENCHMARKS.md"
+    table.write_text("# Benchmarks\n\n## Another section\n\ntext\n")
+    result = run_program("scripts/benchmark_process.py", "--data-root", str(tmp_path / "data"),
+                         "--repeats", "1", "--write", "--output", str(table))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    figures = {r[0]: r[1:] for r in rows if r[0] in ("start-up", "total", "test_acc")}
+    assert all(float(v) > 0 for v in figures["start-up"] + figures["total"])
+    ratio = float(result.stdout.strip().splitlines()[-2].rsplit(" ", 1)[1])
+    ours, bare = (float(v) for v in figures["total"])
+    assert ratio == pytest.approx(bare / ours, abs=2e-3)
+    row = table.read_text().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1].startswith("`python scripts/benchmark_process.py --data-root ")
+    phases = [[float(v) for v in cell.split(" / ")] for cell in cells[3:5]]
+    for side in phases:  # five phases and their total
+        assert len(side) == 6 and abs(sum(side[:5]) - side[5]) <= 0.35
+    assert float(cells[5]) == pytest.approx(ratio, abs=2e-3)
+    bad = run_program("scripts/benchmark_process.py", "--data-root", str(tmp_path))
+    assert bad.returncode == 2 and bad.stderr.startswith("benchmark_process.py: error: --data-root")
