@@ -336,6 +336,8 @@ def test_the_knobs_together_train_in_bf16_and_log_gradient_norms(tmp_path):
     cfg = compose_config(
         *SMOKE,
         "data.train_size=128",
+        "data.test_size=32",
+        "data.image_size=16",  # bf16 is emulated on this project's CPU: small images
         "trainer.precision=bf16",
         "trainer.label_smoothing=0.1",
         "trainer.clip_grad_norm=5.0",
@@ -343,7 +345,7 @@ def test_the_knobs_together_train_in_bf16_and_log_gradient_norms(tmp_path):
         "data.augment.mixup_alpha=0.2",
         "data.augment.cutmix_alpha=1.0",
         "data.augment.trivialaugment=true",
-        "data.augment.cutout=8",
+        "data.augment.cutout=4",
         "trainer.log_every_steps=1",
         "trainer.grad_norm_every_steps=1",
     )

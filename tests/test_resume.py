@@ -258,8 +258,9 @@ def test_best_checkpoint_and_early_stopping_state_survive_a_resume(tmp_path):
 
 
 def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path, caplog):
-    # fp16 on the CPU is slow: 64 images in batches of 4 (58 to train on, 15 steps an epoch)
-    small = ["data.train_size=64", "data.test_size=16", "data.batch_size=4"]
+    # fp16 on the CPU is slow: 64 images of 8x8 in batches of 4 (58 to train on, 15 steps an
+    # epoch)
+    small = ["data.train_size=64", "data.test_size=16", "data.batch_size=4", "data.image_size=8"]
     cfg = compose_config(*SMOKE, "trainer.precision=fp16", "optim.lr=1e30", "trainer.epochs=3",
                          *small)  # fmt: skip
     with pytest.raises(NonFiniteLossError) as error, caplog.at_level("WARNING"):
