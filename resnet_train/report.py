@@ -224,7 +224,12 @@ def plot(out: Path, jobs: list[Job], keys: list[str], title: str) -> Path | None
             if width:
                 ax.plot([x - width, x + width], [statistics.fmean(accs)] * 2, color="tab:red")
         if log:
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            # Labels at the powers of ten only: under a decade, the minor ticks' labels
+            # (4x10^-2, 6x10^-2, ...) ran into each other.
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if width:
             labels = [v if len(v) <= 14 else v[:13] + "…" for v in values]
             ax.set_xticks(positions, labels, rotation=30 if len(values) > 4 else 0, ha="right"
