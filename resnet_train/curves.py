@@ -20,7 +20,7 @@ from typing import Any
 WIDTH, HEIGHT = 1500, 420
 SCALE = 2  # drawn at twice the size, then reduced: smooth lines without an anti-aliasing renderer
 BLUE, ORANGE, GREEN, RED = (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)
-GRID, INK, GREY = (225, 225, 225), (0, 0, 0), (90, 90, 90)
+GRID, INK = (225, 225, 225), (0, 0, 0)
 
 
 def write_curves(path: Path, metrics: dict[str, Any]) -> None:
@@ -111,16 +111,15 @@ def _panel(canvas, box, name, epochs, series, log=False, star=None, legend=None)
         )
         return ((x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)) * SCALE, (y1 - fy * (y1 - y0)) * SCALE)
 
-    line = SCALE
     for t in yticks:
         _, py = at(xlo, t)
-        canvas.line([(x0 * SCALE, py), (x1 * SCALE, py)], fill=GRID, width=line)
+        canvas.line([(x0 * SCALE, py), (x1 * SCALE, py)], fill=GRID, width=SCALE)
         _text(canvas, (x0 - 6, py / SCALE), _label(t), 12, anchor="rm")
     for t in xticks:
         px, _ = at(t, ylo)
-        canvas.line([(px, y0 * SCALE), (px, y1 * SCALE)], fill=GRID, width=line)
+        canvas.line([(px, y0 * SCALE), (px, y1 * SCALE)], fill=GRID, width=SCALE)
         _text(canvas, (px / SCALE, y1 + 5), f"{t:g}", 12, anchor="ma")
-    canvas.rectangle([x0 * SCALE, y0 * SCALE, x1 * SCALE, y1 * SCALE], outline=INK, width=line)
+    canvas.rectangle([x0 * SCALE, y0 * SCALE, x1 * SCALE, y1 * SCALE], outline=INK, width=SCALE)
     _text(canvas, ((x0 + x1) / 2, y0 - 8), name, 14, anchor="md")
     _text(canvas, ((x0 + x1) / 2, y1 + 24), "epoch", 12, anchor="ma")
 
@@ -129,7 +128,7 @@ def _panel(canvas, box, name, epochs, series, log=False, star=None, legend=None)
                   for x, v in zip(epochs, vs, strict=True)]  # fmt: skip
         for a, b in zip(points, points[1:], strict=False):
             if a is not None and b is not None:
-                _segment(canvas, a, b, color, 2 * line, dotted)
+                _segment(canvas, a, b, color, 2 * SCALE, dotted)
         for p in points:
             if p is not None:
                 _marker(canvas, p, marker, color, 4.5 * SCALE)
@@ -215,8 +214,5 @@ def _ticks(lo: float, hi: float, log: bool, integer: bool = False):
 
 
 def _label(value: float) -> str:
-    return (
-        f"{value:.3g}"
-        if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)
-        else (f"{value:.6g}")
-    )
+    small_or_large = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)
+    return f"{value:.3g}" if small_or_large else f"{value:.6g}"

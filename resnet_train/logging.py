@@ -42,8 +42,9 @@ def tensorboard_writer(run_dir: Path, purge_step: int | None = None) -> SummaryW
     import time
 
     folder = run_dir / "tensorboard"
-    opened = [int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*")
-              if p.name.split(".")[3].isdigit()]  # fmt: skip
+    # events.out.tfevents.<second>.<host>.<pid>.<n>
+    seconds = [p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")]
+    opened = [int(second) for second in seconds if second.isdigit()]
     if opened and (wait := max(opened) + 1 - time.time()) > 0:
         time.sleep(wait)
     return SummaryWriter(log_dir=str(folder), purge_step=purge_step)

@@ -135,7 +135,7 @@ def run_side(side: str, args, scratch: Path, index: int) -> dict[str, float]:
     return phases
 
 
-def table_row(args, medians: dict[str, dict[str, float]], command: str) -> str:
+def table_row(medians: dict[str, dict[str, float]], command: str) -> str:
     ours, theirs = medians["resnet-train"], medians["bare"]
     cells = " / ".join(f"{ours[p]:.1f}" for p in (*PHASES, "total"))
     bare_cells = " / ".join(f"{theirs[p]:.1f}" for p in (*PHASES, "total"))
@@ -205,7 +205,7 @@ def main() -> None:
     print(f"ratio bare / resnet-train (whole process): {ratio:.3f}")
     if args.write:
         command = "python scripts/benchmark_process.py " + shlex.join(sys.argv[1:])
-        write_row(args.output, table_row(args, medians, command))
+        write_row(args.output, table_row(medians, command))
         print(f"row added to {args.output}")
 
 
