@@ -9,6 +9,8 @@ tensor data path against the DataLoader + PIL path, side by side in one process.
     # ResNet-18 on CIFAR-sized images drawn and augmented by the tensor data path each step:
     python scripts/benchmark.py --model resnet18 --batch 512 --precision bf16 --device cuda \
         --compile --tensor-loader --skip-data
+    # What the trainer does per step besides the model's arithmetic, and its share of a step:
+    python scripts/benchmark.py --bookkeeping [--write]
 
 Prints the figures (medians over the repeats, interleaved so both sides see the same machine
 state) and their ratios; with --write, appends a row to BENCHMARKS.md.
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -154,6 +157,162 @@ def profile_sides(folder: Path, device: torch.device, sides: dict) -> None:
               f"({100 * busy / wall:.0f}%), {len(kernels)} kernels, {ops} aten ops")  # fmt: skip
 
 
+def make_training(model, optimizer, cfg: TrainerConfig, device: torch.device, **extra) -> Training:
+    """The trainer's state for a benchmark: a constant rate, no label smoothing."""
+    return Training(
+        model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+        criterion=build_criterion(0.0), device=device, cfg=cfg, **extra,
+    )  # fmt: skip
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators dispatched that compute (each a kernel on a GPU; views are not
+    counted) and the reads of a value into Python (aten._local_scalar_dense: .item(), bool():
+    where the host waits for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def bookkeeping(args: argparse.Namespace, device: torch.device) -> dict:
+    """The trainer's per-step work besides the model's arithmetic (finite guard, running loss and
+    accuracy, the per-step scalars and TensorBoard, progress), measured where it is visible: on
+    tiny batches (--bookkeeping-batch images of --bookkeeping-size px), whose arithmetic takes
+    little time, the trainer's epoch and the bare loop's are timed in pairs, alternating, and
+    the median of their differences per step is the bookkeeping's time. On the CPU the tiny
+    epochs run on one thread and are timed in process CPU time (the TensorBoard writer's thread
+    included), which this machine's neighbours do not inflate as they do wall time. Its share
+    is that time over the bare step's wall time at the real size (--batch images of
+    --image-size px, all threads). The trainer runs as a run does: a TensorBoard writer, the
+    default log_every_steps, progress lines."""
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    steps = args.bookkeeping_steps
+    g = torch.Generator().manual_seed(0)
+
+    def fixed(batch: int, size: int, n: int) -> Batches:
+        return Batches([
+            (torch.randn(batch, 3, size, size, generator=g).to(device),
+             torch.randint(0, args.classes, (batch,), generator=g).to(device))
+            for _ in range(n)
+        ])  # fmt: skip
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = create_model(args.model, num_classes=args.classes, stem="cifar").to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                              fused=True)  # fmt: skip
+        return model, opt
+
+    tiny = fixed(args.bookkeeping_batch, args.bookkeeping_size, steps)
+    real = fixed(args.batch, args.image_size, args.steps)
+    model, opt = model_and_optimizer()
+    bare_model, bare_opt = model_and_optimizer()
+    criterion = nn.CrossEntropyLoss()
+    with tempfile.TemporaryDirectory() as logs:
+        writer = SummaryWriter(logs)
+        cfg = TrainerConfig(device=args.device, precision=args.precision, progress=False)
+        t = make_training(model, opt, cfg, device, writer=writer)
+
+        def bare(batches: Batches) -> float:
+            return bare_epoch(bare_model, bare_opt, criterion, batches, device, args.precision)
+
+        def timed(epoch) -> float:
+            if device.type == "cuda":
+                return epoch()
+            start = time.process_time()
+            epoch()
+            return time.process_time() - start
+
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        trainer_epoch(t, tiny)  # warm-up
+        bare(tiny)
+        differences = []
+        for _ in range(args.bookkeeping_repeats):
+            trainer_s = timed(lambda: trainer_epoch(t, tiny))
+            differences.append((trainer_s - timed(lambda: bare(tiny))) / steps)
+        torch.set_num_threads(threads)
+        # Operators per step: an epoch of all the steps against one of half of them, so that
+        # what an epoch does once (its sums, its end) is not counted.
+        half = Batches(tiny.batches[: steps // 2])
+        ops = {}
+        for name, epoch in (("trainer", lambda b: trainer_epoch(t, b)), ("bare", bare)):
+            with CountOps() as whole:
+                epoch(tiny)
+            with CountOps() as first_half:
+                epoch(half)
+            ops[name] = (whole.ops - first_half.ops) / (steps - steps // 2)
+            ops[f"{name}_reads"] = whole.reads
+        bare(real)
+        real_step = statistics.median(bare(real) / args.steps for _ in range(args.repeats))
+        writer.close()
+    per_step = statistics.median(differences)
+    quartiles = statistics.quantiles(differences, n=4)
+    return {
+        "bookkeeping_s": per_step,
+        "bookkeeping_quartiles_s": [quartiles[0], quartiles[2]],
+        "real_step_s": real_step,
+        "share": per_step / real_step,
+        "extra_ops": ops["trainer"] - ops["bare"],
+        "bare_ops": ops["bare"],
+        "reads_per_epoch": ops["trainer_reads"],
+        "steps": steps,
+    }
+
+
+def append_row(path: Path, lines: list[str], header: int, row: str) -> None:
+    """Write lines to path with row after the last row of the table whose header is
+    lines[header] (sections may follow the table)."""
+    end = header + 1
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    lines.insert(end + 1, row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_bookkeeping_row(path: Path, machine: str, figures: dict) -> None:
+    """A row of BENCHMARKS.md's per-step bookkeeping table (made if it is not there)."""
+    header = (
+        "| date | command | machine | torch | bookkeeping per step | bare step at the real size "
+        "| share of the step | extra operators per step | device reads per epoch |"
+    )
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.rstrip("\n").splitlines()
+    if header not in lines:
+        lines += [
+            "", "## Per-step bookkeeping", "",
+            "Rows appended by `scripts/benchmark.py --bookkeeping`: the trainer's step minus the "
+            "bare loop's on tiny batches (medians of alternating epochs), over the bare step at "
+            "the real size.", "",
+            header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]  # fmt: skip
+    command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
+    row = (
+        f"| {datetime.date.today()} | `{command.strip()}` | {machine} | {torch.__version__} "
+        f"| {figures['bookkeeping_s'] * 1e6:,.0f} us (quartiles "
+        f"{figures['bookkeeping_quartiles_s'][0] * 1e6:,.0f} to "
+        f"{figures['bookkeeping_quartiles_s'][1] * 1e6:,.0f}) "
+        f"| {figures['real_step_s'] * 1e3:,.1f} ms "
+        f"| {100 * figures['share']:.2f}% | {figures['extra_ops']:.1f} "
+        f"(bare loop: {figures['bare_ops']:.0f}) | {figures['reads_per_epoch']} "
+        f"({figures['steps']} steps) |"
+    )
+    append_row(path, lines, lines.index(header), row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
@@ -178,6 +337,16 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
+        "--bookkeeping",
+        action="store_true",
+        help="measure the trainer's per-step work besides the model's arithmetic and its share of "
+        "a step (see bookkeeping() in this script) instead of the comparisons above",
+    )
+    parser.add_argument("--bookkeeping-steps", type=int, default=100)
+    parser.add_argument("--bookkeeping-repeats", type=int, default=21)
+    parser.add_argument("--bookkeeping-batch", type=int, default=2)
+    parser.add_argument("--bookkeeping-size", type=int, default=8)
+    parser.add_argument(
         "--profile",
         type=Path,
         help="after timing, profile one more epoch of each side: the busiest operators of each "
@@ -196,6 +365,32 @@ def main() -> None:
         fail(f"--compile-mode {args.compile_mode} needs --compile")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
+    if args.bookkeeping:
+        figures = bookkeeping(args, device)
+        print(f"{args.model}, {args.precision}, {device}, {machine}, torch {torch.__version__}")
+        low, high = (q * 1e6 for q in figures["bookkeeping_quartiles_s"])
+        print(
+            f"  bookkeeping per step            {figures['bookkeeping_s'] * 1e6:,.0f} us "
+            f"(quartiles {low:,.0f} to {high:,.0f})"
+        )
+        print(
+            f"  bare step, batch {args.batch}, {args.image_size} px   "
+            f"{figures['real_step_s'] * 1e3:,.1f} ms"
+        )
+        print(f"  share of the step               {100 * figures['share']:.2f}%")
+        print(
+            f"  extra operators per step        {figures['extra_ops']:.1f} "
+            f"(bare loop {figures['bare_ops']:.0f})"
+        )
+        print(f"  device reads in {figures['steps']} steps     {figures['reads_per_epoch']}")
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        if args.write or args.output is not None:
+            write_bookkeeping_row(args.output or REPO / "BENCHMARKS.md", machine, figures)
+        return
     channels_last = device.type == "cuda"
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
@@ -225,12 +420,7 @@ def main() -> None:
                         log_every_steps=10**9)  # fmt: skip
     # Both sides use the optimizer the trainer builds: torch's fused SGD.
     opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-    t = Training(
-        model=base, optimizer=opt,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
-        scaler=torch.amp.GradScaler(device.type, enabled=args.precision == "fp16"),
-        criterion=build_criterion(0.0), device=device, cfg=cfg, memory_format=memory,
-    )  # fmt: skip
+    t = make_training(base, opt, cfg, device, memory_format=memory)
     bare_opt = torch.optim.SGD(
         bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True
     )
@@ -284,9 +474,6 @@ def main() -> None:
         pil_ips = args.data_images / statistics.median(pil_s)
         data_share = (1 / tensor_ips) / (1 / trainer_ips)  # data time per image / step time
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    if device.type == "cuda":
-        machine = torch.cuda.get_device_name(device)
     rows = [
         ("trainer step", f"{trainer_ips:,.0f} img/s"),
         ("bare loop", f"{bare_ips:,.0f} img/s"),
@@ -344,11 +531,7 @@ def main() -> None:
         # After the last row of the first table (sections may follow it).
         lines = path.read_text().splitlines()
         first = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
-        end = first
-        while end + 1 < len(lines) and lines[end + 1].startswith("|"):
-            end += 1
-        lines.insert(end + 1, row)
-        path.write_text("\n".join(lines) + "\n")
+        append_row(path, lines, first, row)
 
 
 if __name__ == "__main__":

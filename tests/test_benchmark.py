@@ -40,6 +40,36 @@ def test_benchmark_prints_the_figures_and_adds_a_consistent_row_to_the_table(tmp
     assert 0 < float(cells[10].rstrip("%")) < 100
 
 
+def test_bookkeeping_mode_measures_the_per_step_work_and_adds_a_row_to_its_table(tmp_path):
+    table = tmp_path / "BENCHMARKS.md"
+    table.write_text("# Benchmarks\n\n| date | command |\n| --- | --- |\n| x | y |\n")
+    args = ["--bookkeeping", "--bookkeeping-steps", "6", "--bookkeeping-repeats", "3",
+            "--steps", "2", "--repeats", "1", "--batch", "8", "--image-size", "16",
+            "--json", str(tmp_path / "figures.json"), "--output", str(table)]  # fmt: skip
+    for _ in range(2):  # the second run adds its row to the table the first one made
+        result = run_program("scripts/benchmark.py", *args)
+        assert result.returncode == 0, result.stderr
+    assert "bookkeeping per step" in result.stdout and "share of the step" in result.stdout
+    figures = json.loads((tmp_path / "figures.json").read_text())
+    low, high = figures["bookkeeping_quartiles_s"]
+    assert low <= figures["bookkeeping_s"] <= high
+    assert figures["real_step_s"] > 0
+    assert figures["share"] == pytest.approx(figures["bookkeeping_s"] / figures["real_step_s"])
+    # Seven kernels a step on top of the bare loop's (the guard 2, the loss 1, the accuracy 4),
+    # and the device is read only at log steps and the epoch's end (6 steps: the end only).
+    assert figures["extra_ops"] == 7 and figures["bare_ops"] > 100
+    assert figures["reads_per_epoch"] <= 4
+    lines = table.read_text().splitlines()
+    assert lines[:5] == ["# Benchmarks", "", "| date | command |", "| --- | --- |", "| x | y |"]
+    assert lines.count("## Per-step bookkeeping") == 1
+    rows = [line for line in lines[5:] if line.startswith("| 20")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert len(cells) == 9 and "--bookkeeping" in cells[1]
+    assert cells[6].startswith(f"{100 * figures['share']:.2f}%"[:3])
+    assert cells[7].startswith("7.0 (bare loop:")
+
+
 @pytest.mark.slow
 def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_path):
     from tests.conftest import make_cifar

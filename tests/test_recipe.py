@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
@@ -59,7 +60,7 @@ class Writer:
     def __init__(self) -> None:
         self.scalars: dict[str, list[tuple[int, float]]] = {}
 
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
+    def add_scalar(self, tag: str, value: float, step: int, walltime: float | None = None) -> None:
         self.scalars.setdefault(tag, []).append((step, float(value)))
 
 
@@ -455,7 +456,9 @@ def test_a_non_finite_gradient_stops_before_the_step_is_applied():
     assert t.global_step == 0
 
 
-def test_fused_steps_with_a_non_finite_gradient_are_cancelled_on_the_device():
+def test_fused_steps_from_a_non_finite_gradient_on_are_cancelled_on_the_device():
+    """Step 3's gradient is nan: steps 3 and 4 (finite, but after it) are not applied; the log
+    step 4 reads the guard and names step 3. The weights are those before the bad step."""
     model = tiny_net()
     calls = []
 
@@ -473,8 +476,34 @@ def test_fused_steps_with_a_non_finite_gradient_are_cancelled_on_the_device():
                r"the step was not applied")  # fmt: skip
     with pytest.raises(NonFiniteLossError, match=message):
         train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "nan")
-    assert all(torch.equal(a, b) for a, b in zip(after[1], after[2], strict=True))  # skipped
-    assert not torch.equal(after[2][0], after[3][0])  # step 4 was finite and applied
+    assert not torch.equal(after[0][0], after[1][0])  # step 2 was applied
+    for skipped in (after[2], after[3]):
+        assert all(torch.equal(a, b) for a, b in zip(after[1], skipped, strict=True))
+
+
+def test_per_step_learning_rates_are_all_written_at_log_steps_epoch_ends_and_errors():
+    writer = Writer()
+    t = make_training(tiny_net(), fused=True, writer=writer, log_every_steps=3)
+    flushed = []
+    t.writer.add_scalar = lambda tag, value, step, walltime=None: flushed.append((tag, step))
+    t.on_step = lambda: flushed.append(("step", t.global_step))
+    train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "lr")
+    # Kept per step, written at the log step 3 (after its gradient norm, before its loss) and at
+    # the epoch's end.
+    assert flushed == [
+        ("step", 1), ("step", 2), ("train/grad_norm", 3), ("lr", 1), ("lr", 2), ("lr", 3),
+        ("train/loss_step", 3), ("step", 3), ("step", 4), ("lr", 4),
+    ]  # fmt: skip
+
+    model = tiny_net()
+    calls = []
+    model[0].weight.register_hook(
+        lambda g: calls.append(1) or (g * math.nan if len(calls) == 3 else g)
+    )
+    t = make_training(model, writer=Writer(), log_every_steps=1000)  # not fused: checked at once
+    with pytest.raises(NonFiniteLossError, match="at step 3;"):
+        train_one_epoch(t, DataLoader(toy_data(64), batch_size=16), "nan")
+    assert [step for step, _ in t.writer.scalars["lr"]] == [1, 2]
 
 
 def count_device_reads(monkeypatch) -> list[str]:
@@ -504,6 +533,50 @@ def test_training_steps_do_not_wait_for_the_device_between_log_steps(monkeypatch
     assert reads_for(4, 1000) == reads_for(12, 1000) <= 4
     # ...and at each log step, when asked for.
     assert reads_for(12, 2) > reads_for(12, 1000)
+
+
+class CountOperators(TorchDispatchMode):
+    """The operators dispatched that compute (on a GPU, each one a kernel); views are not
+    counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def operators_per_step(epoch) -> float:
+    """The operators one more step of epoch(n_batches) dispatches (epoch ends left out)."""
+    counts = []
+    for n_batches in (4, 12):
+        with CountOperators() as ops:
+            epoch(n_batches)
+        counts.append(ops.count)
+    return (counts[1] - counts[0]) / 8
+
+
+def test_a_training_step_adds_a_few_operators_to_the_bare_step():
+    """The guard, the running loss and accuracy, and the scalars cost 7 operators a step on top
+    of what a bare loop does (forward, loss, backward, fused SGD step, zero_grad): two for the
+    finite guard, one for the loss sum, four for the accuracy."""
+
+    def trainer(n_batches: int) -> None:
+        t = make_training(tiny_net(), fused=True, writer=Writer(), log_every_steps=1000)
+        train_one_epoch(t, DataLoader(toy_data(16 * n_batches), batch_size=16), "ops")
+
+    def bare(n_batches: int) -> None:
+        model = tiny_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
+        criterion = build_criterion(0.0)
+        for images, labels in DataLoader(toy_data(16 * n_batches), batch_size=16):
+            criterion(model(images), labels).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    assert operators_per_step(trainer) - operators_per_step(bare) == 7
 
 
 def test_compiled_forward_keeps_compilation_out_of_the_epoch_time():
