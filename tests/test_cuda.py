@@ -182,3 +182,42 @@ def test_torchrun_with_one_process_trains_over_nccl(tmp_path):
     assert "DDP: 1 process(es), nccl backend" in out
     assert "DDP: weights identical on all 1 processes" in out
     assert (tmp_path / "outputs" / "ddp" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_training_steps_on_cuda_never_wait_for_the_device_between_log_steps(precision):
+    """Steps 2 to 7 of 8 run under CUDA's sync debug mode "error": any wait for the device (a
+    value read into Python, a blocking copy) in the step or the trainer's bookkeeping raises."""
+    from resnet_train.config import TrainerConfig
+    from resnet_train.engine.trainer import Training, build_criterion, train_one_epoch
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, stem="cifar").to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    cfg = TrainerConfig(device="cuda", precision=precision, progress=False, log_every_steps=1000)
+    t = Training(
+        model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
+        criterion=build_criterion(0.0), device=device, cfg=cfg,
+    )  # fmt: skip
+    batches = [(torch.randn(32, 3, 32, 32, device=device),
+                torch.randint(0, 10, (32,), device=device)) for _ in range(8)]  # fmt: skip
+
+    class Loader(list):
+        dataset = range(32 * 8)
+
+    modes = []
+
+    def on_step() -> None:
+        mode = "error" if t.global_step < 7 else "default"
+        torch.cuda.set_sync_debug_mode(mode)
+        modes.append(mode)
+
+    t.on_step = on_step
+    try:
+        stats = train_one_epoch(t, Loader(batches), "sync")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert modes.count("error") == 6 and math.isfinite(stats.loss)
