@@ -244,7 +244,7 @@ class TrainerConfig:
     # torch.compile's mode (with compile=true): default, reduce-overhead (CUDA graphs: one
     # launch per pass instead of one per kernel), max-autotune, max-autotune-no-cudagraphs.
     compile_mode: str = "default"
-    # Channels-last memory format for the model and the images; null = on for CUDA only.
+    # Channels-last memory format for the model and the images; null = on for the CPU and CUDA.
     channels_last: bool | None = None
     # Under torchrun: batch-norm statistics over the global batch (SyncBatchNorm; CUDA only).
     sync_batchnorm: bool = False

@@ -38,13 +38,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from resnet_train import create_model
+from resnet_train.benchmarks import Batches, append_rows, trainer_epoch
 from resnet_train.config import COMPILE_MODES, CUDA_GRAPH_MODES, AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine.trainer import (
     Training,
     build_criterion,
     sync_device,
-    train_one_epoch,
 )
 from resnet_train.precision import autocast
 
@@ -52,33 +52,10 @@ MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Batches:
-    """A fixed list of device batches, iterated like a loader."""
-
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.batches = batches
-        self.dataset = range(sum(len(y) for _, y in batches))
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def fail(message: str) -> None:
     """A bad option: one line (no usage text) and status 2."""
     print(f"benchmark.py: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def trainer_epoch(t: Training, batches: Batches) -> float:
-    sync_device(t.device)
-    start = time.perf_counter()
-    t.sums = None
-    train_one_epoch(t, batches, "benchmark")
-    sync_device(t.device)
-    return time.perf_counter() - start
 
 
 def bare_epoch(
@@ -289,28 +266,22 @@ def write_bookkeeping_row(path: Path, machine: str, figures: dict) -> None:
         "| date | command | machine | torch | bookkeeping per step | bare step at the real size "
         "| share of the step | extra operators per step | device reads per epoch |"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.rstrip("\n").splitlines()
-    if header not in lines:
-        lines += [
-            "", "## Per-step bookkeeping", "",
-            "Rows appended by `scripts/benchmark.py --bookkeeping`: the trainer's step minus the "
-            "bare loop's on tiny batches (medians of alternating epochs), over the bare step at "
-            "the real size.", "",
-            header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]  # fmt: skip
+    intro = (
+        "Rows appended by `scripts/benchmark.py --bookkeeping`: the trainer's step minus the "
+        "bare loop's on tiny batches (medians of alternating epochs), over the bare step at the "
+        "real size."
+    )
     command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
+    low, high = (q * 1e6 for q in figures["bookkeeping_quartiles_s"])
     row = (
         f"| {datetime.date.today()} | `{command.strip()}` | {machine} | {torch.__version__} "
-        f"| {figures['bookkeeping_s'] * 1e6:,.0f} us (quartiles "
-        f"{figures['bookkeeping_quartiles_s'][0] * 1e6:,.0f} to "
-        f"{figures['bookkeeping_quartiles_s'][1] * 1e6:,.0f}) "
+        f"| {figures['bookkeeping_s'] * 1e6:,.0f} us (quartiles {low:,.0f} to {high:,.0f}) "
         f"| {figures['real_step_s'] * 1e3:,.1f} ms "
         f"| {100 * figures['share']:.2f}% | {figures['extra_ops']:.1f} "
         f"(bare loop: {figures['bare_ops']:.0f}) | {figures['reads_per_epoch']} "
         f"({figures['steps']} steps) |"
     )
-    append_row(path, lines, lines.index(header), row)
+    append_rows(path, "## Per-step bookkeeping", intro, header, [row])
 
 
 def main() -> None:

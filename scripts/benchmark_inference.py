@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from resnet_train.benchmarks import append_rows  # noqa: E402
 from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa: E402
 from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
 from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
@@ -216,23 +217,13 @@ def main() -> None:
     print(HEADER)
     print("\n".join(rows))
     if not args.no_write:
-        append_rows(args.output, rows)
-
-
-def append_rows(path: Path, rows: list[str]) -> None:
-    """Below the last row of the section's table, the section made when missing."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.rstrip("\n").splitlines()
-    if SECTION not in lines:
-        lines += ["", SECTION, "", "Rows appended by `scripts/benchmark_inference.py`.", "",
-                  *HEADER.splitlines()]  # fmt: skip
-    start = lines.index(SECTION)
-    head = next(i for i in range(start, len(lines)) if lines[i].startswith("| date |"))
-    end = head + 1
-    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
-        end += 1
-    lines[end + 1 : end + 1] = rows
-    path.write_text("\n".join(lines) + "\n")
+        append_rows(
+            args.output,
+            SECTION,
+            "Rows appended by `scripts/benchmark_inference.py`.",
+            HEADER.splitlines()[0],
+            rows,
+        )
 
 
 if __name__ == "__main__":

@@ -70,6 +70,41 @@ def test_bookkeeping_mode_measures_the_per_step_work_and_adds_a_row_to_its_table
     assert cells[7].startswith("7.0 (bare loop:")
 
 
+def test_variants_benchmark_times_each_variant_and_adds_its_rows(tmp_path):
+    table = tmp_path / "BENCHMARKS.md"
+    args = ["--batch", "4", "--steps", "1", "--repeats", "2", "--image-size", "8",
+            "--variants", "fp32", "fp32-cl", "bf16-cl", "--output", str(table)]  # fmt: skip
+    result = run_program("scripts/benchmark_variants.py", *args)
+    assert result.returncode == 0, result.stderr
+    printed = re.findall(r"^  (\S+) +([\d,]+) img/s +([\d.]+)x", result.stdout, re.MULTILINE)
+    assert [name for name, _, _ in printed] == ["fp32", "fp32-cl", "bf16-cl"]
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| 20")]
+    assert len(rows) == 3
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[5] for c in cells] == ["fp32", "fp32-cl", "bf16-cl"]
+    assert cells[0][7] == "1.00x"  # the first variant is the reference
+    ips = [float(c[6].replace(",", "")) for c in cells]
+    for c, value in zip(cells, ips, strict=True):
+        assert value > 0 and float(c[8]) >= 0
+        assert float(c[7].rstrip("x")) == pytest.approx(value / ips[0], abs=0.01 + 1 / ips[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--variants", "fp64"], "--variants 'fp64': a precision (fp32, fp16, bf16)"),
+        (["--variants", "fp32-cl-cl"], "--variants 'fp32-cl-cl': a precision"),
+        (["--steps", "0"], "--steps 0: must be at least 1"),
+    ],
+)
+def test_variants_benchmark_rejects_a_bad_option_in_one_line(args, message):
+    result = run_program("scripts/benchmark_variants.py", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        next(line for line in result.stderr.splitlines() if message in line)
+    ]
+
+
 @pytest.mark.slow
 def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_path):
     from tests.conftest import make_cifar

@@ -27,6 +27,7 @@ from resnet_train.errors import MissingDependencyError
 from resnet_train.models.build import apply_pruned_widths, build_model
 from resnet_train.models.qat import prepare_qat
 from resnet_train.models.weights import WeightsFile, file_sha256, load_state, read_weights
+from resnet_train.precision import channels_last_for
 
 log = logging.getLogger("resnet_train")
 
@@ -165,11 +166,7 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
         log.info("trainer.qat=true: evaluated with fake int8 quantization, as trained "
                  "(trainer.qat=false for the float model)")  # fmt: skip
     device = resolve_device(cfg.trainer.device)
-    channels_last = (
-        cfg.trainer.channels_last
-        if cfg.trainer.channels_last is not None
-        else device.type == "cuda"
-    )
+    channels_last = channels_last_for(cfg.trainer.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format).eval()
     if adopted:

@@ -65,7 +65,7 @@ from resnet_train.optim import (
     main_lr,
     rebuild_scheduler,
 )
-from resnet_train.precision import autocast
+from resnet_train.precision import autocast, channels_last_for
 
 # Per-class recall goes to TensorBoard (valid_recall/<class>) for data sets of up to this many
 # classes.
@@ -881,7 +881,7 @@ def _build_run(
     wrapped for DDP and torch.compile as asked."""
     tc = cfg.trainer
     seed_everything(cfg.seed, tc.deterministic)
-    channels_last = tc.channels_last if tc.channels_last is not None else device.type == "cuda"
+    channels_last = channels_last_for(tc.channels_last, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loaders = build_loaders(cfg.data, cfg.seed, device, channels_last, d.rank, d.world)
     classes = class_names(cfg.data, cfg.seed)
@@ -992,10 +992,11 @@ def _describe(run: _Run) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s (%.2fM parameters) on %s, %d training / %d validation / %d test images, device %s, "
-        "%s",
+        "%s, %s",
         cfg.model.name, n_params / 1e6, cfg.data.name, len(loaders.train.dataset),
         len(loaders.valid.dataset) if loaders.valid else 0, len(loaders.test.dataset), device,
         tc.precision,
+        "channels_last" if t.memory_format == torch.channels_last else "contiguous",
     )  # fmt: skip
     for note in plan.notes:
         log.warning("%s", note)
