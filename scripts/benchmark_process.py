@@ -145,24 +145,16 @@ def table_row(medians: dict[str, dict[str, float]], command: str) -> str:
 
 
 def write_row(path: Path, row: str) -> None:
-    header = (
-        f"{SECTION}\n\n"
+    """The row at the end of the section's table (not of a later section's)."""
+    from resnet_train.benchmarks import append_rows  # not at start-up: the bare side's is timed
+
+    intro = (
         "One CIFAR-10 epoch of ResNet-20 (50,000 images, batch 128, crop and flip, one test pass) "
         "as a whole process, medians of alternating runs. Phases in seconds: start-up / data / "
-        "training / test / shut-down / total. Ratio: bare total / resnet-train total.\n\n"
-        "| date | command | machine | resnet-train (s) | bare script (s) | ratio |\n"
-        "| --- | --- | --- | --- | --- | --- |\n"
+        "training / test / shut-down / total. Ratio: bare total / resnet-train total."
     )
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + "\n\n" + header + row + "\n"
-    else:
-        head, tail = text.split(SECTION, 1)
-        lines = tail.split("\n")
-        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
-        lines.insert(last + 1, row)
-        text = head + SECTION + "\n".join(lines)
-    path.write_text(text)
+    header = "| date | command | machine | resnet-train (s) | bare script (s) | ratio |"
+    append_rows(path, SECTION, intro, header, [row])
 
 
 def main() -> None:

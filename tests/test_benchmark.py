@@ -234,7 +234,11 @@ def test_whole_process_benchmark_times_each_phase_of_both_sides(tmp_path):
 
     make_cifar(tmp_path / "data", "cifar10", per_file=26)  # 130 training images, 26 to test
     table = tmp_path / "BENCHMARKS.md"
-    table.write_text("# Benchmarks\n\n## Another section\n\ntext\n")
+    old_row = "| old | row | x | 1 / 1 / 1 / 1 / 1 / 5 | 1 / 1 / 1 / 1 / 1 / 5 | 1.000 |"
+    later = "## A later section\n\n| date | other |\n| --- | --- |\n| a | b |\n"
+    table.write_text("# Benchmarks\n\n## Whole process: resnet-train against a bare script\n\n"
+                     "| date | command | machine | resnet-train (s) | bare script (s) | ratio |\n"
+                     f"| --- | --- | --- | --- | --- | --- |\n{old_row}\n\n{later}")  # fmt: skip
     result = run_program("scripts/benchmark_process.py", "--data-root", str(tmp_path / "data"),
                          "--repeats", "1", "--write", "--output", str(table))  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -244,7 +248,9 @@ def test_whole_process_benchmark_times_each_phase_of_both_sides(tmp_path):
     ratio = float(result.stdout.strip().splitlines()[-2].rsplit(" ", 1)[1])
     ours, bare = (float(v) for v in figures["total"])
     assert ratio == pytest.approx(bare / ours, abs=2e-3)
-    row = table.read_text().splitlines()[-1]
+    lines = table.read_text().splitlines()
+    row = lines[lines.index(old_row) + 1]  # in its own section's table, not the later one
+    assert table.read_text().endswith("\n\n" + later)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1].startswith("`python scripts/benchmark_process.py --data-root ")
     phases = [[float(v) for v in cell.split(" / ")] for cell in cells[3:5]]

@@ -269,7 +269,7 @@ def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path, capl
     if not cpu_half_is_fast("fp16"):  # a CPU without AVX-512 FP16 or AMX, as this project's
         assert warned == [
             "trainer.precision=fp16 on this CPU is emulated and slow (ResNet-20: 19 img/s in "
-            "fp16, 21 in bf16, 218 in fp32 on an AVX2 CPU): use trainer.precision=fp32 on a CPU "
+            "fp16, 31 in bf16, 431 in fp32 on an AVX2 CPU): use trainer.precision=fp32 on a CPU "
             "without AVX-512 FP16 or AMX"
         ]
     # Skips are counted on the device and read at the next sync point (here the epoch's end).

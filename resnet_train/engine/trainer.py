@@ -1007,7 +1007,7 @@ def _describe(run: _Run) -> None:
     ):
         log.warning(
             "trainer.precision=%s on this CPU is emulated and slow (ResNet-20: 19 img/s in fp16, "
-            "21 in bf16, 218 in fp32 on an AVX2 CPU): use trainer.precision=fp32 on a CPU without "
+            "31 in bf16, 431 in fp32 on an AVX2 CPU): use trainer.precision=fp32 on a CPU without "
             "%s", tc.precision, "AVX-512 FP16 or AMX" if tc.precision == "fp16" else
             "AVX-512 BF16 or AMX",
         )  # fmt: skip
