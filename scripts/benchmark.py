@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from resnet_train import create_model
-from resnet_train.benchmarks import Batches, append_rows, trainer_epoch
+from resnet_train.benchmarks import Batches, append_rows, check_options, trainer_epoch
 from resnet_train.config import COMPILE_MODES, CUDA_GRAPH_MODES, AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine.trainer import (
@@ -46,7 +46,7 @@ from resnet_train.engine.trainer import (
     build_criterion,
     sync_device,
 )
-from resnet_train.precision import autocast
+from resnet_train.precision import autocast, channels_last_for
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 REPO = Path(__file__).resolve().parents[1]
@@ -328,14 +328,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None,
                         help="append the row to this file instead (implies --write)")  # fmt: skip
     args = parser.parse_args()
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a torch device")
+    counts = [("--batch", args.batch, 1), ("--steps", args.steps, 1),
+              ("--repeats", args.repeats, 1), ("--image-size", args.image_size, 8),
+              ("--classes", args.classes, 2), ("--data-images", args.data_images, 1),
+              ("--workers", args.workers, 0)]  # fmt: skip
+    if args.bookkeeping:  # pairs for quartiles; an epoch and its half for operators per step
+        counts += [("--bookkeeping-steps", args.bookkeeping_steps, 2),
+                   ("--bookkeeping-repeats", args.bookkeeping_repeats, 2),
+                   ("--bookkeeping-batch", args.bookkeeping_batch, 1),
+                   ("--bookkeeping-size", args.bookkeeping_size, 8)]  # fmt: skip
+    device = check_options(fail, counts, args.output, args.model, args.device)
     if args.compile_mode != "default" and not args.compile:
         fail(f"--compile-mode {args.compile_mode} needs --compile")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
@@ -362,7 +366,7 @@ def main() -> None:
         if args.write or args.output is not None:
             write_bookkeeping_row(args.output or REPO / "BENCHMARKS.md", machine, figures)
         return
-    channels_last = device.type == "cuda"
+    channels_last = channels_last_for(None, device)  # the trainer's default layout
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

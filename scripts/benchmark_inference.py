@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from resnet_train.benchmarks import append_rows  # noqa: E402
+from resnet_train.benchmarks import append_rows, check_options  # noqa: E402
 from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa: E402
 from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
 from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
@@ -174,6 +174,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.weights and len(args.weights) != len(args.models):
         fail("--weights takes one checkpoint per model in --models")
+    if not args.no_write:
+        check_options(fail, output=args.output)
     import onnxruntime
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs"

@@ -174,6 +174,8 @@ def main() -> None:
     if args.bare:
         bare(args.data_root, args.bare_out, args.epochs, args.seed)
         return
+    if not args.output.expanduser().resolve().parent.is_dir():
+        fail(f"--output {args.output}: the folder {args.output.parent} does not exist")
     if not (args.data_root / "cifar-10-batches-py" / "data_batch_1").is_file():
         fail(f"--data-root {args.data_root} holds no cifar-10-batches-py/ (the python version)")
     if args.repeats < 1 or args.epochs < 1:

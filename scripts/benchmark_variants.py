@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from resnet_train import create_model
-from resnet_train.benchmarks import Batches, append_rows, trainer_epoch
+from resnet_train.benchmarks import Batches, append_rows, check_options, trainer_epoch
 from resnet_train.config import PRECISIONS, TrainerConfig
 from resnet_train.engine.trainer import Training, build_criterion
 
@@ -97,16 +97,10 @@ def main() -> None:
         "--output", type=Path, help="append the rows to this file (implies --write)"
     )
     args = parser.parse_args()
-    for name, value in (("--steps", args.steps), ("--repeats", args.repeats),
-                        ("--batch", args.batch)):  # fmt: skip
-        if value < 1:
-            fail(f"{name} {value}: must be at least 1")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        fail(f"--device {args.device!r} is not a torch device")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    counts = [("--steps", args.steps, 1), ("--repeats", args.repeats, 1),
+              ("--batch", args.batch, 1), ("--image-size", args.image_size, 8),
+              ("--classes", args.classes, 2)]  # fmt: skip
+    device = check_options(fail, counts, args.output, args.model, args.device)
     for name in args.variants:
         parse_variant(name)
 

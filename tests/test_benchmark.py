@@ -90,19 +90,56 @@ def test_variants_benchmark_times_each_variant_and_adds_its_rows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("script", "args", "message"),
     [
-        (["--variants", "fp64"], "--variants 'fp64': a precision (fp32, fp16, bf16)"),
-        (["--variants", "fp32-cl-cl"], "--variants 'fp32-cl-cl': a precision"),
-        (["--steps", "0"], "--steps 0: must be at least 1"),
+        ("variants", ["--variants", "fp64"], "--variants 'fp64': a precision (fp32, fp16, bf16)"),
+        ("variants", ["--variants", "fp32-cl-cl"], "--variants 'fp32-cl-cl': a precision"),
+        ("variants", ["--steps", "0"], "--steps 0: must be at least 1"),
+        ("variants", ["--model", "nosuch"], "--model 'nosuch' is unknown: one of "),
+        ("variants", ["--classes", "0"], "--classes 0: must be at least 2"),
+        ("variants", ["--image-size", "0"], "--image-size 0: must be at least 8"),
+        ("variants", ["--device", "mps"], "--device 'mps': use cpu or cuda"),
+        ("variants", ["--output", "no/such/x.md"], "--output no/such/x.md: the folder no/such "),
+        ("", ["--bookkeeping", "--bookkeeping-repeats", "1"],
+         "--bookkeeping-repeats 1: must be at least 2"),
+        ("", ["--bookkeeping", "--bookkeeping-steps", "0"],
+         "--bookkeeping-steps 0: must be at least 2"),
+        ("", ["--bookkeeping", "--bookkeeping-batch", "0"],
+         "--bookkeeping-batch 0: must be at least 1"),
+        ("", ["--steps", "0"], "--steps 0: must be at least 1"),
+        ("", ["--output", "no/such/x.md"], "--output no/such/x.md: the folder no/such "),
+        ("", ["--device", "meta"], "--device 'meta': use cpu or cuda"),
+        ("inference", ["--output", "no/such/x.md"], "--output no/such/x.md: the folder "),
     ],
-)
-def test_variants_benchmark_rejects_a_bad_option_in_one_line(args, message):
-    result = run_program("scripts/benchmark_variants.py", *args)
+)  # fmt: skip
+def test_benchmarks_reject_a_bad_option_in_one_line_before_any_work(script, args, message):
+    name = f"benchmark_{script}.py" if script else "benchmark.py"
+    result = run_program(f"scripts/{name}", *args)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        next(line for line in result.stderr.splitlines() if message in line)
-    ]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].startswith(f"{name}: error: ")
+
+
+def test_rows_go_to_their_own_section_s_table_made_where_missing(tmp_path):
+    from resnet_train.benchmarks import append_rows
+
+    path = tmp_path / "t.md"
+    later = ["## C", "", "| date | x |", "| --- | --- |", "| d | 1 |"]
+    path.write_text("\n".join(["# B", "", "## A", "", "notes only", "", *later]) + "\n")
+    append_rows(path, "## A", "intro", "| date | y | z |", ["| new | 1 | 2 |"])
+    append_rows(path, "## A", "intro", "| date | y | z |", ["| newer | 3 | 4 |"])
+    assert path.read_text().splitlines() == [
+        "# B", "", "## A", "", "notes only", "", "| date | y | z |", "| --- | --- | --- |",
+        "| new | 1 | 2 |", "| newer | 3 | 4 |", "", *later,
+    ]  # fmt: skip
+    append_rows(path, "## D", "Rows of D.", "| date | w |", ["| e | 5 |"])  # a new section
+    assert path.read_text().endswith("| d | 1 |\n\n## D\n\nRows of D.\n\n| date | w |\n"
+                                     "| --- | --- |\n| e | 5 |\n")  # fmt: skip
+    path.write_text("# B\n\n## A\n\nnotes only\n")  # the section last, without a table
+    append_rows(path, "## A", "intro", "| date | y |", ["| f | 6 |"])
+    table = "| date | y |\n| --- | --- |\n| f | 6 |\n"
+    assert path.read_text() == "# B\n\n## A\n\nnotes only\n\n" + table
 
 
 @pytest.mark.slow
