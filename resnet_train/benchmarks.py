@@ -1,5 +1,6 @@
-"""What the benchmark scripts under scripts/ share: fixed batches, a timed trainer epoch, and
-BENCHMARKS.md's tables, where they add their rows."""
+"""What the benchmark scripts under scripts/ share: fixed random batches, the optimizer and the
+trainer's state they time, a timed trainer epoch, their option checks, and BENCHMARKS.md's
+tables, where they add their rows."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from resnet_train.engine.trainer import Training, sync_device, train_one_epoch
+from resnet_train.config import TrainerConfig
+from resnet_train.engine.trainer import Training, build_criterion, sync_device, train_one_epoch
 from resnet_train.models.registry import list_models
 
 
@@ -25,6 +28,56 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the operators dispatched that compute (each a kernel on a GPU; views are not
+    counted) and the reads of a value into Python (aten._local_scalar_dense: .item(), bool():
+    where the host waits for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not func.is_view
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def random_batches(
+    n: int,
+    batch: int,
+    size: int,
+    classes: int,
+    device: torch.device,
+    generator: torch.Generator,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Batches:
+    """n batches of normal noise images (batch x 3 x size x size) and labels below classes."""
+    return Batches([
+        (torch.randn(batch, 3, size, size, generator=generator).to(
+            device, memory_format=memory_format),
+         torch.randint(0, classes, (batch,), generator=generator).to(device))
+        for _ in range(n)
+    ])  # fmt: skip
+
+
+def fused_sgd(model: torch.nn.Module) -> torch.optim.SGD:
+    """The optimizer the trainer builds on the CPU and CUDA: torch's fused SGD."""
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
+                           fused=True)  # fmt: skip
+
+
+def make_training(model, optimizer, cfg: TrainerConfig, device: torch.device, **extra) -> Training:
+    """The trainer's state for a benchmark: a constant rate, no label smoothing."""
+    return Training(
+        model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+        criterion=build_criterion(0.0), device=device, cfg=cfg, **extra,
+    )  # fmt: skip
 
 
 def trainer_epoch(t: Training, batches: Batches) -> float:

@@ -33,17 +33,23 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from resnet_train import create_model
-from resnet_train.benchmarks import Batches, append_rows, check_options, trainer_epoch
+from resnet_train.benchmarks import (
+    Batches,
+    CountOps,
+    append_rows,
+    check_options,
+    fused_sgd,
+    make_training,
+    random_batches,
+    trainer_epoch,
+)
 from resnet_train.config import COMPILE_MODES, CUDA_GRAPH_MODES, AugmentConfig, TrainerConfig
 from resnet_train.data.tensor_loader import TensorLoader
 from resnet_train.engine.trainer import (
-    Training,
-    build_criterion,
     sync_device,
 )
 from resnet_train.precision import autocast, channels_last_for
@@ -134,32 +140,6 @@ def profile_sides(folder: Path, device: torch.device, sides: dict) -> None:
               f"({100 * busy / wall:.0f}%), {len(kernels)} kernels, {ops} aten ops")  # fmt: skip
 
 
-def make_training(model, optimizer, cfg: TrainerConfig, device: torch.device, **extra) -> Training:
-    """The trainer's state for a benchmark: a constant rate, no label smoothing."""
-    return Training(
-        model=model, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
-        criterion=build_criterion(0.0), device=device, cfg=cfg, **extra,
-    )  # fmt: skip
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the operators dispatched that compute (each a kernel on a GPU; views are not
-    counted) and the reads of a value into Python (aten._local_scalar_dense: .item(), bool():
-    where the host waits for the device)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += not func.is_view
-        self.reads += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 def bookkeeping(args: argparse.Namespace, device: torch.device) -> dict:
     """The trainer's per-step work besides the model's arithmetic (finite guard, running loss and
     accuracy, the per-step scalars and TensorBoard, progress), measured where it is visible: on
@@ -178,22 +158,14 @@ def bookkeeping(args: argparse.Namespace, device: torch.device) -> dict:
     steps = args.bookkeeping_steps
     g = torch.Generator().manual_seed(0)
 
-    def fixed(batch: int, size: int, n: int) -> Batches:
-        return Batches([
-            (torch.randn(batch, 3, size, size, generator=g).to(device),
-             torch.randint(0, args.classes, (batch,), generator=g).to(device))
-            for _ in range(n)
-        ])  # fmt: skip
-
     def model_and_optimizer():
         torch.manual_seed(0)
         model = create_model(args.model, num_classes=args.classes, stem="cifar").to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                              fused=True)  # fmt: skip
-        return model, opt
+        return model, fused_sgd(model)
 
-    tiny = fixed(args.bookkeeping_batch, args.bookkeeping_size, steps)
-    real = fixed(args.batch, args.image_size, args.steps)
+    tiny = random_batches(steps, args.bookkeeping_batch, args.bookkeeping_size, args.classes,
+                          device, g)  # fmt: skip
+    real = random_batches(args.steps, args.batch, args.image_size, args.classes, device, g)
     model, opt = model_and_optimizer()
     bare_model, bare_opt = model_and_optimizer()
     criterion = nn.CrossEntropyLoss()
@@ -248,16 +220,6 @@ def bookkeeping(args: argparse.Namespace, device: torch.device) -> dict:
         "reads_per_epoch": ops["trainer_reads"],
         "steps": steps,
     }
-
-
-def append_row(path: Path, lines: list[str], header: int, row: str) -> None:
-    """Write lines to path with row after the last row of the table whose header is
-    lines[header] (sections may follow the table)."""
-    end = header + 1
-    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
-        end += 1
-    lines.insert(end + 1, row)
-    path.write_text("\n".join(lines) + "\n")
 
 
 def write_bookkeeping_row(path: Path, machine: str, figures: dict) -> None:
@@ -381,11 +343,7 @@ def main() -> None:
         batches = TensorLoader(pixels.to(device), targets.to(device), args.batch, 0, True,
                                AugmentConfig(), MEAN, STD, channels_last)  # fmt: skip
     else:
-        batches = Batches([
-            (torch.randn(args.batch, 3, size, size, generator=g).to(device, memory_format=memory),
-             torch.randint(0, args.classes, (args.batch,), generator=g).to(device))
-            for _ in range(args.steps)
-        ])  # fmt: skip
+        batches = random_batches(args.steps, args.batch, size, args.classes, device, g, memory)
     base = create_model(args.model, num_classes=args.classes, stem=stem)
     base = base.to(device, memory_format=memory)
     bare_model = create_model(args.model, num_classes=args.classes, stem=stem)
@@ -394,11 +352,8 @@ def main() -> None:
     cfg = TrainerConfig(device=args.device, precision=args.precision, progress=False,
                         log_every_steps=10**9)  # fmt: skip
     # Both sides use the optimizer the trainer builds: torch's fused SGD.
-    opt = torch.optim.SGD(base.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True)
-    t = make_training(base, opt, cfg, device, memory_format=memory)
-    bare_opt = torch.optim.SGD(
-        bare_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=True
-    )
+    t = make_training(base, fused_sgd(base), cfg, device, memory_format=memory)
+    bare_opt = fused_sgd(bare_model)
     bare_forward = bare_model
     graphs = args.compile and device.type == "cuda" and args.compile_mode in CUDA_GRAPH_MODES
     if args.compile:
@@ -488,13 +443,14 @@ def main() -> None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if args.write or args.output is not None:
         path = args.output or REPO / "BENCHMARKS.md"
-        if not path.exists():
+        header = (
+            "| date | command | machine | torch | trainer img/s | bare img/s | trainer/bare "
+            "| tensor data img/s | PIL data img/s | tensor/PIL | data share of step |"
+        )
+        if not path.exists():  # the file's first table, under its title
             path.write_text(
                 "# Benchmarks\n\nRows appended by `scripts/benchmark.py` (medians over repeats; "
-                "each row's command says what was compared).\n\n| date | command | machine | "
-                "torch | trainer img/s | bare img/s | trainer/bare | tensor data img/s | "
-                "PIL data img/s | tensor/PIL | data share of step |\n"
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+                "each row's command says what was compared).\n"
             )
         command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
         row = (
@@ -503,10 +459,7 @@ def main() -> None:
             f"| {trainer_ips:,.0f} | {bare_ips:,.0f} | {trainer_ips / bare_ips:.3f} "
             f"| {' | '.join(data)} |"
         )
-        # After the last row of the first table (sections may follow it).
-        lines = path.read_text().splitlines()
-        first = next(i for i, line in enumerate(lines) if line.startswith("| date |"))
-        append_row(path, lines, first, row)
+        append_rows(path, "# Benchmarks", "", header, [row])
 
 
 if __name__ == "__main__":

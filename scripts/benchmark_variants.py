@@ -28,9 +28,16 @@ from pathlib import Path
 import torch
 
 from resnet_train import create_model
-from resnet_train.benchmarks import Batches, append_rows, check_options, trainer_epoch
+from resnet_train.benchmarks import (
+    append_rows,
+    check_options,
+    fused_sgd,
+    make_training,
+    random_batches,
+    trainer_epoch,
+)
 from resnet_train.config import PRECISIONS, TrainerConfig
-from resnet_train.engine.trainer import Training, build_criterion
+from resnet_train.engine.trainer import Training
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Precision, memory format and compile"
@@ -66,15 +73,8 @@ def make_variant(name: str, args: argparse.Namespace, device: torch.device) -> T
     torch.manual_seed(0)  # the same initial weights for every variant
     model = create_model(args.model, num_classes=args.classes, stem="cifar")
     model = model.to(device, memory_format=memory)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                fused=device.type in ("cpu", "cuda"))  # fmt: skip
     cfg = TrainerConfig(device=str(device), precision=precision, progress=False)
-    t = Training(
-        model=model, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        criterion=build_criterion(0.0), device=device, cfg=cfg, memory_format=memory,
-    )  # fmt: skip
+    t = make_training(model, fused_sgd(model), cfg, device, memory_format=memory)
     if compiled:
         t.forward, t.compiled = torch.compile(model), True
     return t
@@ -106,11 +106,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     size = args.image_size
-    batches = Batches(
-        (torch.randn(args.batch, 3, size, size, generator=g).to(device),
-         torch.randint(0, args.classes, (args.batch,), generator=g).to(device))
-        for _ in range(args.steps)
-    )  # fmt: skip
+    batches = random_batches(args.steps, args.batch, size, args.classes, device, g)
     runs = {name: make_variant(name, args, device) for name in args.variants}
     first = {name: trainer_epoch(t, batches) for name, t in runs.items()}  # warm-up, compilation
     times: dict[str, list[float]] = {name: [] for name in runs}

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
+from resnet_train.benchmarks import CountOps
 from resnet_train.config import AugmentConfig, DataConfig, TrainerConfig
 from resnet_train.data.transforms import Cutout, build_batch_mixer, build_transform
 from resnet_train.engine.checkpoint import load_checkpoint
@@ -551,26 +551,13 @@ def test_training_steps_do_not_wait_for_the_device_between_log_steps(monkeypatch
     assert reads_for(12, 2) > reads_for(12, 1000)
 
 
-class CountOperators(TorchDispatchMode):
-    """The operators dispatched that compute (on a GPU, each one a kernel); views are not
-    counted."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
 def operators_per_step(epoch) -> float:
     """The operators one more step of epoch(n_batches) dispatches (epoch ends left out)."""
     counts = []
     for n_batches in (4, 12):
-        with CountOperators() as ops:
+        with CountOps() as counted:
             epoch(n_batches)
-        counts.append(ops.count)
+        counts.append(counted.ops)
     return (counts[1] - counts[0]) / 8
 
 
