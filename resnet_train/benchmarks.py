@@ -4,6 +4,8 @@ tables, where they add their rows."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -118,6 +120,21 @@ def check_options(
     if parsed.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {device}: this machine has no CUDA device; use --device cpu")
     return parsed
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """How a row's figures were made: the script and its options, less those that only say
+    where the results go (--json, --output, --write): a row names what was compared."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--json", "--output"):
+            skip = True
+        elif arg != "--write" and not arg.startswith(("--json=", "--output=")):
+            kept.append(arg)
+    return shlex.join(["python", script, *kept])
 
 
 def append_rows(path: Path, section: str, intro: str, header: str, rows: list[str]) -> None:

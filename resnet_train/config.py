@@ -783,7 +783,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of("trainer.precision", t.precision, PRECISIONS)
     _one_of("trainer.compile_mode", t.compile_mode, COMPILE_MODES)
     _check(t.compile or t.compile_mode == "default", "trainer.compile_mode", t.compile_mode,
-           "a torch.compile mode needs trainer.compile=true")  # fmt: skip
+           "a torch.compile mode needs trainer.compile=true (to train without compiling, "
+           "also set trainer.compile_mode=default)")  # fmt: skip
     _within("trainer.label_smoothing", t.label_smoothing, "[0, 1)")
     _optional("trainer.clip_grad_norm", t.clip_grad_norm, _positive)
     _optional("trainer.clip_grad_value", t.clip_grad_value, _positive)

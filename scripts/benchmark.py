@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from resnet_train.benchmarks import (
     CountOps,
     append_rows,
     check_options,
+    command_line,
     fused_sgd,
     make_training,
     random_batches,
@@ -233,7 +233,7 @@ def write_bookkeeping_row(path: Path, machine: str, figures: dict) -> None:
         "bare loop's on tiny batches (medians of alternating epochs), over the bare step at the "
         "real size."
     )
-    command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
+    command = command_line("scripts/benchmark.py")
     low, high = (q * 1e6 for q in figures["bookkeeping_quartiles_s"])
     row = (
         f"| {datetime.date.today()} | `{command.strip()}` | {machine} | {torch.__version__} "
@@ -452,7 +452,7 @@ def main() -> None:
                 "# Benchmarks\n\nRows appended by `scripts/benchmark.py` (medians over repeats; "
                 "each row's command says what was compared).\n"
             )
-        command = "python scripts/benchmark.py " + shlex.join(sys.argv[1:])
+        command = command_line("scripts/benchmark.py")
         row = (
             f"| {datetime.date.today()} | `{command.strip()}` | {machine} "
             f"| {torch.__version__} "

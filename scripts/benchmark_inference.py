@@ -20,7 +20,6 @@ import copy
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from resnet_train.benchmarks import append_rows, check_options  # noqa: E402
+from resnet_train.benchmarks import append_rows, check_options, command_line  # noqa: E402
 from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa: E402
 from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
 from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
@@ -180,7 +179,7 @@ def main() -> None:
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs"
     versions = f"{torch.__version__} / {onnxruntime.__version__}"
-    command = shlex.join(["python", "scripts/benchmark_inference.py", *sys.argv[1:]])
+    command = command_line("scripts/benchmark_inference.py")
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -198,7 +197,9 @@ def main() -> None:
     ratio = medians["bare"]["total"] / medians["resnet-train"]["total"]
     print(f"ratio bare / resnet-train (whole process): {ratio:.3f}")
     if args.write:
-        command = "python scripts/benchmark_process.py " + shlex.join(sys.argv[1:])
+        from resnet_train.benchmarks import command_line
+
+        command = command_line("scripts/benchmark_process.py")
         write_row(args.output, table_row(medians, command))
         print(f"row added to {args.output}")
 

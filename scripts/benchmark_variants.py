@@ -20,7 +20,6 @@ import argparse
 import datetime
 import os
 import platform
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from resnet_train import create_model
 from resnet_train.benchmarks import (
     append_rows,
     check_options,
+    command_line,
     fused_sgd,
     make_training,
     random_batches,
@@ -126,7 +126,7 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch}, {size} px, {device}, {machine}, "
           f"torch {torch.__version__}, {rounds}")  # fmt: skip
     rows = []
-    command = "python scripts/benchmark_variants.py " + shlex.join(sys.argv[1:])
+    command = command_line("scripts/benchmark_variants.py")
     for name in runs:
         ratio = ips[name] / ips[base]
         print(f"  {name:18s} {ips[name]:8,.0f} img/s  {ratio:5.2f}x  first epoch "

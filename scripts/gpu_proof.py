@@ -110,6 +110,7 @@ def recipe_part(args, log, runs: Path) -> dict:
         if args.tiny:
             command += ["model=resnet20", "data.train_size=200", "data.test_size=50",
                         "trainer.epochs=2", "trainer.device=cpu", "trainer.compile=false",
+                        "trainer.compile_mode=default",
                         "trainer.precision=fp32"]  # bf16 runs ~15x slower on a CPU  # fmt: skip
         done = run_part(f"recipe seed {seed}", command, log, args.clock.limit(args.timeout))
         entry = {"seed": seed, "command": done["command"], "exit": done["exit"],

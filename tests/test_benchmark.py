@@ -30,6 +30,7 @@ def test_benchmark_prints_the_figures_and_adds_a_consistent_row_to_the_table(tmp
     assert after.index(new) < after.index("## Another section") - 1
     cells = [c.strip() for c in new.strip("|").split("|")]
     assert len(cells) == 11 and "--steps 2" in cells[1]
+    assert "--output" not in cells[1] and str(tmp_path) not in cells[1]  # where, not what
     trainer, bare, ratio = (float(c.replace(",", "")) for c in cells[4:7])
     # The table shows whole images/s and the ratio of the unrounded figures.
     assert trainer > 0 and bare > 0
@@ -66,6 +67,7 @@ def test_bookkeeping_mode_measures_the_per_step_work_and_adds_a_row_to_its_table
     assert len(rows) == 2
     cells = [c.strip() for c in rows[1].strip("|").split("|")]
     assert len(cells) == 9 and "--bookkeeping" in cells[1]
+    assert "--json" not in cells[1] and str(tmp_path) not in cells[1]
     assert cells[6].startswith(f"{100 * figures['share']:.2f}%"[:3])
     assert cells[7].startswith("7.0 (bare loop:")
 
@@ -298,3 +300,13 @@ def test_whole_process_benchmark_times_each_phase_of_both_sides(tmp_path):
     assert float(cells[5]) == pytest.approx(ratio, abs=2e-3)
     bad = run_program("scripts/benchmark_process.py", "--data-root", str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.startswith("benchmark_process.py: error: --data-root")
+
+
+def test_a_row_s_command_names_what_was_compared_not_where_results_went():
+    from resnet_train.benchmarks import command_line
+
+    argv = ["--model", "resnet18", "--json", "/tmp/x/r.json", "--output=/tmp/B.md", "--write",
+            "--batch", "512", "--output", "/tmp/BENCHMARKS.md", "--label", "a b"]  # fmt: skip
+    assert command_line("scripts/benchmark.py", argv) == (
+        "python scripts/benchmark.py --model resnet18 --batch 512 --label 'a b'"
+    )

@@ -99,7 +99,8 @@ def test_experiment_overrides_groups():
         (
             "trainer.compile_mode=reduce-overhead",
             "trainer.compile_mode='reduce-overhead' is "
-            "invalid: a torch.compile mode needs trainer.compile=true",
+            "invalid: a torch.compile mode needs trainer.compile=true (to train without "
+            "compiling, also set trainer.compile_mode=default)",
         ),
     ],
 )

@@ -73,17 +73,26 @@ def test_compile_on_cuda_trains_and_leaves_its_warm_up_out_of_the_figures(tmp_pa
 
 
 def test_compile_with_cuda_graphs_trains_like_the_default_mode(tmp_path):
-    """reduce-overhead replays each pass as a CUDA graph: the same arithmetic, so the same losses
-    as the default mode up to the kernels' own nondeterminism, and no lost steps."""
-    runs = {}
+    """reduce-overhead replays each pass as a CUDA graph: the same arithmetic, so the first
+    step's loss (same weights, same batch) equals the default mode's to rounding, every step is
+    taken and logged, and the epochs' losses stay close. Later steps drift apart a little: the
+    two runs' kernels (cudnn.benchmark's choices, TF32) round differently and training amplifies
+    it (seen on an H100: epoch losses 0.16% apart after 16 steps)."""
+    runs, steps = {}, {}
     for mode in ("default", "reduce-overhead"):
         cfg = compose_config(*CUDA, "trainer.epochs=2", "trainer.compile=true",
                              f"trainer.compile_mode={mode}")  # fmt: skip
         runs[mode] = fit(cfg, tmp_path / mode)
+        steps[mode] = scalars(tmp_path / mode)["train/loss_step"]
     default, graphs = (runs[m]["history"] for m in ("default", "reduce-overhead"))
     assert [r["epoch"] for r in graphs] == [1, 2] and graphs[1]["compile_seconds"] == 0
+    assert [s for s, _ in steps["reduce-overhead"]] == [s for s, _ in steps["default"]]
+    assert len(steps["default"]) == 16  # 230 training images, batch 32: 8 steps an epoch
+    first = steps["default"][0][1]
+    assert steps["reduce-overhead"][0][1] == pytest.approx(first, rel=1e-3)
     for a, b in zip(default, graphs, strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert math.isfinite(b["train_loss"])
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
 
 
 def test_channels_last_and_contiguous_give_the_same_first_step_loss_in_bf16():

@@ -362,9 +362,9 @@ class FiniteGuard:
     the longest run of skipped steps is kept here."""
 
     def __init__(self, device: torch.device) -> None:
-        self.found = torch.zeros(1, device=device)  # set (1.0) from the first bad step on
+        self.found = torch.zeros((), device=device)  # set (1.0) from the first bad step on
         self.bad_steps = torch.zeros(1, device=device)  # steps since then, that one included
-        self.one = torch.ones(1, device=device)
+        self.one = torch.ones((), device=device)
         self.loss_sum: torch.Tensor | None = None  # the running loss sum last watched
         self.skips = torch.zeros((), dtype=torch.long, device=device)  # fp16: skipped in a row
         self.most_skips = torch.zeros((), dtype=torch.long, device=device)
