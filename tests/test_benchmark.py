@@ -287,8 +287,8 @@ def test_whole_process_benchmark_times_each_phase_of_both_sides(tmp_path):
     figures = {r[0]: r[1:] for r in rows if r[0] in ("start-up", "total", "test_acc")}
     assert all(float(v) > 0 for v in figures["start-up"] + figures["total"])
     ratio = float(result.stdout.strip().splitlines()[-2].rsplit(" ", 1)[1])
-    ours, bare = (float(v) for v in figures["total"])
-    assert ratio == pytest.approx(bare / ours, abs=2e-3)
+    ours, bare = (float(v) for v in figures["total"])  # printed to 0.01 s, the ratio to 0.001
+    assert (bare - 0.005) / (ours + 0.005) - 5e-4 <= ratio <= (bare + 0.005) / (ours - 0.005) + 5e-4
     lines = table.read_text().splitlines()
     row = lines[lines.index(old_row) + 1]  # in its own section's table, not the later one
     assert table.read_text().endswith("\n\n" + later)

@@ -339,3 +339,27 @@ def test_every_optimizer_trains_a_run_and_its_resume(name, tmp_path):
     last = tmp_path / "run" / "last.pt"
     resumed = fit(compose_config(*tiny, "trainer.epochs=4", f"resume={last}"), tmp_path / "resumed")
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
+
+
+MIXED = [*SMOKE, "data.train_size=96", "data.test_size=32", "data.batch_size=32", "seed=0"]
+
+
+@pytest.fixture(scope="module")
+def initial_fc(tmp_path_factory) -> torch.Tensor:
+    """The classifier's weights a run of MIXED starts from (a run with lr 0 leaves them)."""
+    run = tmp_path_factory.mktemp("lr0")
+    fit(compose_config(*MIXED, "optim=sgd", "optim.lr=0"), run)
+    return torch.load(run / "last.pt", weights_only=False)["model"]["fc.weight"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_steps_in_each_mixed_precision(name, precision, initial_fc, tmp_path):
+    """optim x precision: bf16 goes through the finite guard's flag and the fused step, fp16
+    through the gradient scaler's; each must step the weights and keep fp32 master weights."""
+    metrics = fit(compose_config(*MIXED, f"optim={name}", f"trainer.precision={precision}"),
+                  tmp_path)  # fmt: skip
+    assert math.isfinite(metrics["history"][0]["train_loss"])
+    trained = torch.load(tmp_path / "last.pt", weights_only=False)["model"]["fc.weight"]
+    assert trained.dtype == torch.float32
+    assert not torch.equal(trained, initial_fc)  # steps were applied
