@@ -9,6 +9,7 @@ here too. Multiruns go straight to Hydra, which checks each job's config as it s
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -297,6 +299,11 @@ TASKS = {
 }
 
 
+# The sweep jobs of this process that ended in an error (one line each): the sweep goes on to
+# its other jobs, and the command exits 2 at its end.
+FAILED_JOBS: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
@@ -306,7 +313,16 @@ def train(cfg: DictConfig) -> float | None:
             cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
         )
     except (UserError, FloatingPointError) as e:
-        _fail(e)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            _fail(e)
+        # One job of a sweep: its error is its result. The other jobs still run; an Optuna
+        # search records the trial as failed (no objective) and goes on with the next.
+        overrides = " ".join(hydra_cfg.overrides.task)
+        message = f"job {hydra_cfg.job.num} ({overrides}): {one_line(str(e))}"
+        logging.getLogger("resnet_train").error("this job failed: %s", one_line(str(e)))
+        print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
+        FAILED_JOBS.append(message)
+        return None
 
 
 def run_single(cfg: DictConfig) -> None:
@@ -448,6 +464,11 @@ def main() -> None:
         if {"-m", "--multirun"} & set(args):
             register_sweeper()
         train()
+        if FAILED_JOBS:
+            _fail(
+                f"{len(FAILED_JOBS)} job(s) of the sweep failed (each said why above); the first: "
+                f"{FAILED_JOBS[0]}"
+            )
     except KeyboardInterrupt:  # a Ctrl-C outside a run's steps, or a second one inside
         print(
             "resnet-train: interrupted: stopped at once; checkpoints are written whole, so the "
@@ -463,7 +484,6 @@ def run() -> None:
     the operating system frees at once; everything a run writes is closed by then (checkpoints,
     metrics, TensorBoard's event files), and the log handlers and standard streams are flushed
     here first. An uncaught exception still takes the ordinary way out, with its traceback."""
-    import logging
 
     try:
         main()

@@ -197,6 +197,20 @@ def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_pat
     assert (sweep / "trials.csv").is_file() and _png_size(sweep / "report.png")[0] > 0
 
 
+def test_an_optuna_search_records_a_diverging_trial_as_failed_and_goes_on(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna")
+    search = ["-m", *SMOKE, "data.train_size=64", "name=div", "hydra/sweeper=optuna_cpu",
+              "hydra.sweeper.n_trials=2", "optim.lr=choice(1e30,1e31)"]  # fmt: skip
+    result = run_cli(*search, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "resnet-train: error: 2 job(s) of the sweep failed" in result.stderr
+    assert "Traceback" not in result.stderr
+    storage = f"sqlite:///{tmp_path / 'outputs' / 'multirun' / 'div' / 'optuna.db'}"
+    trials = optuna.load_study(study_name="resnet-train", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # not left RUNNING
+
+
 def test_an_optuna_search_without_the_optuna_extra_is_one_line(monkeypatch, capsys):
     import importlib.util
 

@@ -4,6 +4,7 @@ changed configs are refused in one line; sweeps pick up where they stopped."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -257,12 +258,23 @@ def test_best_checkpoint_and_early_stopping_state_survive_a_resume(tmp_path):
     assert "for 2 epochs (best 101.0000 at epoch 1)" in metrics["stopped_early"]
 
 
-def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path, caplog):
+FP16_SMALL = ["data.train_size=64", "data.test_size=16", "data.batch_size=4", "data.image_size=8",
+              "trainer.precision=fp16"]  # fmt: skip
+
+
+def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path, caplog, monkeypatch):
     # fp16 on the CPU is slow: 64 images of 8x8 in batches of 4 (58 to train on, 15 steps an
-    # epoch)
-    small = ["data.train_size=64", "data.test_size=16", "data.batch_size=4", "data.image_size=8"]
-    cfg = compose_config(*SMOKE, "trainer.precision=fp16", "optim.lr=1e30", "trainer.epochs=3",
-                         *small)  # fmt: skip
+    # epoch). The loss stays finite; a gradient is infinite at any scale.
+    from resnet_train.engine import trainer
+
+    def with_infinite_gradient(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.fc.weight.register_hook(lambda grad: grad * math.inf)
+        return model
+
+    build_model = trainer.build_model
+    monkeypatch.setattr(trainer, "build_model", with_infinite_gradient)
+    cfg = compose_config(*SMOKE, *FP16_SMALL, "trainer.epochs=3")
     with pytest.raises(NonFiniteLossError) as error, caplog.at_level("WARNING"):
         fit(cfg, tmp_path)
     warned = [r.message for r in caplog.records if "fp16 on this CPU" in r.message]
@@ -277,8 +289,20 @@ def test_fp16_stops_when_the_scaler_skips_too_many_steps_in_a_row(tmp_path, capl
         r"scaler skipped (\d+) steps in a row up to step \d+ \(epoch 2/3", str(error.value)
     )
     assert found and int(found.group(1)) >= 20, str(error.value)
-    # Epoch 1 (15 steps) ended before the 20th skip: its checkpoint is the last one.
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    # Epoch 1 (15 steps) ended before the 20th skip: its checkpoint is the last one, and its
+    # weights are the initial ones, all finite (no step was applied).
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fp16_stops_at_a_loss_that_is_not_finite_and_saves_nothing(tmp_path):
+    """A diverging fp16 run: the scaler skips the bad steps, but the loss is nan (the weights
+    blew up): one error at the first check, as in fp32, and no checkpoint with nan in it."""
+    cfg = compose_config(*SMOKE, *FP16_SMALL, "optim.lr=1e30", "trainer.epochs=3")
+    with pytest.raises(NonFiniteLossError, match=r"^the training loss is (nan|inf) at step \d+"):
+        fit(cfg, tmp_path)
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
 
 
 # --- sweeps -------------------------------------------------------------------------------------

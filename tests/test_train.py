@@ -235,6 +235,26 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
     assert len(list((tmp_path / "outputs" / "multirun").iterdir())) == 2
 
 
+def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path):
+    """A job that diverges or has a bad value says so in one line; the sweep goes on to its other
+    jobs and exits 2 at its end, naming how many failed."""
+    result = run_cli("-m", *SMOKE, "data.train_size=64", "optim.lr=1e30,-1,0.1", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("resnet-train:")]
+    assert len(errors) == 3, result.stderr
+    assert errors[0].startswith("resnet-train: error: job 0 (") and "optim.lr=1e+30" in errors[0]
+    assert "the training loss is" in errors[0] and "the step was not applied" in errors[0]
+    assert errors[1].startswith("resnet-train: error: job 1 (") and "optim.lr=-1" in errors[1]
+    assert "optim.lr=-1.0 is invalid" in errors[1]
+    assert errors[2].startswith("resnet-train: error: 2 job(s) of the sweep failed")
+    assert "Traceback" not in result.stderr
+    (folder,) = (tmp_path / "outputs" / "multirun").iterdir()
+    finished = [j for j in folder.iterdir() if (j / "metrics.json").is_file()]
+    assert len(finished) == 1 and (finished[0] / "last.pt").is_file()  # the lr 0.1 job ran
+    assert OmegaConf.load(finished[0] / ".hydra" / "config.yaml").optim.lr == 0.1
+    assert not list(folder.glob("*/last.pt"))[1:]  # the failed jobs saved nothing
+
+
 def test_default_run_directory_is_under_outputs(tmp_path):
     result = run_cli(*SMOKE, "data.train_size=64", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

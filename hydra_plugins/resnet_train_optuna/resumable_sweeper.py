@@ -23,5 +23,14 @@ if OptunaSweeper is not None:
         def sweep(self, arguments: list[str]) -> None:
             from resnet_train.search import continue_study
 
-            if continue_study(self.sweeper) > 0:
+            if continue_study(self.sweeper) == 0:
+                return
+            try:
                 super().sweep(arguments)
+            except ValueError as e:
+                from resnet_train.cli import FAILED_JOBS
+
+                # Every trial failed, so Optuna has no best one to report: each failure was
+                # reported as it happened, and the command ends with status 2 after this.
+                if not FAILED_JOBS or "Record does not exist" not in str(e):
+                    raise

@@ -444,6 +444,10 @@ def _optimizer_step(t: Training, log_now: bool, desc: str) -> None:
             t.optimizer.found_inf = bad  # the fused step is skipped on the device
         else:
             t.guard.check(step, desc)  # waits for the device: stop before the step
+    else:
+        # The scaler skips the steps whose gradients are not finite; a loss that is not finite
+        # (the forward pass overflowed, or the weights did) stops the run as in fp32 and bf16.
+        t.guard.watch(t.sums.loss, [])
     t.global_step = step
     if t.writer is not None:
         if layer_norms_now:
