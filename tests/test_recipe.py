@@ -660,3 +660,39 @@ def test_the_step_makes_its_loss_from_images_outputs_and_labels_in_one_place():
     # the reported loss is the objective's: twice the cross-entropy, averaged over the batches
     losses = [2 * nn.functional.cross_entropy(o, y).item() for _, o, y in seen]
     assert stats.loss == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_a_validation_figure_that_is_not_finite_is_never_the_best(mode):
+    from resnet_train.engine.early_stopping import Monitor
+
+    monitor = Monitor("valid/loss", mode, patience=2)
+    assert not monitor.update(math.nan, 1) and monitor.best is None
+    assert monitor.update(5.0, 2) and monitor.best_epoch == 2  # any finite figure beats none
+    for epoch, value in ((3, math.nan), (4, math.inf), (5, -math.inf)):
+        assert not monitor.update(value, epoch)
+    assert monitor.best == 5.0 and monitor.best_epoch == 2 and monitor.should_stop
+
+
+def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path, caplog):
+    """fp16 evaluation can overflow where training does not: no epoch is then the best one; the
+    run says so and tests last.pt (it used to call a nan epoch the best)."""
+    from resnet_train.engine import trainer
+
+    real = trainer.evaluate
+
+    def nan_validation(model, loader, device, precision, desc, *args, **kwargs):
+        stats = real(model, loader, device, precision, desc, *args, **kwargs)
+        if desc.endswith(" valid"):
+            stats.loss = math.nan
+        return stats
+
+    cfg = compose_config("model=resnet20", "data=synthetic", "data.train_size=96",
+                         "data.test_size=32", "trainer.device=cpu", "trainer.epochs=2",
+                         "trainer.early_stopping.monitor=valid/loss")  # fmt: skip
+    with caplog.at_level("WARNING"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "evaluate", nan_validation)
+        metrics = trainer.fit(cfg, tmp_path)
+    assert not (tmp_path / "best.pt").exists()
+    assert metrics["selected_checkpoint"] == "last.pt", metrics
+    assert any("no epoch had a finite validation valid/loss" in r.message for r in caplog.records)

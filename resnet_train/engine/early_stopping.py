@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +22,8 @@ class Monitor:
     bad_epochs: int = 0
 
     def better(self, value: float, than: float | None, margin: float = 0.0) -> bool:
+        if not math.isfinite(value):  # a nan or inf validation figure is never an improvement
+            return False
         if than is None:
             return True
         return value > than + margin if self.mode == "max" else value < than - margin

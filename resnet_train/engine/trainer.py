@@ -1205,6 +1205,10 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
     distributed.barrier()  # rank 0's checkpoints are complete
     # The test set is read once, at the end, with the selected weights.
     selected = "best.pt" if loaders.valid is not None else "last.pt"
+    if selected == "best.pt" and not (run_dir / selected).is_file():
+        log.warning("no epoch had a finite validation %s: testing last.pt",
+                    run.monitor.metric)  # fmt: skip
+        selected = "last.pt"
     final = load_checkpoint(run_dir / selected)
     model.load_state_dict(final["model"])
     test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
