@@ -89,8 +89,9 @@ class DataConfig:
     # null (data=imagefolder): the number of class folders.
     num_classes: int | None = 10
     image_size: int = 32
-    # Evaluation: resize the short side to this, then center-crop image_size; 0 = off; null:
-    # image_size / 0.875 (256 for 224) with crop=random_resized, else image_size.
+    # Evaluation: resize the short side to this, then center-crop image_size; 0 = no resize
+    # (image files are still center-cropped to image_size); null: image_size / 0.875 (256 for
+    # 224) with crop=random_resized, else image_size.
     eval_resize: int | None = 0
     # Per-channel mean and std (R, G, B) of the normalisation. "auto": computed once on the
     # training split; null: those of the model.weights' training (ImageNet's for a torchvision

@@ -176,6 +176,21 @@ def test_image_folders_are_read_with_imagenet_transforms(tmp_path):
         assert images.shape == (4, 3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
 
 
+@pytest.mark.parametrize("crop", ["random_resized", "none"])
+def test_image_files_of_any_size_come_out_at_image_size_without_an_eval_resize(crop, tmp_path):
+    """data.eval_resize=0 turns the resize off, not the crop: images of several sizes (40 px
+    high, 40 to 80 wide) are center-cropped to image_size (they failed to stack)."""
+    root = make_image_folders(tmp_path, classes=2, per_class=6)
+    cfg = compose_config("data=imagenet", f"data.root={root}", "data.num_classes=2",
+                         "data.image_size=32", "data.eval_resize=0", "data.num_workers=0",
+                         "data.batch_size=4", "data.valid_ratio=0.25", "data.mean=[0.5,0.5,0.5]",
+                         "data.std=[0.25,0.25,0.25]", f"data.augment.crop={crop}")  # fmt: skip
+    loaders = build_loaders(cfg.data, seed=0, device=CPU)
+    for loader in (loaders.train, loaders.valid, loaders.test):
+        for images, _ in loader:
+            assert images.shape[1:] == (3, 32, 32)
+
+
 def test_torchvision_decoder_gives_the_pixels_pil_gives(tmp_path):
     root = make_image_folders(tmp_path, classes=2, per_class=3)
     from PIL import Image

@@ -156,6 +156,8 @@ def build_transform(cfg: DataConfig, train: bool, normalize: bool = True) -> Com
             steps.append(v2.RandomHorizontalFlip())
     if (not train or augment.crop == "none") and cfg.eval_resize:
         steps += [v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(size)]
+    elif (not train or augment.crop == "none") and cfg.name in FILE_DATASETS:
+        steps.append(v2.CenterCrop(size))  # images of any size: the model's size, unresized
     if train:
         steps += _policy(augment)
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
