@@ -159,9 +159,10 @@ def build_scheduler(
         )
     elif cfg.name == "onecycle":
         # OneCycleLR ends its rising phase at step pct_start x total - 1 and divides by that
-        # length: at exactly one step (4 steps, pct_start 0.25) it divides by zero. That phase
-        # is the peak alone; a shade less than one step says the same and divides safely.
-        pct_start = cfg.pct_start if cfg.pct_start * total != 1 else 0.999 / total
+        # length: at exactly one step (4 steps, pct_start 0.25) it divides by zero, and under one
+        # (2 or 3 steps) it skips the peak and starts at the floor-bound end of the fall. That
+        # phase is the peak alone; a shade less than one step says so and divides safely.
+        pct_start = cfg.pct_start if cfg.pct_start * total > 1 else 0.999 / total
         # torch cycles the momentum between 0.85 and 0.95 unless told not to, whatever the
         # optimizer was given; here it stays as configured, or cycles below it when asked.
         top = configured_momentum(optimizer)

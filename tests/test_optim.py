@@ -153,9 +153,10 @@ def test_training_logs_the_per_step_onecycle_rate_torch_would_give(tmp_path):
     assert logged == pytest.approx(_lrs(reference, optimizer, steps), rel=1e-6)
 
 
-@pytest.mark.parametrize("steps", [4, 5, 8, 40])
+@pytest.mark.parametrize("steps", [2, 3, 4, 5, 8, 40])
 def test_onecycle_peaks_and_anneals_even_when_its_rise_is_one_step(steps):
-    # pct_start 0.25 of 4 steps: torch's OneCycleLR alone divides by zero here.
+    # pct_start 0.25 of 4 steps: torch's OneCycleLR alone divides by zero here; of 2 or 3
+    # steps it skips the peak (it began at 0.32 and 0.39 of 0.4, then fell to the floor).
     cfg = compose_config("schedule=onecycle", "schedule.pct_start=0.25", "optim.lr=0.4")
     optimizer = _fresh(0.4)
     lrs = _lrs(build_scheduler(cfg.schedule, optimizer, 1, steps), optimizer, steps)
@@ -163,6 +164,20 @@ def test_onecycle_peaks_and_anneals_even_when_its_rise_is_one_step(steps):
     peak = lrs.index(max(lrs))
     assert max(lrs) <= 0.4 + 1e-9 and peak <= math.ceil(0.25 * steps)
     assert lrs[peak:] == sorted(lrs[peak:], reverse=True) and lrs[-1] < 0.4 / 25
+    if steps <= 3:  # the rise is under one step: the first step is the peak
+        assert lrs[0] == pytest.approx(0.4, rel=1e-3)
+
+
+def test_onecycle_over_a_single_schedule_step_is_refused_in_one_line(tmp_path):
+    """One epoch with schedule.interval=epoch: one rate for the whole run, which one-cycle can
+    only put at its floor (it trained at 4e-7)."""
+    result = run_cli(*SMOKE, "schedule=onecycle", "schedule.interval=epoch", cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "outputs").exists()
+    assert result.stderr.strip() == (
+        "resnet-train: error: schedule.interval=epoch is invalid with schedule=onecycle here: "
+        "the rate rises and falls over at least 2 epochs, and this run has 1 "
+        "(trainer.epochs=1); use schedule.interval=step or more epochs"
+    )
 
 
 RECIPES = [

@@ -71,6 +71,14 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
             + (f" x {steps} steps per epoch" if s.interval == "step" else "")
             + f", schedule.interval={s.interval})"
         )
+    if s.name == "onecycle" and length < 2:
+        raise ConfigError(
+            f"schedule.interval={s.interval} is invalid with schedule=onecycle here: the rate "
+            f"rises and falls over at least 2 {unit}, and this run has {length} "
+            f"(trainer.epochs={t.epochs}"
+            + (f" x {steps} steps per epoch" if s.interval == "step" else "")
+            + "); use schedule.interval=step or more epochs"
+        )
     # One floor for every parameter group: below the lowest starting rate (the backbone's, with
     # optim.backbone_lr_mult < 1), or that group's rate would rise to it.
     mult = min(cfg.optim.backbone_lr_mult, 1.0)
