@@ -51,7 +51,8 @@ def write_curves(path: Path, metrics: dict[str, Any]) -> None:
     lr = [("learning rate", [h.get("lr") for h in history], GREEN, "o", False)]
     panels.append(("learning rate (at the epoch's start)", lr))
 
-    losses = [v for _, values, *_ in panels[0][1] for v in values if v is not None and v > 0]
+    losses = [v for _, values, *_ in panels[0][1] for v in values
+              if v is not None and 0 < v < math.inf]  # fmt: skip
     log_loss = bool(losses) and max(losses) / min(losses) > 50  # early spikes flatten the rest
     star = None
     test = metrics.get("test") or {}
@@ -92,9 +93,12 @@ def _text(canvas, xy, text: str, size: float, anchor: str = "la", fill=INK) -> N
 
 def _panel(canvas, box, name, epochs, series, log=False, star=None, legend=None) -> None:
     x0, y0, x1, y1 = box
-    values = [v for _, vs, *_ in series for v in vs if v is not None]
-    if star is not None:
+    # nan or inf (a diverged epoch, an overflowed evaluation) is left out of the panel
+    values = [v for _, vs, *_ in series for v in vs if v is not None and math.isfinite(v)]
+    if star is not None and math.isfinite(star[1]):
         values.append(star[1])
+    else:
+        star = None
     if log:
         values = [v for v in values if v > 0]
     ylo, yhi, yticks = _ticks(min(values), max(values), log) if values else (0.0, 1.0, [0.0, 1.0])
@@ -124,8 +128,8 @@ def _panel(canvas, box, name, epochs, series, log=False, star=None, legend=None)
     _text(canvas, ((x0 + x1) / 2, y1 + 24), "epoch", 12, anchor="ma")
 
     for _, vs, color, marker, dotted in series:
-        points = [at(x, v) if v is not None and (v > 0 or not log) else None
-                  for x, v in zip(epochs, vs, strict=True)]  # fmt: skip
+        points = [at(x, v) if v is not None and math.isfinite(v) and (v > 0 or not log)
+                  else None for x, v in zip(epochs, vs, strict=True)]  # fmt: skip
         for a, b in zip(points, points[1:], strict=False):
             if a is not None and b is not None:
                 _segment(canvas, a, b, color, 2 * SCALE, dotted)

@@ -408,3 +408,13 @@ def test_curves_draw_each_series_the_run_has_and_mark_the_test_accuracy(tmp_path
             "valid_acc": 0.0, "lr": 1e-5}]  # fmt: skip
     write_curves(tmp_path / "one.png", {**metrics, "history": one})
     assert ORANGE in _colours(tmp_path / "one.png")
+    # nan and inf (a diverged epoch, an overflowed evaluation) are left out, on a linear and
+    # on a logarithmic loss axis (they ended the run in a traceback).
+    for name, spread in (("linear", 2.0), ("log", 1000.0)):
+        odd = [{"epoch": 1, "train_loss": spread, "valid_loss": math.nan, "train_acc": 10.0,
+                "valid_acc": math.nan, "lr": 0.1},
+               {"epoch": 2, "train_loss": math.inf, "valid_loss": 1.0, "train_acc": math.nan,
+                "valid_acc": 20.0, "lr": 0.05}]  # fmt: skip
+        write_curves(tmp_path / f"{name}.png", {**metrics, "history": odd,
+                                                "test": {"acc": math.nan}})  # fmt: skip
+        assert {BLUE, ORANGE} <= _colours(tmp_path / f"{name}.png")
