@@ -463,6 +463,7 @@ def main() -> None:
             check_config_only(overrides)
         if {"-m", "--multirun"} & set(args):
             register_sweeper()
+        FAILED_JOBS.clear()  # this command's jobs only (main() may run more than once a process)
         train()
         if FAILED_JOBS:
             _fail(
