@@ -417,6 +417,31 @@ def test_ema_weights_can_be_selected_for_best_pt(tmp_path):
     assert not torch.equal(best["model"]["conv1.weight"], last["model"]["conv1.weight"])
 
 
+def test_ema_weights_selected_without_a_validation_set_are_the_tested_best_pt(tmp_path):
+    """data.valid_ratio=0 and trainer.ema.select=ema: nothing to choose with, so the last
+    epoch's EMA weights are the result: best.pt holds them (what eval and export read) and the
+    test uses them; last.pt keeps the raw weights to resume from. (They were dropped: the test
+    used the raw weights.) Resumed from another directory, best.pt comes along."""
+    ema_only = ["trainer.ema.decay=0.5", "trainer.ema.select=ema", "data.valid_ratio=0",
+                "data.train_size=64", "data.test_size=32"]  # fmt: skip
+    metrics = fit(compose_config(*SMOKE, *ema_only), tmp_path / "a")
+    assert metrics["selected_weights"] == "ema" and metrics["selected_checkpoint"] == "best.pt"
+    best, last = (load_checkpoint(tmp_path / "a" / n) for n in ("best.pt", "last.pt"))
+    assert best["weights"] == "ema" and last["weights"] == "raw"
+    for key, value in best["model"].items():
+        assert torch.equal(value, last["ema"][f"module.{key}"])
+    assert not torch.equal(best["model"]["conv1.weight"], last["model"]["conv1.weight"])
+    resume = f"resume={tmp_path / 'a' / 'last.pt'}"
+    again = fit(compose_config(*SMOKE, *ema_only, "trainer.epochs=2", resume), tmp_path / "b")
+    assert again["selected_weights"] == "ema" and again["selected_epoch"] == 2
+    assert load_checkpoint(tmp_path / "b" / "best.pt")["weights"] == "ema"
+    # The default select=best has nothing to compare without validation: the raw weights.
+    raw_run = [*SMOKE, "trainer.ema.decay=0.5", "data.valid_ratio=0", "data.train_size=64",
+               "data.test_size=32"]  # fmt: skip
+    raw = fit(compose_config(*raw_run), tmp_path / "c")
+    assert raw["selected_weights"] == "raw" and raw["selected_checkpoint"] == "last.pt"
+
+
 @pytest.mark.parametrize("setting", [None, False])
 def test_channels_last_is_the_cpu_default_and_can_be_turned_off(tmp_path, setting, caplog):
     """The default (null) trains in channels_last on the CPU (1.1-1.4x the images/s of the

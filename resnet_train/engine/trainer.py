@@ -946,7 +946,8 @@ def _build_run(
         start_batch = run.restore(point)
         if point.path.parent != run_dir:  # resume=PATH from another directory
             previous_best = point.path.parent / "best.pt"
-            if monitor.best_epoch and previous_best.is_file():
+            ema_only = loaders.valid is None and t.ema is not None and tc.ema.select == "ema"
+            if (monitor.best_epoch or ema_only) and previous_best.is_file():
                 copy_checkpoint(previous_best, run_dir / "best.pt")
         where = f", batch {start_batch} of epoch {run.epoch + 1}" if start_batch else ""
         log.info(
@@ -1158,6 +1159,10 @@ def _train_epochs(run: _Run) -> _Epochs:
             improved = monitor.update(_metric(chosen, monitor.metric), e)
             record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
                           valid_balanced_acc=chosen.balanced_acc)  # fmt: skip
+        elif _ema_without_validation(run):
+            # Nothing to choose with: the EMA weights asked for are the run's result, kept in
+            # best.pt each epoch (last.pt keeps the raw ones, to resume from).
+            improved, selected_weights = True, "ema"
         if tc.test_every_epoch:  # reported only: never chooses or stops anything
             tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
                               progress)  # fmt: skip
@@ -1172,7 +1177,8 @@ def _train_epochs(run: _Run) -> _Epochs:
         t.eval_seconds = max(wall - train_stats.seconds - compile_seconds, 0.0)
         left = epochs - (epoch + 1)
         eta = f"  ETA {duration(float(np.median(walls[-3:])) * left)}" if left else ""
-        log.info("%s  lr %.4g%s%s", line, lr_now, "  (best)" if improved else "", eta)
+        best = "  (best)" if improved and loaders.valid is not None else ""
+        log.info("%s  lr %.4g%s%s", line, lr_now, best, eta)
 
         run.epoch = e
         faults.point("validated")
@@ -1204,7 +1210,7 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
                  digests[0][:16])  # fmt: skip
     distributed.barrier()  # rank 0's checkpoints are complete
     # The test set is read once, at the end, with the selected weights.
-    selected = "best.pt" if loaders.valid is not None else "last.pt"
+    selected = "best.pt" if loaders.valid is not None or _ema_without_validation(run) else "last.pt"
     if selected == "best.pt" and not (run_dir / selected).is_file():
         log.warning("no epoch had a finite validation %s: testing last.pt",
                     run.monitor.metric)  # fmt: skip
@@ -1310,6 +1316,13 @@ def log_hparams(writer: Any, cfg: DictConfig, valid: dict | None, test: EpochSta
     if valid:
         metrics.update({"hparam/valid_acc": valid["acc"], "hparam/valid_loss": valid["loss"]})
     writer.add_hparams(hparams(cfg), metrics, run_name=".")
+
+
+def _ema_without_validation(run: _Run) -> bool:
+    """trainer.ema.select=ema and no validation set: best.pt holds the last epoch's EMA weights
+    (with a validation set, best.pt is the best epoch's selected weights)."""
+    t, tc = run.t, run.cfg.trainer
+    return run.loaders.valid is None and t.ema is not None and tc.ema.select == "ema"
 
 
 def _select(results: dict[str, EpochStats], select: str, monitor: Monitor) -> str:
