@@ -600,7 +600,11 @@ def test_unreadable_checkpoints_say_what_the_file_is_in_one_line(tmp_path):
     text.write_text("hello")
     pickled = tmp_path / "pickled.pt"
     pickled.write_bytes(__import__("pickle").dumps({1: object}))
+    exported = tmp_path / "model.pt2"  # what task=export writes (it was "damaged or truncated")
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.ones(1, 2),)), exported)
     expected = {
+        exported: r"is unreadable: a torch.export program \(what task=export writes\), not a "
+        r"checkpoint: give the run's best.pt or last.pt$",
         # torch's reason in whole sentences (it used to end "...your checkpoint file is)")
         cut: r"is unreadable: a damaged or truncated PyTorch file \(2000 bytes; a save that was "
         r"cut short\?\) \(RuntimeError: PytorchStreamReader failed reading zip archive: "
@@ -612,3 +616,20 @@ def test_unreadable_checkpoints_say_what_the_file_is_in_one_line(tmp_path):
         with pytest.raises(CheckpointError, match=rf"^checkpoint {path} {message}") as error:
             load_checkpoint(path)
         assert "\n" not in str(error.value)
+
+
+def test_resuming_from_a_best_pt_of_ema_weights_is_refused_in_one_line(tmp_path):
+    """best.pt chosen with trainer.ema.select holds EMA weights: training from them as if they
+    were the raw ones (with the raw optimizer state) was silently wrong."""
+    ema = [*SMOKE, "data.train_size=64", "data.test_size=32", "trainer.ema.decay=0.5",
+           "trainer.ema.select=ema"]  # fmt: skip
+    first = run_cli(*ema, "hydra.run.dir=a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    best = tmp_path / "a" / "best.pt"
+    result = run_cli(*ema, "trainer.epochs=2", f"resume={best}", "hydra.run.dir=b", cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "b").exists()
+    assert result.stderr.strip() == (
+        f"resnet-train: error: resume={best} holds the run's ema weights (a best.pt chosen with "
+        "trainer.ema.select), not the raw weights training continues from: resume from "
+        f"{tmp_path / 'a' / 'last.pt'}"
+    )

@@ -101,6 +101,18 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {sentence}"
 
 
+def _is_exported_program(path: Path) -> bool:
+    """torch.export.save's archive: a zip whose folder holds archive_format and models/."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+
+
 def unreadable(path: Path, error: Exception) -> str:
     """Why torch.load could not read a file, in words: what the file looks like, and the error's
     informative line."""
@@ -108,6 +120,9 @@ def unreadable(path: Path, error: Exception) -> str:
         head = f.read(8)
     size = path.stat().st_size
     if head.startswith(b"PK"):  # torch's zip format
+        if _is_exported_program(path):
+            return ("a torch.export program (what task=export writes), not a checkpoint: give "
+                    "the run's best.pt or last.pt")  # fmt: skip
         return (f"a damaged or truncated PyTorch file ({size} bytes; a save that was cut "
                 f"short?) ({_reason(error)})")  # fmt: skip
     if head.startswith(b"\x80"):  # a pickle

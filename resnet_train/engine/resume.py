@@ -97,7 +97,14 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
                 f"resume={cfg.resume} continues that checkpoint in a directory of its own "
                 "(name=NEW_NAME); resume=auto continues the run that is there"
             )
-        return ResumePoint(path, load_checkpoint(path))
+        state = load_checkpoint(path)
+        if state.get("weights", "raw") != "raw":
+            raise CheckpointError(
+                f"resume={cfg.resume} holds the run's {state['weights']} weights (a best.pt "
+                "chosen with trainer.ema.select), not the raw weights training continues from: "
+                f"resume from {path.parent / 'last.pt'}"
+            )
+        return ResumePoint(path, state)
     points, problems = _valid_checkpoints(run_dir)
     for problem in problems:
         if problem not in _warned:  # once per process: the check before the run finds it too
