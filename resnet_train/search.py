@@ -5,11 +5,12 @@ killed launch RUNNING forever. `continue_study` runs before each launch (from th
 hydra_plugins/resnet_train_optuna) and makes a relaunch of the same command continue instead:
 
 - the SQLite file's folder (the sweep directory) is created, so the study can be opened;
-- a trial still RUNNING was killed with its launch: it is marked FAIL and its parameters are
-  queued to be tried first, so its job lands in the same run directory and (with resume=auto,
-  which the search configs set) continues from its last checkpoint;
-- only n_trials minus the finished trials are run; a fresh sampler seed keeps a relaunch from
-  drawing the parameters of the earlier launch again.
+- a trial still RUNNING was killed with its launch: it is marked FAIL (and "killed") and its
+  parameters are queued to be tried first, so its job lands in the same run directory and (with
+  resume=auto, which the search configs set) continues from its last checkpoint;
+- only n_trials minus the finished trials are run (complete, pruned, or failed by their own run:
+  a diverged or refused job); a fresh sampler seed keeps a relaunch from drawing the parameters
+  of the earlier launch again.
 
 `read_trials` gives resnet-train-report the study's trials.
 """
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
 # The study's file in a sweep directory (configs/hydra/sweeper/optuna_cpu.yaml).
 STUDY_FILE = "optuna.db"
+
+
+KILLED = "killed"  # the user attribute of a trial killed with its search (run again)
 
 
 def continue_study(impl: Any) -> int:
@@ -45,9 +49,16 @@ def continue_study(impl: Any) -> int:
     except KeyError:  # a new study
         return impl.n_trials
     trials = study.get_trials(deepcopy=False)
-    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    # A trial whose run failed (it diverged, or a value was refused) is finished: its outcome is
+    # known. One killed with the search is not: it is marked, and runs again first.
+    finished = sum(
+        t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and not t.user_attrs.get(KILLED))
+        for t in trials
+    )
     killed = [t for t in trials if t.state == TrialState.RUNNING]
     for trial in killed:
+        optuna.trial.Trial(study, trial._trial_id).set_user_attr(KILLED, True)
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params)
     if trials and hasattr(impl.sampler, "reseed_rng"):

@@ -209,6 +209,11 @@ def test_an_optuna_search_records_a_diverging_trial_as_failed_and_goes_on(tmp_pa
     storage = f"sqlite:///{tmp_path / 'outputs' / 'multirun' / 'div' / 'optuna.db'}"
     trials = optuna.load_study(study_name="resnet-train", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "FAIL"]  # not left RUNNING
+    # Their outcome is known: relaunched, the search has nothing left to run.
+    again = run_cli(*search, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "2 trials finished, 0 killed ones run again first, 0 to run" in again.stdout
+    assert len(optuna.load_study(study_name="resnet-train", storage=storage).get_trials()) == 2
 
 
 def test_an_optuna_search_without_the_optuna_extra_is_one_line(monkeypatch, capsys):
