@@ -162,6 +162,8 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"resnet-train: error: {result.stderr[21:].strip()}"]
     assert expected in result.stderr
+    if override == "model.depht=18":  # the README shows this one whole
+        assert result.stderr.strip() in (REPO / "README.md").read_text()
     # Nothing was written: no run directory, so no checkpoint.
     assert list(Path(tmp_path).iterdir()) == []
 

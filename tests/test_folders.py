@@ -76,6 +76,19 @@ def test_one_folder_is_split_per_class_and_its_test_split_does_not_follow_the_se
     assert held_out_count(10, 0.01) == 1  # a held-out split holds every class
 
 
+def test_a_link_loop_or_a_second_link_to_an_image_reads_each_image_once(shapes):
+    """A class folder holding a link to itself used to list every image ~40 times (os.walk
+    follows the loop to the system's depth limit), in all three splits."""
+    (shapes / "circle" / "loop").symlink_to(".", target_is_directory=True)
+    first = sorted((shapes / "square").glob("*.png"))[0]
+    (shapes / "square" / "again.png").symlink_to(first)
+    found = scan_folders(str(shapes), 0.1, 0.2, 0, False)
+    every = [f for part in (found.train, found.valid, found.test) for f in part[0]]
+    assert len(every) == sum(COUNTS.values())
+    assert not any("/loop/" in f for f in every)
+    assert len({str(Path(f).resolve()) for f in every}) == len(every)  # each file once
+
+
 def test_split_folders_are_read_and_a_missing_split_is_carved_from_train(tmp_path):
     for split, n in (("train", 12), ("val", 3), ("test", 4)):
         make_shape_folders(tmp_path / "a" / split, {"circle": n, "bar": n}, formats=False)

@@ -122,6 +122,9 @@ def test_prune_fine_tune_resume_eval_and_distil_from_the_pruned_model(trained):
     file = cwd / "outputs" / "pruned" / "pruned.pt"
     state = torch.load(file, weights_only=True)
     assert state["channels"]["layer1.0.conv1"] == [10, 16]  # 16 - round(0.4 * 16)
+    # the class names come along: predict names them, eval checks the data's against them
+    source = torch.load(cwd / "outputs" / "base" / "last.pt", weights_only=False)
+    assert state["classes"] == source["classes"] and len(state["classes"]) == 10
 
     # fine-tuning is an ordinary run from it; its checkpoints carry the widths on
     args = ["model=resnet20", *TINY, f"model.weights={file}", "name=ft"]

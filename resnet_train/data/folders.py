@@ -144,11 +144,23 @@ def _class_folders(folder: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """The image files under a class folder, at any depth, symbolic links followed."""
-    found = []
+    """The image files under a class folder, at any depth, symbolic links followed; a folder
+    reached twice (a link back up the tree: a loop) and a file reached twice are read once
+    (os.walk would follow a loop to the system's depth limit: each image ~40 times, in every
+    split)."""
+    found, folders, files = [], set(), set()
     for top, dirs, names in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(top)
+        if real in folders:
+            dirs[:] = []
+            continue
+        folders.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(top) / n for n in names if is_image_name(Path(n))]
+        for name in sorted(names):
+            path = Path(top) / name
+            if is_image_name(path) and os.path.realpath(path) not in files:
+                files.add(os.path.realpath(path))
+                found.append(path)
     return sorted(p for p in found if p.is_file())
 
 

@@ -194,6 +194,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         "model": {k: v.cpu() for k, v in model.state_dict().items()},
         "channels": record,
         "config": saved_cfg,
+        "classes": trained.saved_classes,  # what predict names and eval checks the data against
         "pruned_from": {"path": str(trained.weights.path), "sha256": trained.sha256},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
