@@ -114,11 +114,12 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             return
         from resnet_train.data import check_data
         from resnet_train.data.settle import settle_data
-        from resnet_train.models.build import check_freeze
+        from resnet_train.models.build import check_freeze, check_weights
 
         check_freeze(cfg)
         check_data(cfg.data)
         settle_data(cfg)
+        check_weights(cfg)
         _check_steps(cfg)
         teacher = None
         if cfg.trainer.distill.teacher is not None:

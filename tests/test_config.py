@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -166,6 +167,33 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
         assert result.stderr.strip() in (REPO / "README.md").read_text()
     # Nothing was written: no run directory, so no checkpoint.
     assert list(Path(tmp_path).iterdir()) == []
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_before_the_run_directory(tmp_path):
+    """Checked before the run, on a model without storage: the run directory used to be made
+    (.hydra/, train.log) before the weights were found not to fit."""
+    from resnet_train.models import create_model
+
+    torch.save(create_model("resnet32").state_dict(), tmp_path / "r32.pth")
+    result = run_cli(*SMOKE, f"model.weights={tmp_path / 'r32.pth'}", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        f"resnet-train: error: model.weights={tmp_path / 'r32.pth'} does not fit this model "
+        "(unexpected: layer1.3."
+    ), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r32.pth"]  # no run directory
+    # an exported model given as weights is named as what it is (it was "unreadable")
+    exported = tmp_path / "model.pt2"
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.ones(1, 2),))
+    torch.export.save(program, exported)
+    result = run_cli(*SMOKE, f"model.weights={exported}", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.strip() == (
+        f"resnet-train: error: model.weights={exported} is a torch.export program (what "
+        "task=export writes), not weights: give a torchvision .pth or a resnet-train checkpoint "
+        "(.pt)"
+    )
 
 
 def test_cli_config_errors_are_one_line(tmp_path):

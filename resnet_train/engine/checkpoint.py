@@ -12,6 +12,7 @@ import torch
 
 from resnet_train.engine import faults
 from resnet_train.errors import CheckpointError
+from resnet_train.models.weights import is_exported_program
 
 FORMAT_VERSION = 2
 # The training states of a run directory, newest first: the latest, and the one it replaced.
@@ -101,18 +102,6 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {sentence}"
 
 
-def _is_exported_program(path: Path) -> bool:
-    """torch.export.save's archive: a zip whose folder holds archive_format and models/."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
-
-
 def unreadable(path: Path, error: Exception) -> str:
     """Why torch.load could not read a file, in words: what the file looks like, and the error's
     informative line."""
@@ -120,7 +109,7 @@ def unreadable(path: Path, error: Exception) -> str:
         head = f.read(8)
     size = path.stat().st_size
     if head.startswith(b"PK"):  # torch's zip format
-        if _is_exported_program(path):
+        if is_exported_program(path):
             return ("a torch.export program (what task=export writes), not a checkpoint: give "
                     "the run's best.pt or last.pt")  # fmt: skip
         return (f"a damaged or truncated PyTorch file ({size} bytes; a save that was cut "

@@ -52,6 +52,28 @@ def check_freeze(cfg: DictConfig) -> None:
     freeze(model, cfg.model.freeze, False)
 
 
+def check_weights(cfg: DictConfig) -> None:
+    """model.weights is readable and fits this model: checked on a model without storage (the
+    meta device), with the file's tensors mapped, not read, before a run makes its directory."""
+    m = cfg.model
+    if m.weights is None:
+        return
+    import torch
+
+    from resnet_train.models.weights import load_state, read_weights
+
+    options = model_options(cfg)
+    if options["num_classes"] is None:  # data=imagefolder: its class folders
+        from resnet_train.data.loaders import class_names
+
+        options["num_classes"] = len(class_names(cfg.data, cfg.seed))
+    with torch.device("meta"):
+        model = create_model(m.name, **options)
+    weights = read_weights(m.weights, peek=True)
+    apply_pruned_widths(model, weights, "model.weights")
+    load_state(model, weights, replace_classifier=True, check_only=True)
+
+
 def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:
     """Give model the widths of the pruned model in `weights` (a WeightsFile), if it is one."""
     from resnet_train.errors import CheckpointError

@@ -41,6 +41,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def is_exported_program(path: Path) -> bool:
+    """torch.export.save's archive: a zip whose folder holds archive_format and models/."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names)
+
+
 def read_weights(path: str | Path, key: str = "model.weights", peek: bool = False) -> WeightsFile:
     """Read a torchvision .pth, a resnet-train checkpoint or a DDP dump; raise CheckpointError
     naming `key` when the file is missing, unreadable or holds no state dict. With `peek`, the
@@ -57,9 +69,13 @@ def read_weights(path: str | Path, key: str = "model.weights", peek: bool = Fals
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        what = f"is unreadable ({type(e).__name__})"
+        if is_exported_program(path):
+            what = "is a torch.export program (what task=export writes), not weights"
+        elif path.suffix == ".onnx":
+            what = "is an ONNX model (what task=export writes), not weights"
         raise CheckpointError(
-            f"{key}={path} is unreadable ({type(e).__name__}): give a torchvision .pth or a "
-            "resnet-train checkpoint (.pt)"
+            f"{key}={path} {what}: give a torchvision .pth or a resnet-train checkpoint (.pt)"
         ) from None
     checkpoint = None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -88,10 +104,12 @@ def load_state(
     replace_classifier: bool,
     key: str = "model.weights",
     classes: list[str] | None = None,
+    check_only: bool = False,
 ) -> bool:
     """Load `weights` into `model` strictly; with replace_classifier, a classifier of another
     size, or one the file's run trained on other classes (by name, where both are known), is
-    left freshly initialised. Returns whether it was."""
+    left freshly initialised. Returns whether it was. check_only: raise if the file does not
+    fit the model, load nothing (the model may be on the meta device)."""
     path, state = weights.path, weights.state
     own = model.state_dict()
     file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
@@ -128,6 +146,8 @@ def load_state(
                 f"{own['fc.weight'].shape[0]}"
             )
         raise CheckpointError(f"{key}={path} does not fit this model ({'; '.join(problems)}){hint}")
+    if check_only:
+        return replaced
     model.load_state_dict(state, strict=not replaced)
     if replaced and renamed and file_classes == own["fc.weight"].shape[0]:
         log.info("loaded %s; classifier replaced (the file's classes %s, here %s)", path,
