@@ -156,10 +156,10 @@ def _image_files(class_dir: Path) -> list[Path]:
             continue
         folders.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(top) / name
-            if is_image_name(path) and os.path.realpath(path) not in files:
-                files.add(os.path.realpath(path))
+        for path in (Path(top) / name for name in sorted(names)):
+            real_file = os.path.realpath(path) if is_image_name(path) else None
+            if real_file is not None and real_file not in files:
+                files.add(real_file)
                 found.append(path)
     return sorted(p for p in found if p.is_file())
 

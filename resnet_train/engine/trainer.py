@@ -932,7 +932,7 @@ def _build_run(
         )
     es = tc.early_stopping
     run = _Run(cfg, run_dir, t, Monitor(es.monitor, es.mode, es.patience, es.min_delta), plan)
-    run.classes = classes
+    run.classes, run.loaders = classes, loaders
     run.data_files = data_fingerprint(cfg.data, cfg.seed)
     monitor = run.monitor
     if tc.distill.teacher is not None:
@@ -946,8 +946,7 @@ def _build_run(
         start_batch = run.restore(point)
         if point.path.parent != run_dir:  # resume=PATH from another directory
             previous_best = point.path.parent / "best.pt"
-            ema_only = loaders.valid is None and t.ema is not None and tc.ema.select == "ema"
-            if (monitor.best_epoch or ema_only) and previous_best.is_file():
+            if (monitor.best_epoch or _ema_without_validation(run)) and previous_best.is_file():
                 copy_checkpoint(previous_best, run_dir / "best.pt")
         where = f", batch {start_batch} of epoch {run.epoch + 1}" if start_batch else ""
         log.info(
@@ -965,7 +964,7 @@ def _build_run(
         t.forward, t.compiled = torch.compile(t.ddp or model, mode=tc.compile_mode), True
         t.cuda_graphs = device.type == "cuda" and tc.compile_mode in CUDA_GRAPH_MODES
 
-    run.loaders, run.point, run.start_batch = loaders, point, start_batch
+    run.point, run.start_batch = point, start_batch
     return run
 
 

@@ -54,7 +54,8 @@ def check_freeze(cfg: DictConfig) -> None:
 
 def check_weights(cfg: DictConfig) -> None:
     """model.weights is readable and fits this model: checked on a model without storage (the
-    meta device), with the file's tensors mapped, not read, before a run makes its directory."""
+    meta device), with the file's tensors mapped, not read, before a run makes its directory.
+    cfg.data is settled (settle_data: num_classes known)."""
     m = cfg.model
     if m.weights is None:
         return
@@ -62,13 +63,8 @@ def check_weights(cfg: DictConfig) -> None:
 
     from resnet_train.models.weights import load_state, read_weights
 
-    options = model_options(cfg)
-    if options["num_classes"] is None:  # data=imagefolder: its class folders
-        from resnet_train.data.loaders import class_names
-
-        options["num_classes"] = len(class_names(cfg.data, cfg.seed))
     with torch.device("meta"):
-        model = create_model(m.name, **options)
+        model = create_model(m.name, **model_options(cfg))
     weights = read_weights(m.weights, peek=True)
     apply_pruned_widths(model, weights, "model.weights")
     load_state(model, weights, replace_classifier=True, check_only=True)
