@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,10 +26,22 @@ def progress_bar(total_images: int, desc: str, enabled: bool | None) -> tqdm:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """A JSON record (metrics.json, eval.json, ...), replaced whole: never half-written."""
+    """A JSON record (metrics.json, eval.json, ...), replaced whole: never half-written. A
+    non-finite number (the loss of a diverged epoch) is written as null: NaN and Infinity are
+    not JSON, and strict readers (jq, JavaScript, most non-Python parsers) refuse the file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(_finite_or_null(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def tensorboard_writer(run_dir: Path, purge_step: int | None = None) -> SummaryWriter:

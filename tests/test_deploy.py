@@ -24,17 +24,19 @@ from resnet_train.deploy.evaluate import (
     collect_logits,
     run_eval,
 )
-from resnet_train.deploy.fold import fold_batchnorm
+from resnet_train.deploy.fold import fold_batchnorm, pad_shortcuts_as_convs
 from resnet_train.deploy.source import adopt_config, given_keys, require
 from resnet_train.engine.trainer import fit
 from resnet_train.errors import MissingDependencyError
 from resnet_train.models import create_model, list_models
 from resnet_train.models.qat import (
     FakeQuantConv2d,
+    FakeQuantStemConv2d,
     fake_quantize_activation,
     fake_quantize_weight,
     prepare_qat,
 )
+from resnet_train.models.resnet import PadShortcut
 from resnet_train.models.weights import load_weights
 from tests.conftest import SHARED_DATA, compose_config, run_cli
 from tests.test_train import scalars
@@ -139,6 +141,63 @@ def test_both_shortcut_options_fold(shortcut):
     assert report.folded == (19 if shortcut == "A" else 21)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+def test_option_a_shortcuts_become_1x1_convs_that_compute_exactly_the_same(name):
+    folded, _ = fold_batchnorm(trained_looking(create_model(name, num_classes=10)))
+    images = real_images(8)
+    rewritten, replaced = pad_shortcuts_as_convs(folded, images[:2])
+    assert replaced == 2  # the two stage changes; the identities stay as they are
+    kept = [m for m in rewritten.modules() if isinstance(m, PadShortcut)]
+    assert len(kept) == sum(isinstance(m, PadShortcut) for m in folded.modules()) - 2
+    assert all(m.stride == 1 for m in kept)
+    with torch.no_grad():
+        assert torch.equal(rewritten(images), folded(images))  # exact, not merely close
+    assert any(isinstance(m, PadShortcut) and m.stride == 2 for m in folded.modules())  # a copy
+    # option B has no such shortcut: nothing to replace
+    plain_b = create_model("resnet20", num_classes=10, shortcut="B").eval()
+    assert pad_shortcuts_as_convs(plain_b, images[:2])[1] == 0
+
+
+def test_int8_onnx_of_option_a_resnet_runs_in_one_channels_last_chain(tmp_path):
+    """The exported ResNet-20 has no Slice or Pad (its shortcuts are convs); its int8 model
+    quantizes every conv (the stem's weights in 7 bits, the others in 8) and ONNX Runtime runs
+    it channels-last from the first conv to the last, with no Transpose between blocks."""
+    require("onnxruntime", "test")
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from resnet_train.deploy.export import INPUT, export_onnx
+    from resnet_train.deploy.quantize import quantize_int8
+
+    model = trained_looking(create_model("resnet20", num_classes=10))
+    folded, _ = fold_batchnorm(model)
+    fp32, int8 = tmp_path / "m.onnx", tmp_path / "m.int8.onnx"
+    export_onnx(folded, real_images(2), fp32)
+    ops = [n.op_type for n in onnx.load(str(fp32)).graph.node]
+    assert "Slice" not in ops and "Pad" not in ops and ops.count("Conv") == 21
+    calibration = real_images(64).numpy()
+    quantize_int8(fp32, int8, [calibration[:32], calibration[32:]], INPUT)
+    graph = onnx.load(str(int8)).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    conv_weights = [weights[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"
+                    and n.input[0] in weights and weights[n.input[0]].ndim == 4]  # fmt: skip
+    assert len(conv_weights) == 21 and all(w.dtype == np.int8 for w in conv_weights)
+    stem = [w for w in conv_weights if w.shape[1] == 3]
+    assert len(stem) == 1 and np.abs(stem[0]).max() == 64  # 7 bits: no int16 saturation
+    assert max(int(np.abs(w).max()) for w in conv_weights if w.shape[1] != 3) == 127
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(int8), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert optimized.count("QLinearConv") == 21 and optimized.count("Transpose") <= 2
+    images = real_images(16)
+    with torch.no_grad():
+        want = model(images).argmax(1)
+    got = session.run(None, {INPUT: images.numpy()})[0].argmax(1)
+    assert (got == want.numpy()).mean() >= 0.75
+
+
 def test_fake_quantized_weights_take_at_most_255_levels_per_channel_and_pass_gradients():
     w = torch.randn(8, 4, 3, 3, requires_grad=True)
     q = fake_quantize_weight(w)
@@ -159,9 +218,15 @@ def test_fake_quantized_weights_take_at_most_255_levels_per_channel_and_pass_gra
 def test_qat_model_keeps_its_names_and_loads_into_the_plain_model():
     plain = create_model("resnet20", num_classes=10)
     model = create_model("resnet20", num_classes=10)
-    assert prepare_qat(model) == 19  # 18 convs (not the stem) and the classifier
+    assert prepare_qat(model) == 20  # the stem, 18 convs and the classifier
     assert isinstance(model.layer1[0].conv1, FakeQuantConv2d)
-    assert type(model.conv1) is nn.Conv2d  # the stem stays in float, as in the int8 export
+    assert type(model.conv1) is FakeQuantStemConv2d  # 7-bit weights, as in the int8 export
+    x = real_images(2)
+    stem_weight = fake_quantize_weight(model.conv1.weight, (-64, 64))
+    assert torch.equal(model.conv1(x), nn.functional.conv2d(fake_quantize_activation(x),
+                                                           stem_weight, None, 1, 1))  # fmt: skip
+    scale = model.conv1.weight.detach().abs().amax(dim=(1, 2, 3)) / 64
+    assert float((stem_weight.detach() / scale.view(-1, 1, 1, 1)).round().abs().max()) == 64
     assert model.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(model.state_dict())
     images = real_images(4)

@@ -721,3 +721,12 @@ def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path,
     assert not (tmp_path / "best.pt").exists()
     assert metrics["selected_checkpoint"] == "last.pt", metrics
     assert any("no epoch had a finite validation valid/loss" in r.message for r in caplog.records)
+    # metrics.json stays strict JSON (NaN is not JSON): the nan losses are null
+    text = (tmp_path / "metrics.json").read_text()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"metrics.json holds {constant}")
+
+    written = json.loads(text, parse_constant=refuse)
+    assert written["valid"]["loss"] is None and written["valid"]["acc"] == metrics["valid"]["acc"]
+    assert [e["valid_loss"] for e in written["history"]] == [None, None]

@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from resnet_train.data.loaders import build_eval_loader
-from resnet_train.deploy.fold import fold_batchnorm
+from resnet_train.deploy.fold import fold_batchnorm, pad_shortcuts_as_convs
 from resnet_train.deploy.quantize import quantize_int8
 from resnet_train.deploy.source import Trained, load_trained, require
 from resnet_train.errors import UserError
@@ -84,7 +84,9 @@ def _batches(trained: Trained, split: str, count: int | None) -> Any:
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export-based ONNX export where this torch has it (2.5+), else the TorchScript one;
-    the batch dimension dynamic, the weights inside the one file."""
+    the batch dimension dynamic, the weights inside the one file. Option-A shortcuts are
+    written as the 1x1 convs they equal (deploy.fold.pad_shortcuts_as_convs)."""
+    model, _ = pad_shortcuts_as_convs(model, example)
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         from torch.export import Dim
 

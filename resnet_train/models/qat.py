@@ -10,8 +10,8 @@ the int8 model gets. The activation ranges are each batch's own: no observer sta
 resumed run stays bit-identical; the int8 export calibrates its ranges on training images as
 post-training quantization does.
 
-The stem conv (`conv1`, the one that reads the image) stays in float, as the int8 export
-leaves it (see resnet_train/deploy/quantize.py for why). The layers keep their class's
+The stem conv (`conv1`, the one that reads the image) gets 7-bit weights in [-64, 64], as the
+int8 export gives it (see resnet_train/deploy/quantize.py for why). The layers keep their class's
 parameters and state-dict names (only their forward changes), so a QAT checkpoint loads into
 the plain model.
 """
@@ -24,13 +24,16 @@ from torch import nn
 
 WEIGHT_RANGE = (-127, 127)
 ACTIVATION_RANGE = (0, 255)
-# The conv that reads the image: left in float by the int8 export, and so here.
+# The conv that reads the image: 7-bit weights in the int8 export, and so here.
 STEM_CONV = "conv1"
+STEM_WEIGHT_RANGE = (-64, 64)
 
 
-def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Per output channel, symmetric int8."""
-    low, high = WEIGHT_RANGE
+def fake_quantize_weight(
+    weight: torch.Tensor, bounds: tuple[int, int] = WEIGHT_RANGE
+) -> torch.Tensor:
+    """Per output channel, symmetric int8 (or the narrower symmetric `bounds`)."""
+    low, high = bounds
     dims = tuple(range(1, weight.dim()))
     scale = (weight.detach().abs().amax(dim=dims) / high).clamp(min=1e-12).float()
     zero = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
@@ -53,6 +56,12 @@ class FakeQuantConv2d(nn.Conv2d):
         return self._conv_forward(fake_quantize_activation(x), weight, self.bias)
 
 
+class FakeQuantStemConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = fake_quantize_weight(self.weight, STEM_WEIGHT_RANGE)
+        return self._conv_forward(fake_quantize_activation(x), weight, self.bias)
+
+
 class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = fake_quantize_weight(self.weight)
@@ -60,13 +69,15 @@ class FakeQuantLinear(nn.Linear):
 
 
 def prepare_qat(model: nn.Module) -> int:
-    """Switch every nn.Conv2d and nn.Linear of `model` but the stem conv to fake quantization,
-    in place (same parameters, same names); returns how many layers were switched."""
+    """Switch every nn.Conv2d and nn.Linear of `model` to fake quantization (the stem conv to
+    7-bit weights), in place (same parameters, same names); returns how many layers were
+    switched."""
     switched = 0
     for name, module in model.named_modules():
-        if name == STEM_CONV:
-            continue
-        if type(module) is nn.Conv2d:
+        if name == STEM_CONV and type(module) is nn.Conv2d:
+            module.__class__ = FakeQuantStemConv2d
+            switched += 1
+        elif type(module) is nn.Conv2d:
             module.__class__ = FakeQuantConv2d
             switched += 1
         elif type(module) is nn.Linear:
