@@ -8,10 +8,14 @@ here too. Multiruns go straight to Hydra, which checks each job's config as it s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +165,11 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
         _check_deploy_run_dir(cfg.task, run_dir)
         return
     if cfg.task == "prune":
-        from resnet_train.deploy.prune import method_for
+        from resnet_train.deploy.prune import check_prune, method_for
 
         if method_for(trained.cfg, trained.model) == "groups":
             require("torch_pruning", "prune.method=groups")
+        check_prune(trained)
     d = trained.cfg.data
     if d.name == "imagefolder" and not {"data", "data.root"} & given_keys(args):
         raise ConfigError(
@@ -305,14 +310,56 @@ TASKS = {
 FAILED_JOBS: list[str] = []
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) during a task that reads a trained model: unwinds as Ctrl-C does,
+    so that the task's temporary files are removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise Terminated while the block runs (their default would end the
+    process at once, with no clean-up). Training has its own handling (engine.preemption)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    wanted = (signal.SIGTERM, signal.SIGHUP)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# The task this process is running (for the message of an interrupted one).
+RUNNING_TASK: list[str] = []
+
+
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         validate(cfg)
-        return TASKS[cfg.task](
-            cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
-        )
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        RUNNING_TASK[:] = [cfg.task]
+        if cfg.task not in WEIGHTS_TASKS:
+            return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))
+        from resnet_train.deploy.staging import remove_leftovers
+
+        with stop_signals_unwind():
+            if removed := remove_leftovers(run_dir):
+                logging.getLogger("resnet_train").info(
+                    "removed what a killed task=%s left here: %s", cfg.task, ", ".join(removed)
+                )
+            return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))
     except (UserError, FloatingPointError) as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
             _fail(e)
@@ -471,13 +518,43 @@ def main() -> None:
                 f"{len(FAILED_JOBS)} job(s) of the sweep failed (each said why above); the first: "
                 f"{FAILED_JOBS[0]}"
             )
-    except KeyboardInterrupt:  # a Ctrl-C outside a run's steps, or a second one inside
-        print(
-            "resnet-train: interrupted: stopped at once; checkpoints are written whole, so the "
-            "last one saved is intact (resume=auto continues from it)",
-            file=sys.stderr,
+    except KeyboardInterrupt as e:  # a Ctrl-C outside a run's steps, or a second one inside
+        _interrupted(e)
+    except Exception as e:
+        # A library that catches the Ctrl-C and raises its own error (torch's ONNX exporter
+        # does, when it lands in its import of torch._dynamo): still an interruption.
+        if (interrupt := _interrupt_in_chain(e)) is None:
+            raise
+        _interrupted(interrupt)
+
+
+def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """One line on what an interrupted command left, and the shell's status for the signal."""
+    task = RUNNING_TASK[0] if RUNNING_TASK else "train"
+    how = f"terminated ({e})" if isinstance(e, Terminated) else "interrupted"
+    if task in WEIGHTS_TASKS:
+        what = (
+            f"task={task} stopped at once; its files are put in place only when it ends, so it "
+            "left none (its log stays; run it again with the same name=)"
         )
-        sys.exit(130)
+    else:
+        what = (
+            "stopped at once; checkpoints are written whole, so the last one saved is intact "
+            "(resume=auto continues from it)"
+        )
+    print(f"resnet-train: {how}: {what}", file=sys.stderr)
+    sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
 
 
 def run() -> None:

@@ -530,15 +530,24 @@ def _positive(key: str, value: Any) -> None:
     _check(value > 0, key, value, "must be > 0")
 
 
+def _check_file(key: str, value: str, allowed: str) -> None:
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    if path.is_dir():
+        names = [n for n in ("best.pt", "last.pt", "pruned.pt") if (path / n).is_file()]
+        hint = f" (it holds {', '.join(names)}: give one of them)" if names else ""
+        _check(False, key, value, f"is a folder, not a file{hint}: {allowed}")
+    _check(path.is_file(), key, value, f"no such file: {allowed}")
+
+
 def _validate_distill(kd: DictConfig, models: list[str]) -> None:
     _check(kd.teacher != REQUIRED, "trainer.distill.teacher", kd.teacher,
            "this experiment distils: give the teacher's weights, trainer.distill.teacher=PATH "
            "(or null to train the student alone)")  # fmt: skip
     if kd.teacher is not None:
-        from pathlib import Path
-
-        _check(Path(kd.teacher).expanduser().is_file(), "trainer.distill.teacher", kd.teacher,
-               "no such file: give a resnet-train checkpoint or a torchvision .pth")  # fmt: skip
+        _check_file("trainer.distill.teacher", kd.teacher,
+                    "give a resnet-train checkpoint or a torchvision .pth")  # fmt: skip
     _optional("trainer.distill.teacher_model", kd.teacher_model, _one_of, models)
     _check(kd.teacher_model is None or kd.teacher is not None, "trainer.distill.teacher_model",
            kd.teacher_model, "names the teacher's architecture: set trainer.distill.teacher "
@@ -613,10 +622,8 @@ def validate(cfg: DictConfig) -> None:
            "torchvision .pth such as resnet50-11ad3fa6.pth, or a resnet-train "
            "checkpoint)")  # fmt: skip
     if m.weights is not None:
-        from pathlib import Path
-
-        _check(Path(m.weights).expanduser().is_file(), "model.weights", m.weights,
-               "no such file: give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
+        _check_file("model.weights", m.weights,
+                    "give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 
     _one_of("data.name", d.name, DATASETS)
     _check(d.root is not None or d.name == "synthetic" or cfg.task == "predict", "data.root",
@@ -655,13 +662,16 @@ def validate(cfg: DictConfig) -> None:
         _check_normalisation(f"data.{key}", d[key], positive=key == "std")
     _within("data.test_ratio", d.test_ratio, "[0, 1)")
     _one_of("data.balance", d.balance, BALANCE)
-    _check(
-        d.batch_size >= 2,
-        "data.batch_size",
-        d.batch_size,
-        "must be >= 2: BatchNorm cannot normalise a training batch of one image (for larger "
-        "steps from small batches, raise trainer.accumulate_steps)",
-    )
+    if cfg.task == "train":
+        _check(
+            d.batch_size >= 2,
+            "data.batch_size",
+            d.batch_size,
+            "must be >= 2: BatchNorm cannot normalise a training batch of one image (for larger "
+            "steps from small batches, raise trainer.accumulate_steps)",
+        )
+    else:  # evaluation only: BatchNorm uses its running statistics, one image is a batch
+        _at_least("data.batch_size", d.batch_size, 1)
     _optional("data.num_workers", d.num_workers, _at_least, 0)
     _one_of("data.decoder", d.decoder, ("torchvision", "pil", "gpu"))
     _within("data.valid_ratio", d.valid_ratio, "[0, 1)")

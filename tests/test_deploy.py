@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import importlib
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +369,9 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_image():
          "int8 models are made with ONNX Runtime: use export.format=onnx"),
         (["task=export"], "task=export needs the model to export: model.weights=PATH"),
         (["model.weights=WEIGHTS", "name=tr"], "holds a training run; task=eval writes into"),
+        (["model.weights=outputs"], "model.weights='outputs' is invalid: is a folder, not a file"),
+        (["task=prune", "model.weights=WEIGHTS", "prune.ratio=0.01"],
+         "prune.ratio=0.01 is invalid: it removes no channel: the ratio is too small"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
@@ -560,3 +565,154 @@ def test_an_export_stopped_at_its_last_step_leaves_no_file(trained, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         export.run_export(compose_config(*args), tmp_path / "ex", args)
     assert list((tmp_path / "ex").iterdir()) == []
+
+
+def test_staged_files_appear_together_in_order_or_not_at_all(tmp_path):
+    from resnet_train.deploy.staging import Staging, remove_leftovers
+
+    run = tmp_path / "run"
+    with Staging(run) as stage:
+        stage.file("a.csv").write_text("a")
+        events = stage.folder("tensorboard")
+        (events / "events.1").write_text("e")
+        stage.file("record.json").write_text("{}")
+        assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == []
+        done = stage.commit()
+    assert [p.name for p in done] == ["a.csv", "tensorboard", "record.json"]  # record last
+    assert (run / "a.csv").read_text() == "a" and (run / "tensorboard" / "events.1").is_file()
+    assert sorted(p.name for p in run.iterdir()) == ["a.csv", "record.json", "tensorboard"]
+    with pytest.raises(KeyboardInterrupt), Staging(run) as stage:
+        stage.file("b.csv").write_text("b")
+        stage.folder("tensorboard")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in run.iterdir()) == ["a.csv", "record.json", "tensorboard"]
+    # what a SIGKILL left: removed by the next task there; other dot files are kept
+    (run / ".model.4242.tmp.onnx").write_text("x")
+    (run / ".quantize.4242.tmpab12").mkdir()
+    (run / ".quantize.4242.tmpab12" / "prepared.onnx").write_text("x")
+    (run / ".hydra").mkdir()
+    assert remove_leftovers(run) == [".model.4242.tmp.onnx", ".quantize.4242.tmpab12"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra",
+        "a.csv",
+        "record.json",
+        "tensorboard",
+    ]
+
+
+def _only_its_log(run: Path, task: str) -> None:
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", f"{task}.log"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_export_leaves_no_file_and_the_next_export_cleans_up(
+    trained, monkeypatch, capsys
+):
+    """SIGTERM (a scheduler's stop, `timeout`) unwinds like Ctrl-C: nothing put in place, the
+    temporary files removed, exit 143; what a SIGKILL leaves is removed by the next run."""
+    import signal
+
+    from resnet_train.deploy import export
+
+    work = trained.parents[1]
+    real = export.quantize_int8
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the export")
+
+    monkeypatch.setattr(export, "quantize_int8", terminated)
+    args = ["task=export", f"model.weights={trained / 'best.pt'}", "export.quantize=int8",
+            "name=term"]  # fmt: skip
+    r = run_cli(*args, cwd=work)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet-train: terminated (SIGTERM): task=export stopped"), r.stderr
+    run = work / "outputs" / "term"
+    _only_its_log(run, "export")
+    assert signal.getsignal(signal.SIGTERM) is not None  # restored, not left raising
+    # a SIGKILL would have left these: the next export there removes them, and succeeds
+    (run / ".model.999999.tmp.onnx").write_text("half")
+    (run / ".quantize.999999.tmpq1w2").mkdir()
+    monkeypatch.setattr(export, "quantize_int8", real)
+    r = run_cli(*args[:-2], "name=term", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "removed what a killed task=export left here: .model.999999.tmp.onnx, " in r.stdout
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".hydra",
+        "export.json",
+        "export.log",
+        "model.onnx",
+    ]
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_that_a_library_wraps_in_its_own_error_is_still_an_interruption(
+    trained, monkeypatch
+):
+    """torch's ONNX exporter turns a Ctrl-C inside its import of torch._dynamo into its own
+    export error: the command still says it was interrupted, in one line, exit 130."""
+    from resnet_train.deploy import export
+
+    def wrapped(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    monkeypatch.setattr(export, "export_onnx", wrapped)
+    work = trained.parents[1]
+    r = run_cli("task=export", f"model.weights={trained / 'best.pt'}", "name=wrapped", cwd=work)
+    assert r.returncode == 130, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("resnet-train: interrupted: task=export stopped at once"), lines
+    assert "Traceback" not in r.stderr
+    _only_its_log(work / "outputs" / "wrapped", "export")
+
+
+@pytest.mark.slow
+def test_an_eval_interrupted_at_its_end_leaves_none_of_its_files(trained, monkeypatch):
+    from resnet_train.deploy import evaluate
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "write_json", interrupted)  # eval.json: the last file
+    work = trained.parents[1]
+    r = run_cli("task=eval", f"model.weights={trained / 'best.pt'}", "name=evi", cwd=work)
+    assert r.returncode == 130, r.stderr
+    _only_its_log(work / "outputs" / "evi", "eval")  # no CSV, PNG or TensorBoard file
+
+
+@pytest.mark.slow
+def test_eval_and_predict_take_batches_of_one_image(trained, tmp_path):
+    work = trained.parents[1]
+    weights = f"model.weights={trained / 'best.pt'}"
+    r = run_cli("task=eval", weights, "data.batch_size=1", "name=ev-b1", cwd=work)
+    assert r.returncode == 0, r.stderr
+    one = json.loads((work / "outputs" / "ev-b1" / "eval.json").read_text())
+    reported = json.loads((trained / "metrics.json").read_text())["test"]["acc"]
+    assert one["images"] == 96 and abs(one["top1"] - reported) <= 100 / 96  # one image at most
+    r = run_cli("model=resnet20", "data=synthetic", "data.batch_size=1", "trainer.epochs=1",
+                "trainer.device=cpu", "name=train-b1", cwd=work)  # fmt: skip
+    assert r.returncode == 2 and "data.batch_size=1 is invalid: must be >= 2" in r.stderr
+
+
+def test_a_qat_model_in_eval_mode_gives_each_image_the_same_logits_in_any_batch():
+    """Fake quantization takes each image's own activation ranges in eval mode, so task=eval and
+    task=predict of a QAT checkpoint do not depend on the batch an image is in; training
+    batches keep their batch's ranges."""
+    torch.manual_seed(0)
+    model = trained_looking(create_model("resnet20", num_classes=10))
+    prepare_qat(model)
+    images = real_images(32)
+    with torch.no_grad():
+        whole = model.eval()(images)
+        parts = torch.cat([model(images[i : i + 8]) for i in range(0, 32, 8)])
+        reordered = model(images.flip(0)).flip(0)
+    assert torch.equal(whole, parts) and torch.equal(whole, reordered)
+    x = torch.cat([torch.rand(1, 3, 4, 4), 10 * torch.rand(1, 3, 4, 4)])
+    per_image, per_batch = fake_quantize_activation(x, per_image=True), fake_quantize_activation(x)
+    assert float((per_image[0] - x[0]).abs().max()) <= 1 / 255  # its own range: fine steps
+    assert float((per_batch[0] - x[0]).abs().max()) > 1 / 255  # the batch's range: coarse

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from resnet_train.config import flatten
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.source import LOCAL_KEYS, Trained, load_trained
-from resnet_train.logging import progress_bar, tensorboard_writer, write_json
+from resnet_train.deploy.staging import Staging
+from resnet_train.logging import progress_bar, write_json
 from resnet_train.precision import autocast
 
 log = logging.getLogger("resnet_train")
@@ -237,23 +239,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
     figures = classification_metrics(logits, labels, names, cfg.eval.calibration_bins)
     confusion = figures.pop("confusion")
     title = f"{cfg.model.name} on {cfg.data.name} {split} ({figures['images']} images)"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_confusion_csv(run_dir / "confusion_matrix.csv", confusion, names)
-    pictures = {
-        "confusion_matrix.png": confusion_figure(confusion, names, title),
-        "reliability.png": reliability_figure(figures["calibration_bins"], figures["ece"], title),
-    }
     import matplotlib.pyplot as plt
-
-    writer = tensorboard_writer(run_dir)
-    for file, figure in pictures.items():
-        figure.savefig(run_dir / file)
-        writer.add_figure(f"eval/{split}/{file.removesuffix('.png')}", figure, close=False)
-        plt.close(figure)
-    for key in ("loss", "top1", "top5", "balanced_acc", "ece"):
-        if key in figures:
-            writer.add_scalar(f"eval/{split}/{key}", figures[key], 0)
-    writer.close()
 
     # (flip TTA is not what the run tested)
     reported = None if cfg.eval.tta else training_report(trained, split)
@@ -270,7 +256,26 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
         "from_checkpoint_run": trained.adopted,
         "class_names": names,
     }
-    write_json(run_dir / "eval.json", result)
+    # The files are put in place together at the end, eval.json last (deploy.staging).
+    with Staging(run_dir) as stage:
+        write_confusion_csv(stage.file("confusion_matrix.csv"), confusion, names)
+        pictures = {
+            "confusion_matrix.png": confusion_figure(confusion, names, title),
+            "reliability.png": reliability_figure(
+                figures["calibration_bins"], figures["ece"], title
+            ),
+        }
+        writer = SummaryWriter(log_dir=str(stage.folder("tensorboard")))
+        for file, figure in pictures.items():
+            figure.savefig(stage.file(file))
+            writer.add_figure(f"eval/{split}/{file.removesuffix('.png')}", figure, close=False)
+            plt.close(figure)
+        for key in ("loss", "top1", "top5", "balanced_acc", "ece"):
+            if key in figures:
+                writer.add_scalar(f"eval/{split}/{key}", figures[key], 0)
+        writer.close()
+        write_json(stage.file("eval.json"), result)
+        stage.commit()
     log.info(
         "%s on %s %s (%d images%s): loss %.4f  top-1 %.2f%%  top-5 %.2f%%  balanced %.2f%%  "
         "ECE %.2f%%",

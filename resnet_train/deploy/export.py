@@ -16,7 +16,6 @@ import contextlib
 import inspect
 import json
 import logging
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.fold import fold_batchnorm, pad_shortcuts_as_convs
 from resnet_train.deploy.quantize import quantize_int8
 from resnet_train.deploy.source import Trained, load_trained, require
+from resnet_train.deploy.staging import Staging
 from resnet_train.errors import UserError
 from resnet_train.logging import write_json
 from resnet_train.models.weights import file_sha256
@@ -82,11 +82,11 @@ def _batches(trained: Trained, split: str, count: int | None) -> Any:
         yield images.cpu().contiguous().numpy(), labels.cpu().numpy()
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> int:
     """torch.export-based ONNX export where this torch has it (2.5+), else the TorchScript one;
     the batch dimension dynamic, the weights inside the one file. Option-A shortcuts are
-    written as the 1x1 convs they equal (deploy.fold.pad_shortcuts_as_convs)."""
-    model, _ = pad_shortcuts_as_convs(model, example)
+    written as the 1x1 convs they equal (deploy.fold.pad_shortcuts_as_convs): returns how many."""
+    model, shortcuts = pad_shortcuts_as_convs(model, example)
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         from torch.export import Dim
 
@@ -95,11 +95,12 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
             output_names=[OUTPUT], dynamic_shapes=({0: Dim("batch")},), external_data=False,
             verbose=False,
         )  # fmt: skip
-        return
+        return shortcuts
     torch.onnx.export(
         model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
         dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=17,
     )  # fmt: skip
+    return shortcuts
 
 
 def onnx_session(path: Path, spin: bool = True, optimized: Path | None = None) -> Any:
@@ -149,7 +150,7 @@ def _write_onnx(folded, meta, example, tmp: Path) -> dict[str, Any]:
     onnx = require("onnx", "export.format=onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' notes on their own internals
-        export_onnx(folded, example, tmp)
+        shortcuts = export_onnx(folded, example, tmp)
     model = onnx.load(str(tmp))
     model.metadata_props.add(key="resnet_train", value=json.dumps(meta))
     for key in ("class_names", "mean", "std", "image_size"):
@@ -161,7 +162,7 @@ def _write_onnx(folded, meta, example, tmp: Path) -> dict[str, Any]:
     ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
     optimized.unlink(missing_ok=True)
     return {"onnx_runtime_nodes": len(ops), "fused_conv": ops.count("FusedConv"),
-            "conv": ops.count("Conv")}  # fmt: skip
+            "conv": ops.count("Conv"), "shortcuts_as_convs": shortcuts}  # fmt: skip
 
 
 def _run_file(fmt: str, path: Path, images: torch.Tensor) -> np.ndarray:
@@ -226,17 +227,9 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
 
     # Every file is written under a temporary name and put in place only when all of them are
     # written and checked (export.json last): a failed or interrupted export leaves none.
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"model.{ex.format}"
-    staged: dict[Path, Path] = {}  # final name -> temporary file
-
-    def stage(name: str) -> Path:
-        stem, suffix = os.path.splitext(name)  # the suffix kept: the writers go by it
-        staged[run_dir / name] = run_dir / f".{stem}.{os.getpid()}.tmp{suffix}"
-        return staged[run_dir / name]
-
-    try:
-        tmp = stage(final.name)
+    with Staging(run_dir) as stage:
+        tmp = stage.file(final.name)
         if ex.format == "onnx":
             graph = _write_onnx(folded, meta, images[:2], tmp)
         else:
@@ -259,6 +252,10 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
             final.name, runtime, len(images), errors[len(images)], len(images), errors[1],
             ex.check_tolerance,
         )  # fmt: skip
+        if graph.get("shortcuts_as_convs"):
+            log.info("%s writes the %d zero-padding shortcuts (option A) that subsample as the "
+                     "1x1 convs with fixed 0/1 weights they equal", final.name,
+                     graph["shortcuts_as_convs"])  # fmt: skip
         if graph.get("fused_conv"):
             log.info("ONNX Runtime fuses %d Conv+ReLU pairs into FusedConv (%d nodes after its "
                      "optimisation)", graph["fused_conv"], graph["onnx_runtime_nodes"])  # fmt: skip
@@ -278,16 +275,12 @@ def _export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, A
             "metadata": meta,
         }
         if ex.quantize == "int8":
-            int8 = stage("model.int8.onnx")
+            int8 = stage.file("model.int8.onnx")
             result["int8"] = _export_int8(trained, tmp, int8, images)
             result["int8"]["file"] = str(run_dir / "model.int8.onnx")
-        write_json(stage("export.json"), result)
-        for name, written in staged.items():  # export.json last: the record of a whole export
-            os.replace(written, name)
-    finally:
-        for written in staged.values():
-            written.unlink(missing_ok=True)
-    log.info("wrote %s", ", ".join(f"{p} ({p.stat().st_size / 1e6:.2f} MB)" for p in staged))
+        write_json(stage.file("export.json"), result)
+        written = stage.commit()  # export.json last: the record of a whole export
+    log.info("wrote %s", ", ".join(f"{p} ({p.stat().st_size / 1e6:.2f} MB)" for p in written))
     return result
 
 
@@ -302,6 +295,9 @@ def _export_int8(trained: Trained, fp32: Path, out: Path, images: torch.Tensor) 
             yield x
 
     quantize_int8(fp32, out, calibration(), INPUT)
+    if calibrated < ex.calibration_images:
+        log.info("export.calibration_images=%d: the training split has %d images; all are used",
+                 ex.calibration_images, calibrated)  # fmt: skip
     fp32_logits = onnx_session(fp32).run(None, {INPUT: images.numpy()})[0]
     int8_logits = onnx_session(out).run(None, {INPUT: images.numpy()})[0]
     agreement = 100 * float((fp32_logits.argmax(1) == int8_logits.argmax(1)).mean())

@@ -33,6 +33,7 @@ from resnet_train.data.folders import (
 from resnet_train.data.loaders import TransformedSubset, worker_count
 from resnet_train.data.transforms import build_transform
 from resnet_train.deploy.source import Trained, load_trained
+from resnet_train.deploy.staging import Staging
 from resnet_train.errors import DataError
 from resnet_train.logging import progress_bar, write_json
 from resnet_train.precision import autocast
@@ -158,15 +159,7 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
             row += [labels[index], f"{value:.6f}"]
         rows.append(row)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     csv_path = run_dir / "predictions.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", *[f"{what}_{i + 1}" for i in range(k)
-                                   for what in ("class", "prob")]])  # fmt: skip
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
     d = cfg.data
     result = {
         **trained.record("predict"),
@@ -185,7 +178,14 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
         "seconds": seconds,
         "images_per_s": len(files) / seconds if seconds > 0 else None,
     }
-    write_json(run_dir / "predict.json", result)
+    with Staging(run_dir) as stage:  # put in place together, predict.json last
+        with open(stage.file(csv_path.name), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", *[f"{what}_{i + 1}" for i in range(k)
+                                       for what in ("class", "prob")]])  # fmt: skip
+            writer.writerows(rows)
+        write_json(stage.file("predict.json"), result)
+        stage.commit()
     for line in _table(rows, k, int(p.show)):
         log.info("%s", line)
     more = f" (the first {p.show} above)" if 0 < p.show < len(rows) else ""

@@ -20,7 +20,6 @@ prune.json records parameters, MACs and accuracy on eval.split before and after.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from resnet_train.config import to_dict
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.evaluate import collect_logits
 from resnet_train.deploy.source import Trained, _without_weights, load_trained, require
+from resnet_train.deploy.staging import Staging
 from resnet_train.errors import ConfigError
 from resnet_train.logging import write_json
 from resnet_train.models.build import build_model
@@ -169,20 +169,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     before = {"acc": accuracy(model, trained, loader, f"{split}, before")}
     before.update(figures(model, size))  # (on the CPU, where the model is pruned)
     model = model.float().eval()
-    reference = build_model(_without_weights(cfg))  # the architecture unpruned, as configured
-    if method == "blocks":
-        prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
-    else:
-        prune_groups(model, p.ratio, p.importance, size, p.round_to)
-    record = channel_record(model, reference)
-    if not _smaller(model, before):
-        why = (
-            "its blocks' convs are grouped (ResNeXt): use prune.method=groups"
-            if method == "blocks" and any(c.groups > 1 for c in _convs(model))
-            else f"the ratio is too small for prune.round_to={p.round_to} (each pruned layer "
-            f"keeps a multiple of {p.round_to} channels)"
-        )
-        raise ConfigError(f"prune.ratio={p.ratio} is invalid: it removes no channel: {why}")
+    record, reference = _prune(model, cfg, method)
     _check_rebuild(model, reference, record, size)
     after = {**figures(model, size), "acc": accuracy(model.to(trained.device), trained, loader,
                                                       f"{split}, after")}  # fmt: skip
@@ -197,10 +184,6 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         "classes": trained.saved_classes,  # what predict names and eval checks the data against
         "pruned_from": {"path": str(trained.weights.path), "sha256": trained.sha256},
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staged = run_dir / ".pruned.pt.tmp"
-    torch.save(state, staged)
-    os.replace(staged, run_dir / "pruned.pt")
     result = {
         **trained.record(split),
         "method": method,
@@ -214,7 +197,10 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         "pruned": str(run_dir / "pruned.pt"),
         "pruned_layers": len(record),
     }
-    write_json(run_dir / "prune.json", result)
+    with Staging(run_dir) as stage:  # put in place together, prune.json last
+        torch.save(state, stage.file("pruned.pt"))
+        write_json(stage.file("prune.json"), result)
+        stage.commit()
     log.info(
         "%s pruned (%s, %s, ratio %g): parameters %s -> %s (-%.1f%%), MACs %s -> %s (-%.1f%%), "
         "%s accuracy %.2f%% -> %.2f%% before fine-tuning",
@@ -243,8 +229,34 @@ def _convs(model: nn.Module) -> list[nn.Conv2d]:
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
-def _smaller(model: nn.Module, before: dict[str, Any]) -> bool:
-    return sum(p.numel() for p in model.parameters()) < before["parameters"]
+def _prune(model: nn.Module, cfg: DictConfig, method: str) -> tuple[dict, nn.Module]:
+    """Prune `model` (a float CPU model, in place) as cfg.prune says; return its channel record
+    and the unpruned architecture as configured. A ratio that removes nothing is refused."""
+    p = cfg.prune
+    parameters = sum(t.numel() for t in model.parameters())
+    reference = build_model(_without_weights(cfg))
+    if method == "blocks":
+        prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
+    else:
+        prune_groups(model, p.ratio, p.importance, cfg.data.image_size, p.round_to)
+    if not sum(t.numel() for t in model.parameters()) < parameters:
+        why = (
+            "its blocks' convs are grouped (ResNeXt): use prune.method=groups"
+            if method == "blocks" and any(c.groups > 1 for c in _convs(model))
+            else f"the ratio is too small for prune.round_to={p.round_to} (each pruned layer "
+            f"keeps a multiple of {p.round_to} channels)"
+        )
+        raise ConfigError(f"prune.ratio={p.ratio} is invalid: it removes no channel: {why}")
+    return channel_record(model, reference), reference
+
+
+def check_prune(trained: Trained) -> None:
+    """Before the run starts: prune a copy of the model, so that a ratio that removes nothing
+    is refused before any evaluation and before the run directory is made."""
+    import copy
+
+    model = copy.deepcopy(trained.model).to("cpu").float().eval()
+    _prune(model, trained.cfg, method_for(trained.cfg, trained.model))
 
 
 def _check_rebuild(model: nn.Module, reference: nn.Module, record: dict, size: int) -> None:

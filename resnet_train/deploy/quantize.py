@@ -45,7 +45,10 @@ def quantize_int8(
             return None if batch is None else {input_name: batch}
 
     source = onnx.load(str(fp32_path))
-    with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
+    # named so that a killed export's leftover is recognised (deploy.staging.remove_leftovers)
+    scratch_name = f".quantize.{os.getpid()}.tmp"
+    scratch = tempfile.TemporaryDirectory(prefix=scratch_name, dir=out_path.parent)
+    with scratch as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         # Shape inference and graph clean-up first, as ONNX Runtime's quantization guide asks.
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=False)

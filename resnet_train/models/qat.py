@@ -6,9 +6,11 @@ linear layer per tensor, asymmetric uint8 over [min, max] (zero included). The r
 its gradient straight through (Bengio et al. 2013), so the weights learn to sit where rounding
 hurts least. Per-channel symmetric weight quantization commutes with the BN folding the export
 does (folding scales each output channel), so training the unfolded network sees the weights
-the int8 model gets. The activation ranges are each batch's own: no observer state, so a
-resumed run stays bit-identical; the int8 export calibrates its ranges on training images as
-post-training quantization does.
+the int8 model gets. The activation ranges are each training batch's own: no observer state,
+so a resumed run stays bit-identical; in evaluation (eval mode) each image's own, so that an
+image's logits do not depend on the other images of its batch (task=predict, task=eval at any
+data.batch_size). The int8 export calibrates its ranges on training images as post-training
+quantization does.
 
 The stem conv (`conv1`, the one that reads the image) gets 7-bit weights in [-64, 64], as the
 int8 export gives it (see resnet_train/deploy/quantize.py for why). The layers keep their class's
@@ -40,32 +42,42 @@ def fake_quantize_weight(
     return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, low, high)
 
 
-def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """Per tensor, asymmetric uint8 over the batch's [min, max] extended to include zero."""
+def fake_quantize_activation(x: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """Per tensor, asymmetric uint8 over the batch's [min, max] extended to include zero; with
+    per_image, over each image's own (an image's result then does not depend on the others in
+    its batch)."""
     low, high = ACTIVATION_RANGE
-    lo = x.detach().min().clamp(max=0).float()
-    hi = x.detach().max().clamp(min=0).float()
-    scale = ((hi - lo) / (high - low)).clamp(min=1e-8).reshape(1)
-    zero = (low - torch.round(lo / scale)).clamp(low, high).to(torch.int32).reshape(1)
+    if per_image:
+        flat = x.detach().flatten(1)
+        lo, hi = flat.amin(1).clamp(max=0).float(), flat.amax(1).clamp(min=0).float()
+    else:
+        lo = x.detach().min().clamp(max=0).float().reshape(1)
+        hi = x.detach().max().clamp(min=0).float().reshape(1)
+    scale = ((hi - lo) / (high - low)).clamp(min=1e-8)
+    zero = (low - torch.round(lo / scale)).clamp(low, high).to(torch.int32)
+    if per_image:
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, 0, low, high)
     return torch.fake_quantize_per_tensor_affine(x, scale, zero, low, high)
 
 
 class FakeQuantConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = fake_quantize_weight(self.weight)
-        return self._conv_forward(fake_quantize_activation(x), weight, self.bias)
+        x = fake_quantize_activation(x, per_image=not self.training)
+        return self._conv_forward(x, weight, self.bias)
 
 
 class FakeQuantStemConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = fake_quantize_weight(self.weight, STEM_WEIGHT_RANGE)
-        return self._conv_forward(fake_quantize_activation(x), weight, self.bias)
+        x = fake_quantize_activation(x, per_image=not self.training)
+        return self._conv_forward(x, weight, self.bias)
 
 
 class FakeQuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = fake_quantize_weight(self.weight)
-        return F.linear(fake_quantize_activation(x), weight, self.bias)
+        return F.linear(fake_quantize_activation(x, per_image=not self.training), weight, self.bias)
 
 
 def prepare_qat(model: nn.Module) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,12 +63,16 @@ def read_weights(path: str | Path, key: str = "model.weights", peek: bool = Fals
     if not path.is_file():
         raise CheckpointError(f"{key}={path} does not exist")
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
-        except RuntimeError:  # a file of torch's legacy format cannot be mapped: read it
-            if not peek:
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's note on a pickle protocol it did not write: the file is refused below
+            # in one line, or read
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=peek)
+            except RuntimeError:  # a file of torch's legacy format cannot be mapped: read it
+                if not peek:
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         what = f"is unreadable ({type(e).__name__})"
         if is_exported_program(path):

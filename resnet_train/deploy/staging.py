@@ -1,0 +1,95 @@
+"""A task's files put in place together, at its end.
+
+task=eval, export, prune and predict write each file under a temporary name in their run
+directory (".NAME.PID.tmpSUFFIX", a folder ".NAME.PID.tmp") and rename them all when the task
+has finished, its record (eval.json, export.json, ...) last: an interrupted or failed task leaves
+none of its files, and a task's record says that the rest is there. Whatever a killed task
+left under such names (SIGKILL runs no clean-up) is removed when the next task starts there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+LEFTOVER = re.compile(r"^\..+\.\d+\.tmp[^/]*$")
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Remove the temporary files and folders that an earlier, killed task left in run_dir;
+    return their names."""
+    if not run_dir.is_dir():
+        return []
+    removed = []
+    for entry in run_dir.iterdir():
+        if not LEFTOVER.match(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return sorted(removed)
+
+
+class Staging:
+    """Temporary names in run_dir for the files (and folders) a task writes; `commit` puts them
+    in place in the order they were staged; leaving the `with` block without a commit (an
+    error, Ctrl-C, SIGTERM) removes them."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.staged: dict[Path, Path] = {}  # final path -> temporary path
+
+    def __enter__(self) -> Staging:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def file(self, name: str) -> Path:
+        """The temporary path to write `name` to (its suffix kept: writers go by it)."""
+        stem, suffix = os.path.splitext(name)
+        return self._stage(name, f".{stem}.{os.getpid()}.tmp{suffix}")
+
+    def folder(self, name: str) -> Path:
+        """A temporary folder for the folder `name` (created); on commit its files join those
+        already in `name`."""
+        path = self._stage(name, f".{name}.{os.getpid()}.tmp")
+        path.mkdir()
+        return path
+
+    def _stage(self, name: str, temporary: str) -> Path:
+        final = self.run_dir / name
+        if final in self.staged:
+            raise ValueError(f"{name} is staged twice")
+        self.staged[final] = self.run_dir / temporary
+        return self.staged[final]
+
+    def commit(self) -> list[Path]:
+        """Put every staged file in place, in staging order; return the final paths."""
+        for final, temporary in self.staged.items():
+            if temporary.is_dir():
+                final.mkdir(exist_ok=True)
+                for item in sorted(temporary.rglob("*")):
+                    if item.is_file():
+                        target = final / item.relative_to(temporary)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(item, target)
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                os.replace(temporary, final)
+        done = list(self.staged)
+        self.staged = {}
+        return done
+
+    def discard(self) -> None:
+        for temporary in self.staged.values():
+            if temporary.is_dir():
+                shutil.rmtree(temporary, ignore_errors=True)
+            else:
+                temporary.unlink(missing_ok=True)
+        self.staged = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()  # nothing is left after a commit
