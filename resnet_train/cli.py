@@ -26,7 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    ValidationError,
+)
 
 from resnet_train.config import WEIGHTS_TASKS, complete, register_configs, schema, validate
 from resnet_train.errors import UserError
@@ -75,10 +80,54 @@ def describe_composition_error(error: Exception) -> str:
             where = parent or "the top level"
             return f"{cause.full_key} is not a config key: allowed in {where}: {allowed}"
         if isinstance(cause, ValidationError) and cause.full_key:
-            value = f"={cause.value}" if getattr(cause, "value", None) is not None else ""
-            return f"{cause.full_key}{value} is invalid: {str(cause.msg).splitlines()[0]}"
+            value = getattr(cause, "value", None)
+            message = str(cause.msg).splitlines()[0]
+            if value is None and "is not Optional" in message:
+                default = OmegaConf.select(schema(), str(cause.full_key))
+                if isinstance(default, DictConfig):
+                    needs = f"is a group of keys ({', '.join(default.keys())}): set those"
+                else:
+                    needs = f"needs a value of type {type(default).__name__}, not null"
+                return f"{cause.full_key}=null is invalid: it {needs}"
+            shown = f"={value}" if value is not None else ""
+            return f"{cause.full_key}{shown} is invalid: {message}"
+        if isinstance(cause, ConfigTypeError) and "does not support deletion" in str(cause):
+            key = getattr(cause, "full_key", None) or "that key"
+            return (
+                f"~{key} is invalid: a key of the schema cannot be deleted; set it to another "
+                "value (key=VALUE) instead"
+            )
         cause = cause.__cause__
-    return str(error).strip().splitlines()[0]
+    lines = str(error).strip().splitlines()
+    if lines and lines[0].startswith("Ambiguous value for argument"):
+        return (
+            f"{lines[0]}: to sweep over the values add -m (--multirun); for a list write "
+            "key=[a,b]; for a string with a comma, quote it: key='a,b'"
+        )
+    if lines and lines[0].startswith("Config group override must be a string"):
+        return f"{lines[0]}: a config group takes one of its options' names (group=OPTION)"
+    return lines[0] if lines else type(error).__name__
+
+
+def check_bool_overrides(overrides: list[str]) -> None:
+    """A yes/no key takes true or false: OmegaConf would read 2, -1, yes, on or 1 as true."""
+    from omegaconf.nodes import BooleanNode
+
+    from resnet_train.errors import ConfigError
+
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or override.startswith("~"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(schema(), parent) if parent else schema()
+        if not isinstance(node, DictConfig) or leaf not in node:
+            continue
+        if isinstance(node._get_node(leaf), BooleanNode):
+            allowed = ("true", "false", "null") if node._get_node(leaf)._is_optional() else (
+                "true", "false")  # fmt: skip
+            if value.strip().lower() not in allowed:
+                raise ConfigError(f"{key}={value} is invalid: allowed: {', '.join(allowed)}")
 
 
 def compose_run(args: list[str]) -> DictConfig:
@@ -104,6 +153,7 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
     with open_dict(cfg):
         del cfg["hydra"]
     try:
+        check_bool_overrides(args)
         validate(cfg)
         complete(cfg)
         if cfg.task == "summary":
@@ -227,20 +277,36 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
             f"{run_dir} holds the {record} of a task={task}, not a training run; give another name="
         )
 
-    if cfg.resume is None and not any((run_dir / n).exists() for n in CHECKPOINT_NAMES):
+    from resnet_train.engine.resume import (
+        RESULT_NAMES,
+        check_config,
+        check_not_finished,
+        find_resume,
+        finished,
+        finished_metrics,
+    )
+
+    names = (*CHECKPOINT_NAMES, *RESULT_NAMES)
+    if cfg.resume is None and not any((run_dir / n).exists() for n in names):
         return
-    from resnet_train.engine.resume import check_config, find_resume
-
     point = find_resume(cfg, run_dir)
-    if point is not None:
-        from resnet_train.data.folders import check_same_files
-        from resnet_train.data.loaders import data_fingerprint
-        from resnet_train.engine.distill import check_same_teacher
+    if point is None:
+        return
+    from resnet_train.data.folders import check_same_files
+    from resnet_train.data.loaders import data_fingerprint
+    from resnet_train.engine.distill import check_same_teacher
 
-        now = data_fingerprint(cfg.data, cfg.seed)
-        check_same_files(point.state.get("data_files"), now, point.path)
-        check_config(point, cfg)
-        check_same_teacher(point.state.get("teacher"), teacher, point.path)
+    now = data_fingerprint(cfg.data, cfg.seed)
+    check_same_files(point.state.get("data_files"), now, point.path)
+    check_config(point, cfg)
+    check_same_teacher(point.state.get("teacher"), teacher, point.path)
+    if finished(point, cfg):
+        # Decided here, before Hydra writes the run's .hydra/ record and log: a command that
+        # does nothing, or is refused, leaves a finished run as it is.
+        check_not_finished(cfg, point)
+        if finished_metrics(run_dir, point) is not None:
+            print(f"resume=auto: {run_dir} already finished; nothing to do")
+            sys.exit(0)
 
 
 def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:
@@ -347,6 +413,7 @@ RUNNING_TASK: list[str] = []
 def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
+        check_bool_overrides(list(hydra_cfg.overrides.task))
         validate(cfg)
         run_dir = Path(hydra_cfg.runtime.output_dir)
         RUNNING_TASK[:] = [cfg.task]
@@ -367,6 +434,7 @@ def train(cfg: DictConfig) -> float | None:
         # search records the trial as failed (no objective) and goes on with the next.
         overrides = " ".join(hydra_cfg.overrides.task)
         message = f"job {hydra_cfg.job.num} ({overrides}): {one_line(str(e))}"
+        # (resnet-train-report reads this line: report.FAILED)
         logging.getLogger("resnet_train").error("this job failed: %s", one_line(str(e)))
         print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
         FAILED_JOBS.append(message)

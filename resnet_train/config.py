@@ -530,6 +530,20 @@ def _positive(key: str, value: Any) -> None:
     _check(value > 0, key, value, "must be > 0")
 
 
+def check_classifier(cfg: DictConfig) -> None:
+    """model.num_classes covers the data's labels (checked again once an image folder's classes
+    are counted, data.num_classes being null until then)."""
+    m, d = cfg.model, cfg.data
+    if m.num_classes is not None and d.num_classes is not None:
+        _check(
+            m.num_classes >= d.num_classes,
+            "model.num_classes",
+            m.num_classes,
+            f"the data has {d.num_classes} classes (labels 0 to {d.num_classes - 1}), so the "
+            f"classifier needs at least {d.num_classes} outputs; null takes data.num_classes",
+        )
+
+
 def _check_file(key: str, value: str, allowed: str) -> None:
     from pathlib import Path
 
@@ -562,7 +576,11 @@ def _check_normalisation(key: str, value: Any, positive: bool) -> None:
         return
     ok = OmegaConf.is_list(value) or isinstance(value, (list, tuple))
     values = list(value) if ok else []
-    ok = ok and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)
+    ok = (
+        ok
+        and len(values) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    )
     ok = ok and (not positive or min(values) > 0)
     shown = values if values else value
     _check(ok, key, shown, "must be three numbers (R, G, B)" + (" > 0" if positive else "")
@@ -643,14 +661,7 @@ def validate(cfg: DictConfig) -> None:
         size = DATASET_IMAGE_SIZE[d.name]
         _check(d.image_size == size, "data.image_size", d.image_size,
                f"data={d.name} has images of {size}x{size} pixels")  # fmt: skip
-    if m.num_classes is not None and d.num_classes is not None:
-        _check(
-            m.num_classes >= d.num_classes,
-            "model.num_classes",
-            m.num_classes,
-            f"the data has {d.num_classes} classes (labels 0 to {d.num_classes - 1}), so the "
-            f"classifier needs at least {d.num_classes} outputs; null takes data.num_classes",
-        )
+    check_classifier(cfg)
     _check_freeze(m)
     _at_least("data.image_size", d.image_size, 8)
     _optional("data.eval_resize", d.eval_resize, _at_least, 0)
@@ -672,6 +683,7 @@ def validate(cfg: DictConfig) -> None:
         )
     else:  # evaluation only: BatchNorm uses its running statistics, one image is a batch
         _at_least("data.batch_size", d.batch_size, 1)
+    _check(d.batch_size < 2**63, "data.batch_size", d.batch_size, "must be < 2**63")
     _optional("data.num_workers", d.num_workers, _at_least, 0)
     _one_of("data.decoder", d.decoder, ("torchvision", "pil", "gpu"))
     _within("data.valid_ratio", d.valid_ratio, "[0, 1)")

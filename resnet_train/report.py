@@ -36,6 +36,7 @@ class Job:
     path: Path
     overrides: dict[str, str]
     metrics: dict[str, Any] | None  # None: not finished
+    failure: str | None = None  # why it failed, where its log says it did and it has no metrics
 
     def figure(self, split: str, name: str) -> float | None:
         part = (self.metrics or {}).get(split)
@@ -69,7 +70,21 @@ def read_job(folder: Path) -> Job | None:
         overrides[key.lstrip("+~")] = value
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    return Job(folder, overrides, metrics)
+    return Job(folder, overrides, metrics, None if metrics else _failure(folder))
+
+
+FAILED = "this job failed: "
+
+
+def _failure(folder: Path) -> str | None:
+    """The error a sweep job ended with (the line cli.train logs), from its log; None for a job
+    that is running, was interrupted, or never started."""
+    reason = None
+    for log_file in sorted(folder.glob("*.log")):
+        for line in log_file.read_text(errors="replace").splitlines():
+            if FAILED in line:
+                reason = line.split(FAILED, 1)[1].strip()
+    return reason
 
 
 def read_sweep(sweep: Path) -> list[Job]:
@@ -132,7 +147,9 @@ def table_rows(groups: list[Group], keys: list[str]) -> tuple[list[str], list[li
         rows.append([
             *(g.values[k] for k in shown),
             ",".join(seeds),
-            f"{len(g.finished())}/{len(g.jobs)}",
+            f"{len(g.finished())}/{len(g.jobs)}"
+            + (f" ({failed} failed)" if (failed := sum(j.failure is not None for j in g.jobs))
+               else ""),
             _pm(*g.stat("valid", "acc")),
             _pm(*g.stat("valid", "loss")),
             _pm(*g.stat("test", "acc")),
@@ -171,12 +188,13 @@ def write_csvs(out: Path, groups: list[Group], jobs: list[Job], keys: list[str])
             ])  # fmt: skip
     with open(out / "jobs.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["job", *keys, "finished", *(f"{s}_{n}" for s, n in figures), "images_per_s"])
+        w.writerow(["job", *keys, "finished", *(f"{s}_{n}" for s, n in figures), "images_per_s",
+                    "failure"])  # fmt: skip
         for job in jobs:
             w.writerow([
                 job.path.name, *(job.overrides.get(k, "") for k in keys), job.metrics is not None,
                 *("" if (v := job.figure(s, n)) is None else v for s, n in figures),
-                (job.metrics or {}).get("images_per_s", ""),
+                (job.metrics or {}).get("images_per_s", ""), job.failure or "",
             ])  # fmt: skip
 
 

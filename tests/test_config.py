@@ -155,8 +155,19 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
         ("optim.lr=abc", "optim.lr=abc is invalid: Value 'abc' of type 'str' could not be"),
         ("trainer.epochs=1.5", "trainer.epochs=1.5 is invalid"),
         ("data.root=nowhere", "cifar10 not found: nowhere/cifar-10-batches-py/data_batch_1"),
+        ("trainer.epochs=null", "trainer.epochs=null is invalid: it needs a value of type int"),
+        ("trainer.early_stopping=null",
+         "trainer.early_stopping=null is invalid: it is a group of keys (monitor, mode,"),
+        ("trainer.epochs=1,2", "'trainer.epochs=1,2': to sweep over the values add -m"),
+        ("~trainer.epochs", "~trainer.epochs is invalid: a key of the schema cannot be deleted"),
+        ("trainer=null", "a config group takes one of its options' names (group=OPTION)"),
+        ("model.weights=.", "model.weights='.' is invalid: is a folder, not a file"),
+        ("trainer.deterministic=2", "trainer.deterministic=2 is invalid: allowed: true, false"),
+        ("optim.nesterov=yes", "optim.nesterov=yes is invalid: allowed: true, false"),
+        ("data.mean=[true,1,2]", "is invalid: must be three numbers (R, G, B)"),
+        ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is inv"),
     ],
-)
+)  # fmt: skip
 def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):
     data = [] if override.startswith("data.root") else SMOKE
     result = run_cli(*data, "data.download=false", override, "hydra.run.dir=run", cwd=tmp_path)

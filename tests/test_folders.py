@@ -205,6 +205,12 @@ def test_classes_come_from_the_folders_and_mean_auto_is_the_training_pixels_mean
     np.testing.assert_allclose(cfg.data.std, pixels.std((0, 1, 2)), rtol=1e-6)
     with pytest.raises(DataError, match="data.num_classes=4 but .* has 3 class folders"):
         read_splits(folder_cfg(shapes, "data.num_classes=4").data, 0)
+    # a classifier smaller than the folders' classes: refused once they are counted (it used to
+    # fail at the first batch, "Target 2 is out of bounds")
+    cfg = folder_cfg(shapes, "model.num_classes=2")
+    validate(cfg)
+    with pytest.raises(ConfigError, match=r"model.num_classes=2 is invalid: the data has 3 "):
+        settle_data(cfg)
 
 
 def test_mean_null_is_that_of_the_weights_training(shapes, tmp_path):

@@ -728,5 +728,41 @@ def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path,
         raise ValueError(f"metrics.json holds {constant}")
 
     written = json.loads(text, parse_constant=refuse)
-    assert written["valid"]["loss"] is None and written["valid"]["acc"] == metrics["valid"]["acc"]
+    assert written["valid"] is None  # no best epoch
     assert [e["valid_loss"] for e in written["history"]] == [None, None]
+
+
+def test_last_pt_keeps_the_best_epochs_validation_figures_and_warnings_say_what_is_true(
+    tmp_path, caplog
+):
+    """A validation loss that rises each epoch: epoch 1 is the best, and last.pt's best_valid is
+    its figures (it used to hold the last epoch's). The log does not call a batch capped that
+    is not, and warns of milestones the run never reaches."""
+    from resnet_train.engine import trainer
+
+    real = trainer.evaluate
+    calls = {"n": 0}
+
+    def rising(model, loader, device, precision, desc, *args, **kwargs):
+        stats = real(model, loader, device, precision, desc, *args, **kwargs)
+        if desc.endswith(" valid"):
+            calls["n"] += 1
+            stats.loss = float(calls["n"])
+        return stats
+
+    cfg = compose_config("model=resnet20", "data=synthetic", "data.train_size=250",
+                         "data.image_size=16", "data.test_size=32", "data.batch_size=32",
+                         "trainer.accumulate_steps=3", "trainer.device=cpu", "trainer.epochs=3",
+                         "trainer.early_stopping.monitor=valid/loss", "schedule=multistep",
+                         "schedule.milestones=[2,32000]")  # fmt: skip
+    with caplog.at_level("INFO"), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "evaluate", rising)
+        metrics = trainer.fit(cfg, tmp_path)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and metrics["selected_epoch"] == 1
+    assert last["best_valid"] == best["best_valid"] == metrics["valid"]
+    assert last["best_valid"]["loss"] == 1.0
+    text = caplog.text
+    assert "global batch 96 (32 x 3 accumulation steps)," in text  # 225 images: not capped
+    assert "schedule.milestones [32000] are at or beyond the end of this run's 3 epochs" in text

@@ -111,6 +111,10 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert all(torch.equal(best["model"][k], v) for k, v in best_ref["model"].items())
     metrics, metrics_ref = (json.loads((d / "metrics.json").read_text()) for d in (run, reference))
     assert metrics["test"] == metrics_ref["test"] and metrics["valid"] == metrics_ref["valid"]
+    # the last epoch's training figures, even where the resumed process trained no epoch
+    assert metrics["train"]["loss"] == metrics_ref["train"]["loss"]
+    assert metrics["train"]["acc"] == metrics_ref["train"]["acc"]
+    assert metrics["images_per_s"] > 0
 
 
 def test_killed_mid_epoch_resumes_bit_identical(tmp_path, reference):
@@ -632,4 +636,86 @@ def test_resuming_from_a_best_pt_of_ema_weights_is_refused_in_one_line(tmp_path)
         f"resnet-train: error: resume={best} holds the run's ema weights (a best.pt chosen with "
         "trainer.ema.select), not the raw weights training continues from: resume from "
         f"{tmp_path / 'a' / 'last.pt'}"
+    )
+
+
+# --- a finished run is left as it is -------------------------------------------------------------
+
+
+def _record(run: Path) -> dict[str, str]:
+    """The hash of every file of a run directory (its .hydra/ record and log included)."""
+    return {str(p.relative_to(run)): sha256(p) for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_commands_that_do_nothing_or_are_refused_leave_a_finished_run_as_it_is(
+    tmp_path, small_cli_reference
+):
+    import shutil
+
+    run = tmp_path / "outputs" / "run"
+    shutil.copytree(small_cli_reference, run)
+    before = _record(run)
+    # resume=auto on a finished run: nothing to do, whatever else the command line says
+    result = run_cli(*SMALL, "name=run", "resume=auto", "trainer.epochs=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"resume=auto: {Path('outputs/run')} already finished; nothing to do" in result.stdout
+    assert _record(run) == before  # not even .hydra/config.yaml or train.log
+    # resume=PATH from a finished run: refused before a directory is made for it
+    result = run_cli(*SMALL, "name=other", f"resume={run / 'last.pt'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already finished epoch 3 of trainer.epochs=3" in result.stderr
+    assert not (tmp_path / "outputs" / "other").exists()
+    # its checkpoints removed to save space (best.pt and metrics.json kept): not overwritten
+    (run / "last.pt").unlink()
+    (run / "previous.pt").unlink()
+    before = _record(run)
+    for extra, message in (
+        ([], "already holds best.pt, metrics.json of a finished run: start another run with"),
+        (["resume=auto"], "holds best.pt, metrics.json of a finished run but no last.pt or"),
+    ):
+        result = run_cli(*SMALL, "name=run", *extra, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert _record(run) == before
+
+
+@pytest.mark.slow
+def test_a_run_extended_and_stopped_before_its_test_is_tested_when_resumed(tmp_path):
+    """trainer.epochs raised on a finished run, killed after its last epoch's checkpoint and
+    before the test: resume=auto tests it (it used to say "already finished" and keep the
+    metrics.json of the shorter run)."""
+    short = [*SMALL, "trainer.epochs=2", "name=run"]
+    assert run_cli(*short, cwd=tmp_path).returncode == 0
+    proc = start(tmp_path, *SMALL, "name=run", "resume=auto",
+                 env={faults.ENV: "flushed:1:KILL"})  # fmt: skip
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, output
+    run = tmp_path / "outputs" / "run"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert json.loads((run / "metrics.json").read_text())["epochs_done"] == 2  # the old one
+    result = run_cli(*SMALL, "name=run", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" not in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    last = load_checkpoint(run / "last.pt")
+    assert (metrics["epochs_done"], metrics["epochs_total"]) == (3, 3)
+    assert metrics["global_step"] == last["global_step"] and len(metrics["history"]) == 3
+    best = load_checkpoint(run / "best.pt")
+    assert metrics["selected_epoch"] == best["epoch"]
+    assert metrics["valid"] == best["best_valid"] == last["best_valid"]  # the best epoch's
+
+
+def test_a_stop_signal_during_the_final_test_ends_a_complete_run_that_says_so(
+    tmp_path, monkeypatch, caplog
+):
+    """The first Ctrl-C waits for the end of a step; during the final test there is none left:
+    the test finishes, metrics.json is written, and the log says what happened (it used to say
+    nothing: a Ctrl-C that seemed ignored)."""
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, "tested:1:USR1")
+    with caplog.at_level("INFO"):
+        metrics = fit(compose_config(*SMALL, "trainer.epochs=1"), tmp_path)
+    assert metrics["epochs_done"] == 1 and (tmp_path / "metrics.json").is_file()
+    assert "SIGUSR1 came during the final test, after the last epoch: the run is finished" in (
+        caplog.text
     )

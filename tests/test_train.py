@@ -17,7 +17,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_train import create_model
 from resnet_train.engine.trainer import fit
-from tests.conftest import REPO, SHARED_DATA, SMOKE, compose_config, run_cli, run_dir_name
+from tests.conftest import (
+    REPO,
+    SHARED_DATA,
+    SMOKE,
+    compose_config,
+    run_cli,
+    run_dir_name,
+    run_program,
+)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -253,6 +261,16 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path):
     assert len(finished) == 1 and (finished[0] / "last.pt").is_file()  # the lr 0.1 job ran
     assert OmegaConf.load(finished[0] / ".hydra" / "config.yaml").optim.lr == 0.1
     assert not list(folder.glob("*/last.pt"))[1:]  # the failed jobs saved nothing
+    # the sweep's report tells its failed jobs from unfinished ones, and says why they failed
+    from resnet_train.report import read_sweep
+
+    jobs = {j.overrides["optim.lr"]: j for j in read_sweep(folder)}
+    assert jobs["0.1"].failure is None and jobs["0.1"].metrics is not None
+    assert "optim.lr=-1.0 is invalid" in jobs["-1"].failure
+    assert "the training loss is" in jobs[next(k for k in jobs if "e" in k)].failure
+    report = run_program("resnet_train.report", str(folder), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.count("0/1 (1 failed)") == 2 and "1/1" in report.stdout
 
 
 def test_default_run_directory_is_under_outputs(tmp_path):

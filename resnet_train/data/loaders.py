@@ -241,8 +241,9 @@ def read_splits(cfg: DataConfig, seed: int) -> Splits:
     if cfg.valid_ratio > 0 and len(valid_part) == 0:
         raise ConfigError(
             f"data.valid_ratio={cfg.valid_ratio} is invalid: it holds out 0 of the {n} training "
-            "images for validation; raise it, or set data.valid_ratio=0 to train without a "
-            "validation set"
+            "images for validation; raise it"
+            + (", raise data.train_size" if cfg.train_size is not None else "")
+            + ", or set data.valid_ratio=0 to train without a validation set"
         )
     if len(test_idx) == 0:
         raise DataError(f"the {cfg.name} test set is empty: there is nothing to evaluate on")

@@ -42,9 +42,11 @@ def settle_data(cfg: DictConfig) -> DictConfig:
     if d.num_classes is None and cfg.task == "predict" and weights is not None:
         d.num_classes = weights_classes(weights)  # new images: no folder to count
     if d.num_classes is None:
+        from resnet_train.config import check_classifier
         from resnet_train.data.folders import scan
 
         d.num_classes = len(scan(d, cfg.seed).classes)
+        check_classifier(cfg)
     if d.eval_resize is None:
         random_resized = d.augment.crop == "random_resized"
         d.eval_resize = round(d.image_size / CROP_RATIO) if random_resized else d.image_size

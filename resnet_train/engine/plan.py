@@ -64,6 +64,21 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
     lr = effective_lr(cfg.optim, global_batch)
     length = t.epochs * (steps if s.interval == "step" else 1)
     unit = "optimizer steps" if s.interval == "step" else "epochs"
+    if s.name == "multistep":
+        late = [m for m in s.milestones if m >= length]
+        early = [m for m in s.milestones if m <= s.warmup]
+        if late:
+            notes.append(
+                f"schedule.milestones {late} are at or beyond the end of this run's {length} "
+                f"{unit} (schedule.interval={s.interval}): the rate is never divided there"
+                + ("; for milestones in optimizer steps set schedule.interval=step"
+                   if s.interval == "epoch" and max(late) > t.epochs * steps / 2 else "")
+            )  # fmt: skip
+        if early:
+            notes.append(
+                f"schedule.milestones {early} fall within the warm-up (schedule.warmup="
+                f"{s.warmup} {unit}): they are ignored"
+            )
     if s.warmup >= length:
         raise ConfigError(
             f"schedule.warmup={s.warmup} is invalid: the warm-up must end before the run does, "

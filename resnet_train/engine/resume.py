@@ -82,10 +82,21 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     resume=PATH: that file.
     """
     existing = [name for name in CHECKPOINT_NAMES if (run_dir / name).exists()]
+    results = [name for name in RESULT_NAMES if (run_dir / name).exists()]
     if cfg.resume is None:
         if existing:
             raise RunDirError(
                 f"run directory {run_dir} already holds {', '.join(existing)}: continue it with "
+                "resume=auto, or start another run with name=NEW_NAME"
+            )
+        if "metrics.json" in results:
+            raise RunDirError(
+                f"run directory {run_dir} already holds {', '.join(results)} of a finished "
+                "run: start another run with name=NEW_NAME"
+            )
+        if results:  # best.pt alone: a run killed before its first last.pt
+            raise RunDirError(
+                f"run directory {run_dir} already holds {', '.join(results)}: continue it with "
                 "resume=auto, or start another run with name=NEW_NAME"
             )
         return None
@@ -116,9 +127,61 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
                 f"resume=auto: no readable checkpoint in {run_dir} ({'; '.join(problems)}); "
                 "the run was not restarted from scratch"
             )
+        if "metrics.json" in results:  # (best.pt alone: killed before its first last.pt)
+            raise RunDirError(
+                f"resume=auto: {run_dir} holds {', '.join(results)} of a finished run but no "
+                f"{' or '.join(CHECKPOINT_NAMES)} to continue from; the run was not restarted "
+                "from scratch over them: start another run with name=NEW_NAME"
+            )
         log.info("resume=auto: no checkpoint in %s yet; starting a new run", run_dir)
         return None
     return max(points, key=lambda p: _position(p.state))
+
+
+def finished(point: ResumePoint, cfg: DictConfig) -> bool:
+    """Whether the checkpoint's run has trained all it will: trainer.epochs reached, or early
+    stopping's patience run out."""
+    from resnet_train.engine.early_stopping import Monitor
+
+    state = point.state
+    monitor = Monitor(**{k: state["monitor"][k] for k in ("metric", "mode")})
+    monitor.load_state_dict(state["monitor"])
+    monitor.patience = cfg.trainer.early_stopping.patience
+    return state["epoch"] >= cfg.trainer.epochs or monitor.should_stop
+
+
+def finished_metrics(run_dir: Path, point: ResumePoint) -> dict[str, Any] | None:
+    """run_dir's metrics.json where it records the run that `point` ends (the final test done);
+    None where there is none, or it is of an earlier end (a run extended with a larger
+    trainer.epochs and stopped before its final test)."""
+    import json
+
+    path = run_dir / "metrics.json"
+    if point.path.parent.resolve() != run_dir.resolve() or not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except ValueError:
+        return None
+    same_end = (metrics.get("global_step"), metrics.get("epochs_done")) == (
+        point.state.get("global_step"),
+        point.state.get("epoch"),
+    )
+    return metrics if same_end else None
+
+
+def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
+    """resume=PATH from a run that has trained all it will: refused (resume=auto on its own
+    finished run is a command that does nothing, not an error)."""
+    if cfg.resume != "auto" and finished(point, cfg):
+        raise CheckpointError(
+            f"resume={cfg.resume} already finished epoch {point.state['epoch']} of "
+            f"trainer.epochs={cfg.trainer.epochs}; raise trainer.epochs to train further"
+        )
+
+
+# What a run leaves besides its checkpoints: a directory that holds them holds a run.
+RESULT_NAMES = ("best.pt", "metrics.json")
 
 
 # --- random state --------------------------------------------------------------------------------

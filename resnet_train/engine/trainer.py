@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -46,7 +45,10 @@ from resnet_train.engine.resume import (
     ResumePoint,
     capture_rng,
     check_config,
+    check_not_finished,
     find_resume,
+    finished,
+    finished_metrics,
     restore_rng,
 )
 from resnet_train.errors import CheckpointError
@@ -794,14 +796,6 @@ class _Run:
         )  # fmt: skip
 
 
-def _finished(point: ResumePoint, cfg: DictConfig) -> bool:
-    state = point.state
-    monitor = Monitor(**{k: state["monitor"][k] for k in ("metric", "mode")})
-    monitor.load_state_dict(state["monitor"])
-    monitor.patience = cfg.trainer.early_stopping.patience
-    return state["epoch"] >= cfg.trainer.epochs or monitor.should_stop
-
-
 def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train cfg's model on cfg's data; write checkpoints, TensorBoard logs and metrics.json in
     run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted.
@@ -832,21 +826,17 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     wall_start = time.perf_counter()
     # When this process reached each phase (Unix time; scripts/benchmark_process.py reads it).
     timeline = {"fit": time.time()}
-    tc = cfg.trainer
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in remove_temporaries(run_dir) if d.main else ():
         log.info("removed %s, left by a save that was killed midway", stale)
     point = find_resume(cfg, run_dir)
-    if point is not None and _finished(point, cfg):
-        done = run_dir / "metrics.json"
-        if cfg.resume == "auto" and done.is_file() and point.path.parent == run_dir:
+    if point is not None and finished(point, cfg):
+        check_not_finished(cfg, point)
+        if (done := finished_metrics(run_dir, point)) is not None:
             log.info("resume=auto: %s already finished; nothing to do", run_dir)
-            return json.loads(done.read_text())
-        if cfg.resume != "auto":
-            raise CheckpointError(
-                f"resume={cfg.resume} already finished epoch {point.state['epoch']} of "
-                f"trainer.epochs={tc.epochs}; raise trainer.epochs to train further"
-            )
+            return done
+        # trained all its epochs but not tested (stopped before, or metrics.json is of the
+        # run before it was extended): test it now
 
     run = _build_run(cfg, run_dir, d, device, point)
     _describe(run)
@@ -867,6 +857,12 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
             timeline["test"] = time.time()
             tested = _final_test(run, epochs.run)
             timeline["tested"] = time.time()
+            if (signum := run.received()) is not None:
+                log.info(
+                    "%s came during the final test, after the last epoch: the run is finished "
+                    "and tested; metrics.json follows",
+                    signal.Signals(signum).name,
+                )
     except Preempted as stop:
         log.info("%s", stop)
         if cfg.trainer.requeue and stop.signum != signal.SIGINT:  # Ctrl-C: a person stopped it
@@ -1020,7 +1016,9 @@ def _describe(run: _Run) -> None:
         "steps per epoch",
         global_batch, cfg.data.batch_size, tc.accumulate_steps,
         f" x {d.world} processes" if d.enabled else "",
-        ", capped at the training set" if plan.notes else "", lr,
+        ", capped at the training set"
+        if global_batch < cfg.data.batch_size * tc.accumulate_steps * (d.world if d.enabled else 1)
+        else "", lr,
         f" (optim.lr {cfg.optim.lr} x {global_batch}/{cfg.optim.reference_batch})"
         if cfg.optim.lr_scaling == "linear" else "",
         steps_per_epoch,
@@ -1154,8 +1152,9 @@ def _train_epochs(run: _Run) -> _Epochs:
                             w.add_scalar(f"{prefix}_recall/{cls}", recall, step)
             selected_weights = _select(results, tc.ema.select, monitor)
             chosen = results[selected_weights]
-            run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
             improved = monitor.update(_metric(chosen, monitor.metric), e)
+            if improved:  # the best epoch's figures, in last.pt too (and best.pt)
+                run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
             record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
                           valid_balanced_acc=chosen.balanced_acc)  # fmt: skip
         elif _ema_without_validation(run):
@@ -1262,12 +1261,13 @@ def _write_metrics(
         "selected_checkpoint": selected,
         "selected_epoch": final["epoch"],
         "selected_weights": final.get("weights", "raw"),
-        "train": asdict(train_stats) if train_stats else None,
+        # the last epoch's (trained by an earlier process where this one only tested)
+        "train": asdict(train_stats) if train_stats else _last_train(run.history),
         "valid": final.get("best_valid") if loaders.valid is not None else None,
         "test": test_stats.summary(run.classes),
         "classes": run.classes,
         "teacher": run.teacher.record() if run.teacher is not None else None,
-        "images_per_s": float(np.median(throughputs)) if throughputs else None,
+        "images_per_s": float(np.median(throughputs)) if throughputs else _median_rate(run.history),
         "wall_time_s": time.perf_counter() - wall_start,
         # This process: fit() called, training started (data read, model built), testing
         # started, tested (Unix times).
@@ -1282,6 +1282,19 @@ def _write_metrics(
 
         write_curves(run_dir / "curves.png", metrics)
     return metrics
+
+
+def _last_train(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not history:
+        return None
+    last = history[-1]
+    return {"loss": last.get("train_loss"), "acc": last.get("train_acc"), "images": None,
+            "seconds": last.get("train_seconds"), "untimed_images": None}  # fmt: skip
+
+
+def _median_rate(history: list[dict[str, Any]]) -> float | None:
+    rates = [h["images_per_s"] for h in history if h.get("images_per_s")]
+    return float(np.median(rates)) if rates else None
 
 
 class NullWriter:
