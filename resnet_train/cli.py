@@ -126,7 +126,8 @@ def check_bool_overrides(overrides: list[str]) -> None:
         if isinstance(node._get_node(leaf), BooleanNode):
             allowed = ("true", "false", "null") if node._get_node(leaf)._is_optional() else (
                 "true", "false")  # fmt: skip
-            if value.strip().lower() not in allowed:
+            given = value.strip().strip("'\"").lower()
+            if given not in allowed and not given.startswith("${"):  # (an interpolation)
                 raise ConfigError(f"{key}={value} is invalid: allowed: {', '.join(allowed)}")
 
 
@@ -305,7 +306,8 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
         # does nothing, or is refused, leaves a finished run as it is.
         check_not_finished(cfg, point)
         if finished_metrics(run_dir, point) is not None:
-            print(f"resume=auto: {run_dir} already finished; nothing to do")
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"resume=auto: {run_dir} already finished; nothing to do")
             sys.exit(0)
 
 
@@ -388,15 +390,19 @@ class Terminated(KeyboardInterrupt):
 @contextlib.contextmanager
 def stop_signals_unwind() -> Iterator[None]:
     """SIGTERM and SIGHUP raise Terminated while the block runs (their default would end the
-    process at once, with no clean-up). Training has its own handling (engine.preemption)."""
+    process at once, with no clean-up). Only where they have their default action: one that
+    nohup ignores, or that a launcher (submitit) handles, is left as it is. Training has its
+    own handling (engine.preemption)."""
 
     def handler(signum: int, frame: object) -> None:
         raise Terminated(signum)
 
-    wanted = (signal.SIGTERM, signal.SIGHUP)
+    names = ("SIGTERM", "SIGHUP")
+    wanted = [getattr(signal, n) for n in names if hasattr(signal, n)]
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    wanted = [s for s in wanted if signal.getsignal(s) == signal.SIG_DFL]
     previous = {s: signal.signal(s, handler) for s in wanted}
     try:
         yield
@@ -421,6 +427,7 @@ def train(cfg: DictConfig) -> float | None:
             return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))
         from resnet_train.deploy.staging import remove_leftovers
 
+        _check_deploy_run_dir(cfg.task, run_dir)  # (a sweep's job: not checked before)
         with stop_signals_unwind():
             if removed := remove_leftovers(run_dir):
                 logging.getLogger("resnet_train").info(
@@ -498,6 +505,7 @@ def check_config_only(overrides: list[str]) -> None:
     except Exception as e:
         _fail(describe_composition_error(e))
     try:
+        check_bool_overrides(overrides)
         validate(cfg)
     except UserError as e:
         _fail(e)
@@ -534,6 +542,7 @@ QUIET_RANK_OVERRIDES = ["hydra.output_subdir=null"]
 
 def main() -> None:
     args = sys.argv[1:]
+    RUNNING_TASK.clear()  # this command's (main() may run more than once a process)
     if (launch_args := split_launch_args(args)) is not None:
         from resnet_train.launch import launch
 
@@ -571,6 +580,7 @@ def main() -> None:
             if int(os.environ.get("RANK", "0")) > 0:
                 args = [*args, *QUIET_RANK_OVERRIDES]
             cfg = compose_run(args)
+            RUNNING_TASK[:] = [str(cfg.task)]  # (a Ctrl-C in the pre-check is this task's)
             if not os.environ.get(CHECKED_ENV):  # checked once by `resnet-train --nproc-per-node`
                 precheck(args, cfg)
             run_single(cfg)

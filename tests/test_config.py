@@ -164,13 +164,15 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
         ("model.weights=.", "model.weights='.' is invalid: is a folder, not a file"),
         ("trainer.deterministic=2", "trainer.deterministic=2 is invalid: allowed: true, false"),
         ("optim.nesterov=yes", "optim.nesterov=yes is invalid: allowed: true, false"),
+        ("--cfg job trainer.qat=2", "trainer.qat=2 is invalid: allowed: true, false"),
         ("data.mean=[true,1,2]", "is invalid: must be three numbers (R, G, B)"),
         ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is inv"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):
     data = [] if override.startswith("data.root") else SMOKE
-    result = run_cli(*data, "data.download=false", override, "hydra.run.dir=run", cwd=tmp_path)
+    result = run_cli(*data, "data.download=false", *override.split(" "), "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"resnet-train: error: {result.stderr[21:].strip()}"]
     assert expected in result.stderr
@@ -368,7 +370,7 @@ def test_resume_from_a_file_into_a_directory_that_holds_another_run_is_refused(
     with pytest.raises(SystemExit):
         precheck([*SMOKE, "data.train_size=64", "seed=1", "hydra.run.dir=p2", "trainer.epochs=2",
                   f"resume={tmp_path / 'p1' / 'last.pt'}"])  # fmt: skip
-    assert "run directory p2 already holds last.pt of another run: resume=" in (
+    assert "run directory p2 already holds last.pt, best.pt, metrics.json of another run: " in (
         capsys.readouterr().err
     )
     assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == before
@@ -459,3 +461,12 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():
     )
     assert name("model=resnet20,resnet32").startswith("models-synthetic-")
     assert sweep_name("depth", _root_=OmegaConf.create({})) == "depth"
+
+
+def test_yes_no_keys_take_true_false_quoted_or_not_and_interpolations():
+    from resnet_train.cli import check_bool_overrides
+
+    check_bool_overrides(["trainer.qat=true", "trainer.qat='false'", "trainer.qat=True",
+                          "trainer.qat=${oc.env:QAT,false}", "trainer.epochs=2"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^trainer.qat=1 is invalid: allowed: true, false$"):
+        check_bool_overrides(["trainer.qat=1"])

@@ -591,13 +591,47 @@ def test_staged_files_appear_together_in_order_or_not_at_all(tmp_path):
     (run / ".quantize.4242.tmpab12").mkdir()
     (run / ".quantize.4242.tmpab12" / "prepared.onnx").write_text("x")
     (run / ".hydra").mkdir()
+    live = f".eval.{os.getppid()}.tmp.json"  # a live process's: kept
+    (run / live).write_text("{}")
     assert remove_leftovers(run) == [".model.4242.tmp.onnx", ".quantize.4242.tmpab12"]
-    assert sorted(p.name for p in run.iterdir()) == [
-        ".hydra",
-        "a.csv",
-        "record.json",
-        "tensorboard",
-    ]
+    kept = [live, ".hydra", "a.csv", "record.json", "tensorboard"]
+    assert sorted(p.name for p in run.iterdir()) == kept
+
+
+def test_stop_signals_raise_only_where_they_would_have_ended_the_process():
+    """SIGTERM/SIGHUP with their default action unwind a task; one that nohup ignores or a
+    launcher handles is left to them."""
+    import signal
+
+    from resnet_train.cli import Terminated, stop_signals_unwind
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    term = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with stop_signals_unwind():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # nohup's, kept
+            with pytest.raises(Terminated) as stop:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            assert stop.value.signum == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signal.SIGHUP, before)
+        signal.signal(signal.SIGTERM, term)
+
+
+def test_a_ctrl_c_in_the_check_before_a_task_names_that_task(trained, monkeypatch):
+    from resnet_train.deploy import source
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(source, "load_trained", interrupted)
+    work = trained.parents[1]
+    r = run_cli("task=eval", f"model.weights={trained / 'best.pt'}", "name=pre", cwd=work)
+    assert r.returncode == 130
+    assert r.stderr.strip().startswith("resnet-train: interrupted: task=eval stopped at once")
+    assert not (work / "outputs" / "pre").exists()
 
 
 def _only_its_log(run: Path, task: str) -> None:

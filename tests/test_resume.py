@@ -673,6 +673,10 @@ def test_commands_that_do_nothing_or_are_refused_leave_a_finished_run_as_it_is(
     for extra, message in (
         ([], "already holds best.pt, metrics.json of a finished run: start another run with"),
         (["resume=auto"], "holds best.pt, metrics.json of a finished run but no last.pt or"),
+        (
+            [f"resume={small_cli_reference / 'last.pt'}", "trainer.epochs=4"],
+            "already holds best.pt, metrics.json of another run: resume=",
+        ),
     ):
         result = run_cli(*SMALL, "name=run", *extra, cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr

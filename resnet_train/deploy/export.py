@@ -158,9 +158,11 @@ def _write_onnx(folded, meta, example, tmp: Path) -> dict[str, Any]:
     onnx.save(model, str(tmp))
     # What ONNX Runtime makes of it: the Conv+ReLU pairs it fuses.
     optimized = tmp.with_name(tmp.name + ".optimized")
-    onnx_session(tmp, optimized=optimized)
-    ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
-    optimized.unlink(missing_ok=True)
+    try:
+        onnx_session(tmp, optimized=optimized)
+        ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
+    finally:
+        optimized.unlink(missing_ok=True)
     return {"onnx_runtime_nodes": len(ops), "fused_conv": ops.count("FusedConv"),
             "conv": ops.count("Conv"), "shortcuts_as_convs": shortcuts}  # fmt: skip
 

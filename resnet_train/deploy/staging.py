@@ -14,17 +14,30 @@ import re
 import shutil
 from pathlib import Path
 
-LEFTOVER = re.compile(r"^\..+\.\d+\.tmp[^/]*$")
+LEFTOVER = re.compile(r"^\..+\.(\d+)\.tmp[^/]*$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own are from an earlier task of it, and done
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
 
 
 def remove_leftovers(run_dir: Path) -> list[str]:
-    """Remove the temporary files and folders that an earlier, killed task left in run_dir;
-    return their names."""
+    """Remove the temporary files and folders that an earlier, killed task left in run_dir
+    (those whose process is gone); return their names."""
     if not run_dir.is_dir():
         return []
     removed = []
     for entry in run_dir.iterdir():
-        if not LEFTOVER.match(entry.name):
+        match = LEFTOVER.match(entry.name)
+        if not match or _alive(int(match.group(1))):  # a live process's: still being written
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -102,9 +102,10 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume).expanduser()
-        if existing and path.resolve().parent != run_dir.resolve():
+        if (existing or results) and path.resolve().parent != run_dir.resolve():
             raise RunDirError(
-                f"run directory {run_dir} already holds {', '.join(existing)} of another run: "
+                f"run directory {run_dir} already holds {', '.join(existing + results)} of "
+                "another run: "
                 f"resume={cfg.resume} continues that checkpoint in a directory of its own "
                 "(name=NEW_NAME); resume=auto continues the run that is there"
             )
