@@ -336,28 +336,24 @@ def run_summary(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
 def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     from resnet_train.deploy.evaluate import run_eval as evaluate
 
-    _check_deploy_run_dir("eval", run_dir)  # a multirun's job is checked here, not before
     return evaluate(cfg, run_dir, overrides)["top1"]
 
 
 def run_export(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     from resnet_train.deploy.export import run_export as export
 
-    _check_deploy_run_dir("export", run_dir)
     export(cfg, run_dir, overrides)
 
 
 def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float:
     from resnet_train.deploy.prune import run_prune as prune
 
-    _check_deploy_run_dir("prune", run_dir)
     return prune(cfg, run_dir, overrides)["after"]["acc"]
 
 
 def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     from resnet_train.deploy.predict import run_predict as predict
 
-    _check_deploy_run_dir("predict", run_dir)
     predict(cfg, run_dir, overrides)
 
 
@@ -427,7 +423,7 @@ def train(cfg: DictConfig) -> float | None:
             return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))
         from resnet_train.deploy.staging import remove_leftovers
 
-        _check_deploy_run_dir(cfg.task, run_dir)  # (a sweep's job: not checked before)
+        _check_deploy_run_dir(cfg.task, run_dir)  # (a sweep's job is checked here only)
         with stop_signals_unwind():
             if removed := remove_leftovers(run_dir):
                 logging.getLogger("resnet_train").info(
