@@ -175,13 +175,13 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
         check_data(cfg.data)
         settle_data(cfg)
         check_weights(cfg)
-        _check_steps(cfg)
         teacher = None
         if cfg.trainer.distill.teacher is not None:
             from resnet_train.engine.distill import load_teacher
 
             teacher = load_teacher(cfg)
-        _check_run_dir(cfg, run_dir, teacher)
+        _check_run_dir(cfg, run_dir, teacher, args)  # (a resume may take the run's own length)
+        _check_steps(cfg)
     except UserError as e:
         _fail(e)
 
@@ -268,7 +268,9 @@ def _check_steps(cfg: DictConfig) -> None:
     plan_steps(cfg, len(splits.fit), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
+def _check_run_dir(
+    cfg: DictConfig, run_dir: Path, teacher: Any = None, args: list[str] | None = None
+) -> None:
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
@@ -285,6 +287,8 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
         find_resume,
         finished,
         finished_metrics,
+        keep_run_length,
+        override_keys,
     )
 
     names = (*CHECKPOINT_NAMES, *RESULT_NAMES)
@@ -293,6 +297,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
     point = find_resume(cfg, run_dir)
     if point is None:
         return
+    keep_run_length(cfg, point, None if args is None else override_keys(args))
     from resnet_train.data.folders import check_same_files
     from resnet_train.data.loaders import data_fingerprint
     from resnet_train.engine.distill import check_same_teacher
@@ -322,7 +327,9 @@ def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | N
     from resnet_train.engine.trainer import fit  # torch and friends load only for a real run
 
     try:
-        metrics = fit(cfg, run_dir)
+        from resnet_train.engine.resume import override_keys
+
+        metrics = fit(cfg, run_dir, override_keys(overrides))
     except Preempted as stop:  # fit() has logged where the checkpoint is
         sys.exit(INTERRUPTED_EXIT_CODE if stop.signum == signal.SIGINT else PREEMPTED_EXIT_CODE)
     valid = metrics.get("valid")
@@ -522,6 +529,8 @@ def register_sweeper() -> None:
     an editable install (pip install -e), whose import hook the scan cannot list; Hydra's
     Plugins.register is the documented way to add it by hand. Without the optuna extra there
     is nothing to register."""
+    # Alembic (Optuna's SQLite storage) logs 7 "setup plugin" lines at INFO on import
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         from hydra_plugins.resnet_train_optuna.resumable_sweeper import ResumableOptunaSweeper
     except ImportError:

@@ -391,7 +391,37 @@ def training_identity(root: DictConfig) -> dict[str, Any]:
             else root[k] for k in keys}  # fmt: skip
     flat = {k: v for k, v in flatten(tree).items() if k not in MAY_CHANGE}
     flat["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    teacher = flatten(tree).get("trainer.distill.teacher")
+    if teacher is not None:
+        # a distilled run differs from a plain one, and from one with another teacher: the
+        # teacher's contents name the run (its path may change on resume)
+        flat["trainer.distill.teacher"] = _file_identity(str(teacher))
     return flat
+
+
+def _file_identity(path: str) -> str:
+    """sha256:<hex> of a file's contents (read once per size and mtime), or the path as given
+    when it is no readable file (validate refuses it later, naming the key)."""
+    try:
+        p = Path(path).expanduser().resolve()
+        st = p.stat()
+    except (OSError, RuntimeError):
+        return path
+    if not p.is_file():
+        return path
+    return _sha256_of(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return path
+    return "sha256:" + digest.hexdigest()
 
 
 def run_name(name: str | None, *, _root_: DictConfig) -> str:

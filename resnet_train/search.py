@@ -38,7 +38,6 @@ def continue_study(impl: Any) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin list, at every start
     storage = impl.storage
     if not storage:
         return impl.n_trials

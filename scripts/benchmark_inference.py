@@ -3,14 +3,14 @@ torch.compile, ONNX Runtime fp32 and int8, side by side in one process.
 
     python scripts/benchmark_inference.py [--models resnet20 resnet56] [--weights A.pt B.pt]
         [--data-root ../shared/data] [--batches 1 64 256] [--seconds 3] [--skip-compile]
-        [--no-write]
+        [--write]
 
 Batch 1: latency per call, median and 90th percentile; larger batches: images/s from the
 median call. Each variant is measured in rounds interleaved with the others, so that all see the
 same machine state. Without --weights the models are freshly initialised (speed does not depend
 on the weights); int8 is calibrated on CIFAR-10 training images from --data-root when they are
-there, else on random images. Prints a table and appends its rows to BENCHMARKS.md ("Inference
-on the CPU").
+there, else on random images. Prints a table; with --write, appends its rows to BENCHMARKS.md
+("Inference on the CPU").
 """
 
 from __future__ import annotations
@@ -167,13 +167,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="measuring time per variant and batch size")  # fmt: skip
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="append the rows to BENCHMARKS.md")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md",
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.weights and len(args.weights) != len(args.models):
         fail("--weights takes one checkpoint per model in --models")
-    if not args.no_write:
+    if args.write:
         check_options(fail, output=args.output)
     import onnxruntime
 
@@ -217,7 +217,7 @@ def main() -> None:
                 )
     print(HEADER)
     print("\n".join(rows))
-    if not args.no_write:
+    if args.write:
         append_rows(
             args.output,
             SECTION,

@@ -201,9 +201,13 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
         "--output",
         str(table),
     ]
+    before = table.read_text()
+    result = run_program(*args)  # without --write: printed only
+    assert result.returncode == 0, result.stderr
+    assert "| ONNX Runtime int8 |" in result.stdout and table.read_text() == before
     # the second run, of a pruned model, appends below the first one's rows
     for extra in ([], ["--weights", str(pruned_weights(tmp_path))]):
-        result = run_program(*args, *extra)
+        result = run_program(*args, "--write", *extra)
         assert result.returncode == 0, result.stderr
     assert "int8 / ONNX Runtime fp32" in result.stdout
     lines = table.read_text().splitlines()

@@ -182,6 +182,29 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
     assert list(Path(tmp_path).iterdir()) == []
 
 
+def test_missing_cifar_says_what_data_root_must_hold_or_names_the_parent(tmp_path):
+    """data.root naming the batch folder itself (a common slip) gets its parent as the advice;
+    a folder without the data gets the layout, never the failing value as an example."""
+    from resnet_train.data.cifar import cifar_files
+    from resnet_train.errors import DataError
+
+    inner = tmp_path / "cifar-10-batches-py"
+    inner.mkdir()
+    (inner / "data_batch_1").write_bytes(b"")
+    with pytest.raises(DataError) as e:
+        cifar_files("cifar10", inner, train=True, download=False)
+    assert (
+        f"data.root={inner} holds the batch files themselves: give its parent, "
+        f"data.root={tmp_path}" in str(e.value)
+    )
+    with pytest.raises(DataError) as e:
+        cifar_files("cifar10", tmp_path / "empty", train=False, download=False)
+    assert str(e.value).endswith(
+        "set data.root to the folder that contains cifar-10-batches-py/ (data.root=DIR for "
+        "DIR/cifar-10-batches-py/test_batch), or data.download=true to fetch it"
+    )
+
+
 def test_weights_that_do_not_fit_the_model_are_refused_before_the_run_directory(tmp_path):
     """Checked before the run, on a model without storage: the run directory used to be made
     (.hydra/, train.log) before the weights were found not to fit."""
@@ -434,6 +457,23 @@ def test_run_directory_names_are_short_stable_and_differ_for_every_training_chan
     assert run_dir_name("model=resnet18", "name=baseline") == "baseline"
     evaluation = run_dir_name("task=eval", "model.weights='outputs/r20 [v2]/best.pt'")
     assert re.fullmatch(r"eval-r20_v2-[0-9a-f]{8}", evaluation), evaluation
+
+
+def test_a_distilled_run_is_named_by_its_teachers_contents_not_its_path(tmp_path):
+    """A run distilled from a teacher, one from another teacher and a plain run get three
+    directories; the same teacher moved elsewhere (a resume may give its new path) keeps its
+    run's directory."""
+    first, second = tmp_path / "t1.pt", tmp_path / "t2.pt"
+    first.write_bytes(b"teacher one")
+    second.write_bytes(b"teacher two")
+    plain = run_dir_name("model=resnet20", "data=cifar10")
+    kd = run_dir_name("model=resnet20", "data=cifar10", f"trainer.distill.teacher={first}")
+    other = run_dir_name("model=resnet20", "data=cifar10", f"trainer.distill.teacher={second}")
+    assert len({plain, kd, other}) == 3
+    moved = tmp_path / "elsewhere" / "teacher.pt"
+    moved.parent.mkdir()
+    first.rename(moved)
+    assert run_dir_name("model=resnet20", "data=cifar10", f"trainer.distill.teacher={moved}") == kd
 
 
 def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():

@@ -517,6 +517,25 @@ def test_calibration_bins_are_closed_on_the_right():
     assert [b["count"] for b in bins] == [1, 1, 1]
 
 
+def test_the_predict_table_shows_every_rank_asked_for_in_aligned_columns():
+    from resnet_train.deploy.predict import _table
+
+    rows = [["a.png", "golden retriever", "0.700000", "cat", "0.200000", "dog", "0.050000",
+             "car", "0.030000", "ship", "0.020000"],
+            ["photos/b.jpg", "cat", "0.900000", "golden retriever", "0.050000", "ship",
+             "0.030000", "dog", "0.010000", "car", "0.010000"]]  # fmt: skip
+    lines = _table(rows, 5, 10)
+    assert lines[0].split() == ["image", "top-1", "top-2", "top-3", "top-4", "top-5"]
+    assert lines[1].startswith("a.png ") and "ship 0.020" in lines[1]
+    assert lines[1].index("golden retriever 0.700") == lines[0].index("top-1")
+    assert "car 0.010" in lines[2]
+    # each column starts at the same place in every line
+    for rank in ("top-2", "top-5"):
+        start = lines[0].index(rank)
+        assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines)
+    assert len(_table(rows, 5, 1)) == 2 and _table([], 5, 10) == []
+
+
 def test_a_prediction_of_a_class_the_data_lacks_is_wrong_everywhere():
     """model.num_classes > data.num_classes: the extra outputs are an "other" column."""
     logits = torch.tensor([[0.0, 0, 0, 9], [0, 9, 0, 0], [0, 0, 9, 0]])

@@ -178,6 +178,16 @@ def test_onecycle_over_a_single_schedule_step_is_refused_in_one_line(tmp_path):
         "the rate rises and falls over at least 2 epochs, and this run has 1 "
         "(trainer.epochs=1); use schedule.interval=step or more epochs"
     )
+    # already in steps, one step per epoch: no advice to set what is set
+    result = run_cli(*SMOKE, "schedule=onecycle", "schedule.interval=step", "trainer.epochs=1",
+                     "data.batch_size=4096", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and not (tmp_path / "outputs").exists()
+    assert result.stderr.strip().startswith(
+        "resnet-train: error: schedule.interval=step is invalid with schedule=onecycle here: "
+        "the rate rises and falls over at least 2 optimizer steps, and this run has 1 "
+        "(trainer.epochs=1 x 1 steps per epoch); use more epochs, a larger training set or a "
+        "smaller batch"
+    ), result.stderr
 
 
 RECIPES = [

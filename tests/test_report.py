@@ -173,6 +173,7 @@ def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_pat
     again = run_cli(*search, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "1 trials finished, 1 killed ones run again first, 2 to run" in again.stdout
+    assert "setup plugin" not in again.stdout + (tmp_path / "first.log").read_text()  # alembic's
 
     storage = f"sqlite:///{sweep / 'optuna.db'}"
     trials = optuna.load_study(study_name="resnet-train", storage=storage).get_trials()

@@ -377,6 +377,15 @@ def small_references(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def stop_at(monkeypatch, fault: str, args: list[str], run_dir: Path) -> None:
+    """fit() of args stopped by the fault (a SIGUSR1 after a step: saved, Preempted)."""
+    faults.reset()
+    monkeypatch.setenv(faults.ENV, fault)
+    with pytest.raises(Preempted):
+        fit(compose_config(*args), run_dir)
+    monkeypatch.delenv(faults.ENV)
+
+
 @pytest.mark.parametrize(
     ("loader", "step"), [("torch", s) for s in range(1, 10)] + [("tensor", s) for s in (3, 5, 9)]
 )
@@ -387,14 +396,10 @@ def test_a_stop_after_any_step_resumes_bit_identical(
     an epoch on a short batch: saved at batch 3 of 90 images, the resume used to ask for
     sample 96 ("start=96 is outside an epoch of 90 samples") and failed at every retry."""
     cfg = [*SMALL, f"data.loader={loader}"]
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, f"step:{step}:USR1")
-    with pytest.raises(Preempted):
-        fit(compose_config(*cfg), tmp_path)
+    stop_at(monkeypatch, f"step:{step}:USR1", cfg, tmp_path)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["global_step"] == step
     assert state["batch_in_epoch"] == (step - 1) % 3 + 1  # saved at the step, inside its epoch
-    monkeypatch.delenv(faults.ENV)
     fit(compose_config(*cfg, "resume=auto"), tmp_path)
     assert_same_result(tmp_path, small_references[loader])
 
@@ -462,11 +467,7 @@ def test_every_key_that_may_change_on_resume_changes_without_changing_the_result
 ):
     # Stopped at the end of epoch 1 of 2, before the cosine schedule's first step: the schedule
     # rebuilt for 3 epochs is then the 3-epoch run's from its start.
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:3:USR1")
-    with pytest.raises(Preempted):
-        fit(compose_config(*SMALL, "data.loader=torch", "trainer.epochs=2"), tmp_path)
-    monkeypatch.delenv(faults.ENV)
+    stop_at(monkeypatch, "step:3:USR1", [*SMALL, "data.loader=torch", "trainer.epochs=2"], tmp_path)
     changed = [
         "trainer.epochs=3",
         "data.num_workers=2",
@@ -522,11 +523,7 @@ def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch,
     import logging
 
     cfg = [*SMALL, "schedule.interval=step"]
-    faults.reset()
-    monkeypatch.setenv(faults.ENV, "step:5:USR1")  # inside epoch 2
-    with pytest.raises(Preempted):
-        fit(compose_config(*cfg), tmp_path / "run")
-    monkeypatch.delenv(faults.ENV)
+    stop_at(monkeypatch, "step:5:USR1", cfg, tmp_path / "run")  # inside epoch 2
     with caplog.at_level(logging.INFO, logger="resnet_train"):
         fit(compose_config(*cfg, "resume=auto"), tmp_path / "run")
         fit(compose_config(*cfg), tmp_path / "reference")
@@ -661,6 +658,11 @@ def test_commands_that_do_nothing_or_are_refused_leave_a_finished_run_as_it_is(
     assert result.returncode == 0, result.stderr
     assert f"resume=auto: {Path('outputs/run')} already finished; nothing to do" in result.stdout
     assert _record(run) == before  # not even .hydra/config.yaml or train.log
+    # without trainer.epochs: the run's own 3, not the config's default 30
+    short = [a for a in SMALL if not a.startswith("trainer.epochs=")]
+    result = run_cli(*short, "name=run", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "already finished; nothing to do" in result.stdout and _record(run) == before
     # resume=PATH from a finished run: refused before a directory is made for it
     result = run_cli(*SMALL, "name=other", f"resume={run / 'last.pt'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -707,6 +709,31 @@ def test_a_run_extended_and_stopped_before_its_test_is_tested_when_resumed(tmp_p
     best = load_checkpoint(run / "best.pt")
     assert metrics["selected_epoch"] == best["epoch"]
     assert metrics["valid"] == best["best_valid"] == last["best_valid"]  # the best epoch's
+
+
+def test_a_resume_that_does_not_give_the_runs_length_keeps_the_runs_own(
+    tmp_path, monkeypatch, caplog
+):
+    """A 3-epoch run with patience 5 stopped in epoch 2 and resumed by a command line without
+    trainer.epochs nor patience ends at epoch 3 with patience 5 (not at the config's default of
+    30 epochs and no early stopping), and says so; given, they change the run's length."""
+    from resnet_train.engine.resume import override_keys
+
+    own = [*SMALL, "trainer.early_stopping.patience=5"]
+    stop_at(monkeypatch, "step:9:USR1", own, tmp_path / "run")  # inside epoch 2
+    resume = [a for a in SMALL if not a.startswith("trainer.epochs=")] + ["resume=auto"]
+    with caplog.at_level("INFO"):
+        metrics = fit(compose_config(*resume), tmp_path / "run", override_keys(resume))
+    assert (metrics["epochs_done"], metrics["epochs_total"]) == (3, 3)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["config"]["trainer"]["epochs"] == 3
+    assert last["config"]["trainer"]["early_stopping"]["patience"] == 5
+    assert ("resuming with the run's own trainer.epochs=3, trainer.early_stopping.patience=5 "
+            "(not given on the command line)") in caplog.text  # fmt: skip
+    # given on the command line: the run is extended
+    longer = [*resume, "trainer.epochs=4"]
+    metrics = fit(compose_config(*longer), tmp_path / "run", override_keys(longer))
+    assert (metrics["epochs_done"], metrics["epochs_total"]) == (4, 4)
 
 
 def test_a_stop_signal_during_the_final_test_ends_a_complete_run_that_says_so(

@@ -42,11 +42,26 @@ def _download(name: str, root: Path) -> None:
     cls(str(root), train=True, download=True)
 
 
+def _where_to_look(folder: str, names: tuple[str, ...], root: Path) -> str:
+    """The advice of a missing-data error: the parent, where data.root names the batch folder
+    itself; else what data.root must hold."""
+    if any((root / n).is_file() for n in names):
+        return (
+            f"data.root={root} holds the batch files themselves: give its parent, "
+            f"data.root={root.parent}"
+        )
+    return (
+        f"set data.root to the folder that contains {folder}/ (data.root=DIR for "
+        f"DIR/{folder}/{names[0]})"
+    )
+
+
 def cifar_files(name: str, root: str | Path, train: bool, download: bool) -> list[Path]:
     """The batch files of one split, downloaded first when missing and `download` is true."""
     folder, train_files, test_files, _ = LAYOUTS[name]
     root = Path(root).expanduser()
-    files = [root / folder / f for f in (train_files if train else test_files)]
+    names = tuple(train_files if train else test_files)
+    files = [root / folder / f for f in names]
     missing = [f for f in files if not f.is_file()]
     if missing and download:
         try:
@@ -54,14 +69,12 @@ def cifar_files(name: str, root: str | Path, train: bool, download: bool) -> lis
         except Exception as e:  # network errors come in many types; all mean the same here
             raise DataError(
                 f"{name} not found in {root / folder} and the download failed "
-                f"({type(e).__name__}: {e}); set data.root to the folder that contains "
-                f"{folder}/ (for example data.root=/data)"
+                f"({type(e).__name__}: {e}); {_where_to_look(folder, names, root)}"
             ) from None
         missing = [f for f in files if not f.is_file()]
     if missing:
         raise DataError(
-            f"{name} not found: {missing[0]} is missing; set data.root to the folder that "
-            f"contains {folder}/ (for example data.root=/data)"
+            f"{name} not found: {missing[0]} is missing; {_where_to_look(folder, names, root)}"
             + ("" if download else ", or data.download=true to fetch it")
         )
     return files

@@ -103,17 +103,26 @@ def predict_transform(trained: Trained) -> Any:
 
 
 def _table(rows: list[list[Any]], k: int, show: int) -> list[str]:
+    """The console's table: the first `show` rows, each image's top-k classes with their
+    probabilities, in aligned columns (long names cut, with ... in front of a path)."""
     shown = rows[:show]
     if not shown:
         return []
-    width = min(max(len(r[0]) for r in shown), 60)
-    ranks = min(k, 3)
-    lines = [f"{'image':<{width}}  " + "  ".join(f"top-{i + 1}" for i in range(ranks))]
-    for row in shown:
-        name = row[0] if len(row[0]) <= width else "..." + row[0][-(width - 3) :]
-        cells = [f"{row[1 + 2 * i]} {float(row[2 + 2 * i]):.3f}" for i in range(ranks)]
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
-    return lines
+
+    def cut(text: str, limit: int) -> str:
+        return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+    names = [cut(r[0], 60) for r in shown]
+    cells = [[f"{cut(str(r[1 + 2 * i]), 24)} {float(r[2 + 2 * i]):.3f}" for i in range(k)]
+             for r in shown]  # fmt: skip
+    widths = [max(len(n) for n in names), *(max(len(c[i]) for c in cells) for i in range(k))]
+    header = ["image", *(f"top-{i + 1}" for i in range(k))]
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+
+    def line(parts: list[str]) -> str:
+        return "  ".join(p.ljust(w) for p, w in zip(parts, widths, strict=True)).rstrip()
+
+    return [line(header)] + [line([n, *c]) for n, c in zip(names, cells, strict=True)]
 
 
 @torch.no_grad()

@@ -92,8 +92,9 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
             f"rises and falls over at least 2 {unit}, and this run has {length} "
             f"(trainer.epochs={t.epochs}"
             + (f" x {steps} steps per epoch" if s.interval == "step" else "")
-            + "); use schedule.interval=step or more epochs"
-        )
+            + ("); use schedule.interval=step or more epochs" if s.interval == "epoch"
+               else "); use more epochs, a larger training set or a smaller batch")
+        )  # fmt: skip
     # One floor for every parameter group: below the lowest starting rate (the backbone's, with
     # optim.backbone_lr_mult < 1), or that group's rate would rise to it.
     mult = min(cfg.optim.backbone_lr_mult, 1.0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resnet_train.config import MAY_CHANGE, flatten, to_dict
 from resnet_train.engine.checkpoint import CHECKPOINT_NAMES, load_checkpoint
@@ -54,6 +54,29 @@ def check_config(point: ResumePoint, cfg: DictConfig) -> None:
     allowed = [c for c in changes if c[0] not in ("resume", "name", "task")]
     if allowed:
         log.info("resuming with changed settings: %s", show(allowed))
+
+
+# The keys that set how long a run trains. A resume whose command line leaves them out keeps
+# the run's own values (a 160-epoch run resumed without trainer.epochs ends at 160, not at the
+# config's default); given, they extend or shorten the run.
+RUN_LENGTH_KEYS = ("trainer.epochs", "trainer.early_stopping.patience")
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The keys a command line's overrides set (key=value, +key=value, ~key)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def keep_run_length(cfg: DictConfig, point: ResumePoint, given: set[str] | None) -> list[str]:
+    """Set the RUN_LENGTH_KEYS that the command line did not give to the checkpoint's values;
+    return them as key=value. given=None (a config built in code): nothing is changed."""
+    saved = flatten(point.state.get("config") or {})
+    kept = []
+    for key in RUN_LENGTH_KEYS if given is not None else ():
+        if key not in given and key in saved and OmegaConf.select(cfg, key) != saved[key]:
+            OmegaConf.update(cfg, key, saved[key], merge=False)
+            kept.append(f"{key}={saved[key]}")
+    return kept
 
 
 def _valid_checkpoints(run_dir: Path) -> tuple[list[ResumePoint], list[str]]:

@@ -49,6 +49,7 @@ from resnet_train.engine.resume import (
     find_resume,
     finished,
     finished_metrics,
+    keep_run_length,
     restore_rng,
 )
 from resnet_train.errors import CheckpointError
@@ -796,11 +797,12 @@ class _Run:
         )  # fmt: skip
 
 
-def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def fit(cfg: DictConfig, run_dir: str | Path, given: set[str] | None = None) -> dict[str, Any]:
     """Train cfg's model on cfg's data; write checkpoints, TensorBoard logs and metrics.json in
     run_dir; return the metrics. A SIGTERM or SIGUSR1 saves a checkpoint and raises Preempted.
     Under torchrun, every process trains with DistributedDataParallel on its share of the data
-    and rank 0 alone logs and writes."""
+    and rank 0 alone logs and writes. `given`: the keys the command line set (a resume keeps
+    the run's own length where they do not include it: resume.keep_run_length)."""
     complete(cfg)
     settle_data(cfg)
     d = distributed.from_env()
@@ -813,14 +815,16 @@ def fit(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
     try:
-        return _fit(cfg, Path(run_dir), d, device)
+        return _fit(cfg, Path(run_dir), d, device, given)
     finally:
         log.setLevel(level)
         if d.enabled:
             distributed.teardown()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[str, Any]:
+def _fit(
+    cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device, given: set[str] | None
+) -> dict[str, Any]:
     """The story of a run: build it (or find it finished), say what it will do, train its
     epochs, test the selected weights, write metrics.json."""
     wall_start = time.perf_counter()
@@ -830,6 +834,9 @@ def _fit(cfg: DictConfig, run_dir: Path, d: Dist, device: torch.device) -> dict[
     for stale in remove_temporaries(run_dir) if d.main else ():
         log.info("removed %s, left by a save that was killed midway", stale)
     point = find_resume(cfg, run_dir)
+    if point is not None and (kept := keep_run_length(cfg, point, given)):
+        log.info("resuming with the run's own %s (not given on the command line)",
+                 ", ".join(kept))  # fmt: skip
     if point is not None and finished(point, cfg):
         check_not_finished(cfg, point)
         if (done := finished_metrics(run_dir, point)) is not None:
@@ -984,6 +991,10 @@ def _describe_freezing(
         )
 
 
+# Below this many validation images, the run warns that model selection is mostly chance.
+FEW_VALIDATION_IMAGES = 50
+
+
 def _describe(run: _Run) -> None:
     """The log lines that say what the run is about to do."""
     cfg, tc, t, plan, loaders = run.cfg, run.cfg.trainer, run.t, run.plan, run.loaders
@@ -1000,6 +1011,16 @@ def _describe(run: _Run) -> None:
     )  # fmt: skip
     for note in plan.notes:
         log.warning("%s", note)
+    n_valid = len(loaders.valid.dataset) if loaders.valid else 0
+    if 0 < n_valid < FEW_VALIDATION_IMAGES and d.main:
+        log.warning(
+            "the validation split holds %d images: its accuracy moves in steps of %.3g points, "
+            "too coarse to choose the best epoch%s by; raise data.valid_ratio (now %s) or give "
+            "more validation images",
+            n_valid, 100 / n_valid,
+            " or stop early" if tc.early_stopping.patience is not None else "",
+            cfg.data.valid_ratio,
+        )  # fmt: skip
     if (
         device.type == "cpu"
         and tc.precision in ("fp16", "bf16")
