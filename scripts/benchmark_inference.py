@@ -2,7 +2,7 @@
 torch.compile, ONNX Runtime fp32 and int8, side by side in one process.
 
     python scripts/benchmark_inference.py [--models resnet20 resnet56] [--weights A.pt B.pt]
-        [--data-root ../shared/data] [--batches 1 64 256] [--seconds 3] [--skip-compile]
+        [--data-root ~/data] [--batches 1 64 256] [--seconds 3] [--skip-compile]
         [--write]
 
 Batch 1: latency per call, median and 90th percentile; larger batches: images/s from the
@@ -73,7 +73,7 @@ def cpu_name() -> str:
 
 
 def calibration_images(root: Path | None, n: int = 512) -> np.ndarray:
-    batch = root / "cifar-10-batches-py" / "data_batch_1" if root else None
+    batch = root.expanduser() / "cifar-10-batches-py" / "data_batch_1" if root else None
     if batch is not None and batch.is_file():
         import pickle
 
@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     parser.add_argument("--weights", nargs="*", type=Path, default=[],
                         help="a checkpoint per model (optional)")  # fmt: skip
-    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--data-root", type=Path, default=Path("~/data"),
+                        help="the folder of cifar-10-batches-py/")  # fmt: skip
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="measuring time per variant and batch size")  # fmt: skip

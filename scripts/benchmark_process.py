@@ -1,7 +1,7 @@
 """Whole-process speed: `resnet-train` against a bare hand-written PyTorch script doing the same
 work, each a process of its own, phase by phase.
 
-    python scripts/benchmark_process.py --data-root ../shared/data [--repeats 3] [--write]
+    python scripts/benchmark_process.py --data-root /data [--repeats 3] [--write]
 
 Both train a CIFAR ResNet-20 for one epoch on all of CIFAR-10's training images (no validation
 split, batches of 128, a random crop of the 4-pixel padded image and a horizontal flip, SGD with

@@ -155,6 +155,7 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
         ("optim.lr=abc", "optim.lr=abc is invalid: Value 'abc' of type 'str' could not be"),
         ("trainer.epochs=1.5", "trainer.epochs=1.5 is invalid"),
         ("data.root=nowhere", "cifar10 not found: nowhere/cifar-10-batches-py/data_batch_1"),
+        ("data.root=/nowhere", "cifar10 not found: /nowhere/cifar-10-batches-py/data_batch_1"),
         ("trainer.epochs=null", "trainer.epochs=null is invalid: it needs a value of type int"),
         ("trainer.early_stopping=null",
          "trainer.early_stopping=null is invalid: it is a group of keys (monitor, mode,"),
@@ -176,7 +177,7 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"resnet-train: error: {result.stderr[21:].strip()}"]
     assert expected in result.stderr
-    if override == "model.depht=18":  # the README shows this one whole
+    if override in ("model.depht=18", "data.root=/nowhere"):  # the README shows these whole
         assert result.stderr.strip() in (REPO / "README.md").read_text()
     # Nothing was written: no run directory, so no checkpoint.
     assert list(Path(tmp_path).iterdir()) == []
