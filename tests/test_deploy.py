@@ -617,6 +617,37 @@ def test_staged_files_appear_together_in_order_or_not_at_all(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == kept
 
 
+def test_a_stop_signal_during_the_commit_waits_until_every_file_is_in_place(tmp_path, monkeypatch):
+    """SIGTERM (as a task sees it: raising) after the first of three renames: the other two,
+    the record among them, are still made, and the signal is raised after them."""
+    import signal
+
+    from resnet_train.cli import Terminated, stop_signals_unwind
+    from resnet_train.deploy import staging
+
+    renames = []
+
+    def replace(src, dst):
+        renames.append(Path(dst).name)
+        os.rename(src, dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(staging.os, "replace", replace)
+    run = tmp_path / "run"
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a task's SIGTERM: its default
+    try:
+        with pytest.raises(Terminated), stop_signals_unwind(), staging.Staging(run) as stage:
+            for name in ("a.csv", "b.png", "record.json"):
+                stage.file(name).write_text(name)
+            stage.commit()
+            renames.append("after the commit")  # not reached: the signal comes first
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert renames == ["a.csv", "b.png", "record.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["a.csv", "b.png", "record.json"]
+
+
 def test_stop_signals_raise_only_where_they_would_have_ended_the_process():
     """SIGTERM/SIGHUP with their default action unwind a task; one that nohup ignores or a
     launcher handles is left to them."""

@@ -9,9 +9,12 @@ left under such names (SIGKILL runs no clean-up) is removed when the next task s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 LEFTOVER = re.compile(r"^\..+\.(\d+)\.tmp[^/]*$")
@@ -47,6 +50,31 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     return sorted(removed)
 
 
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: each that comes is noted and
+    sent again, to the handler it would have met, when the block ends. (Python-level: blocking
+    them in the kernel holds them for one thread only, and torch's threads would take them.)
+    Outside the main thread, where handlers cannot be set, the block runs as it is."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    names = ("SIGINT", "SIGTERM", "SIGHUP")
+    wanted = [getattr(signal, n) for n in names if hasattr(signal, n)]
+    wanted = [s for s in wanted if signal.getsignal(s) not in (signal.SIG_IGN, None)]
+    came: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(came):  # each once, in the order they came
+            signal.raise_signal(signum)
+
+
 class Staging:
     """Temporary names in run_dir for the files (and folders) a task writes; `commit` puts them
     in place in the order they were staged; leaving the `with` block without a commit (an
@@ -80,7 +108,13 @@ class Staging:
         return self.staged[final]
 
     def commit(self) -> list[Path]:
-        """Put every staged file in place, in staging order; return the final paths."""
+        """Put every staged file in place, in staging order; return the final paths. Ctrl-C,
+        SIGTERM and SIGHUP wait until all are in place (a stop between two renames would leave
+        some files without their record)."""
+        with _stop_signals_held():
+            return self._commit()
+
+    def _commit(self) -> list[Path]:
         for final, temporary in self.staged.items():
             if temporary.is_dir():
                 final.mkdir(exist_ok=True)
