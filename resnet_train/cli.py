@@ -139,6 +139,13 @@ def compose_run(args: list[str]) -> DictConfig:
             cfg = compose("train", overrides=args, return_hydra_config=True)
     except Exception as e:  # Hydra's composition errors come in several types
         _fail(describe_composition_error(e))
+    try:
+        # Named once: the name of a distilled run reads its teacher's file, which may change
+        # between the checks and the run; the run goes where it was checked.
+        with read_write(cfg.hydra), open_dict(cfg.hydra):
+            cfg.hydra.run.dir = str(cfg.hydra.run.dir)
+    except Exception as e:  # a resolver's error (an interpolation that does not resolve)
+        _fail(describe_composition_error(e))
     HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -150,11 +157,12 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
     for a run that can start."""
     composed = compose_run(args) if composed is None else composed
     run_dir = Path(str(composed.hydra.run.dir))
-    cfg = copy.deepcopy(composed)  # the checks fill in keys; the run gets the config as composed
-    with open_dict(cfg):
-        del cfg["hydra"]
     try:
         check_bool_overrides(args)
+        take_run_length(composed, run_dir, args)  # (the run and its record get it too)
+        cfg = copy.deepcopy(composed)  # the checks fill in keys; the run gets it as composed
+        with open_dict(cfg):
+            del cfg["hydra"]
         validate(cfg)
         complete(cfg)
         if cfg.task == "summary":
@@ -184,6 +192,17 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
         _check_steps(cfg)
     except UserError as e:
         _fail(e)
+
+
+def take_run_length(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> list[str]:
+    """A training run resumed without trainer.epochs (or patience) on its command line: set
+    them in cfg to the resumed checkpoint's values, before the config is checked and recorded
+    (engine.resume.keep_run_length); return those changed."""
+    if cfg.get("task") != "train" or cfg.get("resume") is None:
+        return []
+    from resnet_train.engine.resume import keep_run_length, override_keys, resumed_config
+
+    return keep_run_length(cfg, resumed_config(cfg, run_dir), override_keys(overrides))
 
 
 # What each task that reads a trained model writes into its run directory.
@@ -297,7 +316,7 @@ def _check_run_dir(
     point = find_resume(cfg, run_dir)
     if point is None:
         return
-    keep_run_length(cfg, point, None if args is None else override_keys(args))
+    keep_run_length(cfg, point.state["config"], None if args is None else override_keys(args))
     from resnet_train.data.folders import check_same_files
     from resnet_train.data.loaders import data_fingerprint
     from resnet_train.engine.distill import check_same_teacher
@@ -423,8 +442,13 @@ def train(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         check_bool_overrides(list(hydra_cfg.overrides.task))
-        validate(cfg)
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        if take_run_length(cfg, run_dir, list(hydra_cfg.overrides.task)):
+            # a sweep's job (a single run took it before Hydra wrote its record): its record
+            # says what the run uses
+            if hydra_cfg.output_subdir is not None:
+                OmegaConf.save(cfg, run_dir / str(hydra_cfg.output_subdir) / "config.yaml")
+        validate(cfg)
         RUNNING_TASK[:] = [cfg.task]
         if cfg.task not in WEIGHTS_TASKS:
             return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))

@@ -368,7 +368,12 @@ MAY_CHANGE = (
     "trainer.distill.teacher",
 )
 # Of those, the keys a sweep may vary on purpose (resnet-train-report shows them as swept).
-SWEEPABLE_MAY_CHANGE = ("trainer.epochs", "trainer.early_stopping.patience")
+SWEEPABLE_MAY_CHANGE = (
+    "trainer.epochs",
+    "trainer.early_stopping.patience",
+    "trainer.distill.teacher",
+)
+TEACHER_KEY = "trainer.distill.teacher"
 DIGEST_CHARS = 8
 
 
@@ -391,11 +396,11 @@ def training_identity(root: DictConfig) -> dict[str, Any]:
             else root[k] for k in keys}  # fmt: skip
     flat = {k: v for k, v in flatten(tree).items() if k not in MAY_CHANGE}
     flat["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
-    teacher = flatten(tree).get("trainer.distill.teacher")
+    teacher = flatten(tree).get(TEACHER_KEY)
     if teacher is not None:
         # a distilled run differs from a plain one, and from one with another teacher: the
         # teacher's contents name the run (its path may change on resume)
-        flat["trainer.distill.teacher"] = _file_identity(str(teacher))
+        flat[TEACHER_KEY] = _file_identity(str(teacher))
     return flat
 
 
@@ -433,6 +438,12 @@ def run_name(name: str | None, *, _root_: DictConfig) -> str:
     if name:
         return str(name)
     identity = training_identity(_root_)
+    # A sweep's job: the keys that may change on resume but that this sweep varies (trainer.
+    # epochs=10,20) name its jobs too, or they would share one folder.
+    swept = OmegaConf.get_cache(_root_).get("sweep_name", {}).get("swept", ())
+    for key in swept:
+        if key not in identity:
+            identity[key] = OmegaConf.select(_root_, key)
     task = str(_root_.get("task", "train"))
     if task in ("train", "summary"):
         parts = [str(_root_.model.name), str(_root_.data.name)]
@@ -448,26 +459,46 @@ def sweep_name(name: str | None, *, _root_: DictConfig) -> str:
     config, the sweep's overrides and search space>, so every different sweep gets a directory
     of its own and the same command relaunched finds its own again. (A group that is swept
     shows as "models" or "data".)"""
-    if name:
-        return str(name)
     # Computed once, on the sweep's own config, and kept in its resolver cache, which Hydra
     # copies into every job's config (composed again with that job's overrides). OmegaConf's
-    # use_cache cannot be combined with _root_, hence the cache by hand.
+    # use_cache cannot be combined with _root_, hence the cache by hand. (The swept keys are
+    # kept for the jobs' names, named sweep or not: run_name.)
     cache = OmegaConf.get_cache(_root_)["sweep_name"]
+    if "swept" not in cache:
+        swept = _swept_keys(_root_)
+        cache["swept"] = tuple(sorted(k for k in swept if k in SWEEPABLE_MAY_CHANGE))
+    if name:
+        return str(name)
     if "dir" not in cache:
         cache["dir"] = _sweep_name(_root_)
     return cache["dir"]
 
 
-def _sweep_name(_root_: DictConfig) -> str:
+def _sweep_overrides(_root_: DictConfig) -> tuple[list[str], dict[str, Any] | None]:
+    """A sweep's command-line overrides and its sweeper's search space (Optuna's params)."""
     hydra_node = _root_.get("hydra")
     overrides = [str(o) for o in (hydra_node.overrides.task if hydra_node is not None else [])]
-    kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
-    swept = {_override_key(o) for o in overrides if "," in o or "(" in o}
     params = None
     if hydra_node is not None and isinstance(hydra_node.sweeper.get("params"), DictConfig):
         params = OmegaConf.to_container(hydra_node.sweeper.params, resolve=False)
+    return overrides, params
+
+
+def _swept_keys(_root_: DictConfig) -> set[str]:
+    overrides, params = _sweep_overrides(_root_)
+    return {_override_key(o) for o in overrides if "," in o or "(" in o} | set(params or {})
+
+
+def _sweep_name(_root_: DictConfig) -> str:
+    overrides, params = _sweep_overrides(_root_)
+    kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
+    swept = _swept_keys(_root_)
+    # teachers by their contents, as a run's name has them
+    teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY
+                      for path in o.split("=", 1)[1].split(","))  # fmt: skip
     payload = {"base": training_identity(_root_), "overrides": kept, "params": params}
+    if teachers:
+        payload["teachers"] = teachers
     model = "models" if "model" in swept else str(_root_.model.name)
     data = "data" if "data" in swept else str(_root_.data.name)
     return "-".join([_safe(model), _safe(data), _digest(payload)])

@@ -477,7 +477,7 @@ def test_a_distilled_run_is_named_by_its_teachers_contents_not_its_path(tmp_path
     assert run_dir_name("model=resnet20", "data=cifar10", f"trainer.distill.teacher={moved}") == kd
 
 
-def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():
+def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
@@ -501,6 +501,15 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again():
         params={"optim.lr": "interval(0.01, 0.5)"}
     )
     assert name("model=resnet20,resnet32").startswith("models-synthetic-")
+    # sweeps over other teachers: other folders (by the teachers' contents)
+    teachers = []
+    for i in range(4):
+        teachers.append(tmp_path / f"t{i}.pt")
+        teachers[-1].write_bytes(b"teacher %d" % i)
+    t = [str(p) for p in teachers]
+    first_pair = name(f"trainer.distill.teacher={t[0]},{t[1]}")
+    assert first_pair != name(f"trainer.distill.teacher={t[2]},{t[3]}")
+    assert first_pair == name(f"trainer.distill.teacher={t[1]},{t[0]}")
     assert sweep_name("depth", _root_=OmegaConf.create({})) == "depth"
 
 

@@ -107,6 +107,26 @@ def test_split_folders_are_read_and_a_missing_split_is_carved_from_train(tmp_pat
         scan_folders(str(tmp_path / "c"), 0.0, 0.1, 0, False)
 
 
+def test_the_small_validation_warning_points_at_a_validation_folder_where_there_is_one(tmp_path):
+    """With DIR/train and DIR/val, data.valid_ratio does not size the validation split: the
+    advice is to add images to val/ (ImageNet's val/ is its test set, and class folders alone
+    have none)."""
+    from omegaconf import OmegaConf
+
+    from resnet_train.engine.trainer import _own_validation_folder
+
+    for split in ("train", "val"):
+        make_shape_folders(tmp_path / "a" / split, {"circle": 2, "bar": 2}, formats=False)
+    make_shape_folders(tmp_path / "b", {"circle": 2, "bar": 2}, formats=False)
+
+    def data(name, root):
+        return OmegaConf.create({"name": name, "root": str(root)})
+
+    assert _own_validation_folder(data("imagefolder", tmp_path / "a")) == tmp_path / "a" / "val"
+    assert _own_validation_folder(data("imagefolder", tmp_path / "b")) is None
+    assert _own_validation_folder(data("imagenet", tmp_path / "a")) is None
+
+
 def test_bad_folders_are_one_line_errors_naming_what_to_fix(tmp_path):
     make_shape_folders(tmp_path / "empty", {"circle": 4}, formats=False)
     (tmp_path / "empty" / "square").mkdir()

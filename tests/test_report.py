@@ -121,6 +121,25 @@ def test_report_of_a_real_multirun(tmp_path):
     assert (sweep / "report.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_sweep_over_the_runs_length_gives_each_job_a_folder_and_a_relaunch_finds_them(
+    tmp_path,
+):
+    """trainer.epochs may change on resume, so it does not name a run; swept, it names the
+    sweep's jobs (they used to share one folder: the second job was refused)."""
+    sweep = ["-m", *SMOKE, "data.train_size=64", "data.test_size=32", "trainer.epochs=1,2",
+             "name=length"]  # fmt: skip
+    result = run_cli(*sweep, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "outputs" / "multirun" / "length"
+    done = sorted(json.loads(m.read_text())["epochs_done"] for m in folder.glob("*/metrics.json"))
+    assert done == [1, 2]
+    out = run_program("resnet_train.report", str(folder), cwd=tmp_path)
+    assert "2 jobs (2 finished), swept: trainer.epochs" in out.stdout, out.stdout
+    again = run_cli(*sweep, "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished; nothing to do") == 2, again.stdout
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC)

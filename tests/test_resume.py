@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from resnet_train.engine import checkpoint as checkpoint_module
 from resnet_train.engine import faults
@@ -734,6 +735,55 @@ def test_a_resume_that_does_not_give_the_runs_length_keeps_the_runs_own(
     longer = [*resume, "trainer.epochs=4"]
     metrics = fit(compose_config(*longer), tmp_path / "run", override_keys(longer))
     assert (metrics["epochs_done"], metrics["epochs_total"]) == (4, 4)
+
+
+@pytest.mark.slow
+def test_a_resume_without_the_runs_length_is_checked_and_recorded_with_the_runs_own(tmp_path):
+    """experiment=smoke has 4 epochs; a 5-epoch run of it with a 4-epoch warm-up, resumed
+    without trainer.epochs, is checked against its own 5 (it was refused: "the warm-up must end
+    before the run does"), and its .hydra record says 5; a sweep's relaunch too."""
+    args = ["experiment=smoke", "data.train_size=64", "data.test_size=32", "schedule.warmup=4"]
+    proc = start(tmp_path, *args, "trainer.epochs=5", "name=w", env={faults.ENV: "step:1:USR1"})
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    result = run_cli(*args, "name=w", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "outputs" / "w"
+    assert json.loads((run / "metrics.json").read_text())["epochs_total"] == 5
+    assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]["epochs"] == 5
+    assert "resuming with the run's own trainer.epochs=5" in (run / "train.log").read_text()
+    sweep = ["-m", "experiment=smoke", "data.train_size=64", "data.test_size=32", "seed=0,1",
+             "name=sw"]  # fmt: skip
+    assert run_cli(*sweep, "trainer.epochs=2", cwd=tmp_path).returncode == 0
+    again = run_cli(*sweep, "resume=auto", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already finished; nothing to do") == 2, again.stdout
+    records = list((tmp_path / "outputs" / "multirun" / "sw").glob("*/.hydra/config.yaml"))
+    assert len(records) == 2
+    assert all(yaml.safe_load(r.read_text())["trainer"]["epochs"] == 2 for r in records)
+
+
+def test_a_key_given_through_its_parent_is_given():
+    """trainer.early_stopping={patience:5} or trainer=default on the command line give the
+    patience: a resume keeps the command line's, not the checkpoint's."""
+    from resnet_train.engine.resume import keep_run_length, override_keys
+
+    saved = {"trainer": {"epochs": 7, "early_stopping": {"patience": 3}}}
+    for overrides, expected in (
+        (["trainer.early_stopping={patience:5}"], (7, 5)),
+        (["trainer=default"], (30, 5)),
+        (["resume=auto"], (7, 3)),
+    ):
+        cfg = compose_config("trainer.early_stopping.patience=5")
+        kept = keep_run_length(cfg, saved, override_keys(overrides))
+        assert (cfg.trainer.epochs, cfg.trainer.early_stopping.patience) == expected, overrides
+        assert len(kept) == sum(v != d for v, d in zip(expected, (30, 5), strict=True))
+    cfg = compose_config("trainer.early_stopping.patience=5")
+    saved["trainer"]["early_stopping"]["patience"] = None
+    assert keep_run_length(cfg, saved, set()) == [
+        "trainer.epochs=7",
+        "trainer.early_stopping.patience=null",
+    ]
 
 
 def test_a_stop_signal_during_the_final_test_ends_a_complete_run_that_says_so(

@@ -387,7 +387,7 @@ def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkey
     # 10 validation images: the run says its model selection is coarse
     assert ("the validation split holds 10 images: its accuracy moves in steps of 10 points, too "
             "coarse to choose the best epoch by; raise data.valid_ratio (now 0.1) or give more "
-            "validation images") in caplog.text  # fmt: skip
+            "images") in caplog.text  # fmt: skip
     caplog.clear()
     monkeypatch.setattr(trainer, "PROGRESS_LINE_SECONDS", 0.0)  # as if each step took a minute
     with caplog.at_level(logging.INFO, logger="resnet_train"):

@@ -63,20 +63,74 @@ RUN_LENGTH_KEYS = ("trainer.epochs", "trainer.early_stopping.patience")
 
 
 def override_keys(overrides: list[str]) -> set[str]:
-    """The keys a command line's overrides set (key=value, +key=value, ~key)."""
+    """The keys a command line's overrides set (key=value, +key=value, ~key, group=option)."""
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
-def keep_run_length(cfg: DictConfig, point: ResumePoint, given: set[str] | None) -> list[str]:
-    """Set the RUN_LENGTH_KEYS that the command line did not give to the checkpoint's values;
-    return them as key=value. given=None (a config built in code): nothing is changed."""
-    saved = flatten(point.state.get("config") or {})
+def _given(key: str, given: set[str]) -> bool:
+    """Whether the command line set `key`, itself or through a parent (trainer.early_stopping=
+    {patience:5}, trainer=default)."""
+    return any(key == g or key.startswith(g + ".") for g in given)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def peek_config(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's position and config, read without loading its tensors (memory-mapped);
+    None where it is not a readable checkpoint (the run's own checks say why)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        return None
+    if "epoch" not in state:
+        return None
+    return state
+
+
+def resumed_config(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The config of the checkpoint that cfg's resume continues (resume=auto: the newest readable
+    one in run_dir; resume=PATH: that file), or None: a new run, or nothing readable."""
+    resume = cfg.get("resume")
+    if resume is None:
+        return None
+    if resume == "auto":
+        states = [peek_config(run_dir / n) for n in CHECKPOINT_NAMES if (run_dir / n).is_file()]
+        readable = [s for s in states if s is not None]
+        return max(readable, key=_position)["config"] if readable else None
+    path = Path(str(resume)).expanduser()
+    state = peek_config(path) if path.is_file() else None
+    return state["config"] if state else None
+
+
+def keep_run_length(
+    cfg: DictConfig, saved: dict[str, Any] | None, given: set[str] | None
+) -> list[str]:
+    """Set the RUN_LENGTH_KEYS that the command line did not give (`given`: its keys) to the
+    resumed checkpoint's values (`saved`: its config); return those that changed, as key=value.
+    given=None (a config built in code): nothing is changed."""
+    flat = flatten(saved or {})
     kept = []
     for key in RUN_LENGTH_KEYS if given is not None else ():
-        if key not in given and key in saved and OmegaConf.select(cfg, key) != saved[key]:
-            OmegaConf.update(cfg, key, saved[key], merge=False)
-            kept.append(f"{key}={saved[key]}")
+        if _given(key, given) or key not in flat or OmegaConf.select(cfg, key) == flat[key]:
+            continue
+        OmegaConf.update(cfg, key, flat[key], merge=False)
+        kept.append(f"{key}={_shown(flat[key])}")
     return kept
+
+
+def own_run_length(saved: dict[str, Any], given: set[str] | None) -> list[str]:
+    """The RUN_LENGTH_KEYS a resume took from its checkpoint, as key=value."""
+    flat = flatten(saved or {})
+    return [f"{key}={_shown(flat[key])}" for key in RUN_LENGTH_KEYS
+            if given is not None and key in flat and not _given(key, given)]  # fmt: skip
 
 
 def _valid_checkpoints(run_dir: Path) -> tuple[list[ResumePoint], list[str]]:

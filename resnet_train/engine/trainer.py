@@ -50,6 +50,7 @@ from resnet_train.engine.resume import (
     finished,
     finished_metrics,
     keep_run_length,
+    own_run_length,
     restore_rng,
 )
 from resnet_train.errors import CheckpointError
@@ -834,9 +835,13 @@ def _fit(
     for stale in remove_temporaries(run_dir) if d.main else ():
         log.info("removed %s, left by a save that was killed midway", stale)
     point = find_resume(cfg, run_dir)
-    if point is not None and (kept := keep_run_length(cfg, point, given)):
-        log.info("resuming with the run's own %s (not given on the command line)",
-                 ", ".join(kept))  # fmt: skip
+    if point is not None:
+        # (the command line takes the run's own length before the config is checked: cli;
+        # a config built in code gives its own)
+        keep_run_length(cfg, point.state["config"], given)
+        if own := own_run_length(point.state["config"], given):
+            log.info("resuming with the run's own %s (not given on the command line)",
+                     ", ".join(own))  # fmt: skip
     if point is not None and finished(point, cfg):
         check_not_finished(cfg, point)
         if (done := finished_metrics(run_dir, point)) is not None:
@@ -995,6 +1000,16 @@ def _describe_freezing(
 FEW_VALIDATION_IMAGES = 50
 
 
+def _own_validation_folder(data: DictConfig) -> Path | None:
+    """data=imagefolder's validation folder (DIR/val beside DIR/train), where it has one."""
+    from resnet_train.data.folders import TRAIN_FOLDER, VALID_FOLDERS
+
+    root = Path(str(data.root)).expanduser()
+    if data.name != "imagefolder" or not (root / TRAIN_FOLDER).is_dir():
+        return None
+    return next((root / v for v in VALID_FOLDERS if (root / v).is_dir()), None)
+
+
 def _describe(run: _Run) -> None:
     """The log lines that say what the run is about to do."""
     cfg, tc, t, plan, loaders = run.cfg, run.cfg.trainer, run.t, run.plan, run.loaders
@@ -1013,13 +1028,14 @@ def _describe(run: _Run) -> None:
         log.warning("%s", note)
     n_valid = len(loaders.valid.dataset) if loaders.valid else 0
     if 0 < n_valid < FEW_VALIDATION_IMAGES and d.main:
+        own = _own_validation_folder(cfg.data)
         log.warning(
             "the validation split holds %d images: its accuracy moves in steps of %.3g points, "
-            "too coarse to choose the best epoch%s by; raise data.valid_ratio (now %s) or give "
-            "more validation images",
+            "too coarse to choose the best epoch%s by; %s",
             n_valid, 100 / n_valid,
             " or stop early" if tc.early_stopping.patience is not None else "",
-            cfg.data.valid_ratio,
+            f"add images to {own}" if own else
+            f"raise data.valid_ratio (now {cfg.data.valid_ratio}) or give more images",
         )  # fmt: skip
     if (
         device.type == "cpu"
