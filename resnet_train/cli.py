@@ -306,6 +306,7 @@ def _check_run_dir(
         find_resume,
         finished,
         finished_metrics,
+        finished_note,
         keep_run_length,
         override_keys,
     )
@@ -331,7 +332,8 @@ def _check_run_dir(
         check_not_finished(cfg, point)
         if finished_metrics(run_dir, point) is not None:
             if int(os.environ.get("RANK", "0")) == 0:
-                print(f"resume=auto: {run_dir} already finished; nothing to do")
+                note = finished_note(point, cfg)
+                print(f"resume=auto: {run_dir} already finished; nothing to do {note}")
             sys.exit(0)
 
 

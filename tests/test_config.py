@@ -192,12 +192,14 @@ def test_missing_cifar_says_what_data_root_must_hold_or_names_the_parent(tmp_pat
     inner = tmp_path / "cifar-10-batches-py"
     inner.mkdir()
     (inner / "data_batch_1").write_bytes(b"")
-    with pytest.raises(DataError) as e:
-        cifar_files("cifar10", inner, train=True, download=False)
-    assert (
-        f"data.root={inner} holds the batch files themselves: give its parent, "
-        f"data.root={tmp_path}" in str(e.value)
-    )
+    for download in (False, True):  # (never downloads a second copy inside it)
+        with pytest.raises(DataError) as e:
+            cifar_files("cifar10", inner, train=True, download=download)
+        assert (
+            f"data.root={inner} holds the batch files themselves: give its parent, "
+            f"data.root={tmp_path}" in str(e.value)
+        )
+        assert list(inner.iterdir()) == [inner / "data_batch_1"]
     with pytest.raises(DataError) as e:
         cifar_files("cifar10", tmp_path / "empty", train=False, download=False)
     assert str(e.value).endswith(

@@ -534,6 +534,9 @@ def test_the_predict_table_shows_every_rank_asked_for_in_aligned_columns():
         start = lines[0].index(rank)
         assert all(line[start - 2 : start] == "  " and line[start] != " " for line in lines)
     assert len(_table(rows, 5, 1)) == 2 and _table([], 5, 10) == []
+    # at most 5 ranks on the console (the CSV has every one)
+    wide = [[r[0], *(r[1:] * 3)] for r in rows]
+    assert _table(wide, 15, 10)[0].split()[-1] == "top-5"
 
 
 def test_a_prediction_of_a_class_the_data_lacks_is_wrong_everywhere():

@@ -657,7 +657,10 @@ def test_commands_that_do_nothing_or_are_refused_leave_a_finished_run_as_it_is(
     # resume=auto on a finished run: nothing to do, whatever else the command line says
     result = run_cli(*SMALL, "name=run", "resume=auto", "trainer.epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"resume=auto: {Path('outputs/run')} already finished; nothing to do" in result.stdout
+    assert (
+        f"resume=auto: {Path('outputs/run')} already finished; nothing to do (epoch 3 of "
+        "trainer.epochs=2)" in result.stdout
+    )
     assert _record(run) == before  # not even .hydra/config.yaml or train.log
     # without trainer.epochs: the run's own 3, not the config's default 30
     short = [a for a in SMALL if not a.startswith("trainer.epochs=")]
@@ -761,6 +764,24 @@ def test_a_resume_without_the_runs_length_is_checked_and_recorded_with_the_runs_
     records = list((tmp_path / "outputs" / "multirun" / "sw").glob("*/.hydra/config.yaml"))
     assert len(records) == 2
     assert all(yaml.safe_load(r.read_text())["trainer"]["epochs"] == 2 for r in records)
+
+
+def test_a_run_that_stopped_early_says_so_and_how_to_train_on():
+    from resnet_train.engine.early_stopping import Monitor
+    from resnet_train.engine.resume import ResumePoint, finished, finished_note
+
+    monitor = Monitor(patience=2, min_delta=0.1, best=71.5, best_epoch=2, reference=71.5,
+                      bad_epochs=2)  # fmt: skip
+    point = ResumePoint(Path("last.pt"), {"epoch": 4, "monitor": monitor.state_dict()})
+    cfg = compose_config("trainer.epochs=10", "trainer.early_stopping.patience=2")
+    assert finished(point, cfg)
+    assert finished_note(point, cfg) == (
+        "(stopped early at epoch 4: early stopping: valid/acc has not improved by more than 0.1 "
+        "for 2 epochs (best 71.5000 at epoch 2); a larger trainer.early_stopping.patience, or "
+        "null, trains on)"
+    )
+    cfg = compose_config("trainer.epochs=4", "trainer.early_stopping.patience=2")
+    assert finished_note(point, cfg) == "(epoch 4 of trainer.epochs=4)"
 
 
 def test_a_key_given_through_its_parent_is_given():

@@ -63,6 +63,9 @@ def cifar_files(name: str, root: str | Path, train: bool, download: bool) -> lis
     names = tuple(train_files if train else test_files)
     files = [root / folder / f for f in names]
     missing = [f for f in files if not f.is_file()]
+    if missing and any((root / n).is_file() for n in names):  # the batch folder itself
+        raise DataError(f"{name} not found: {missing[0]} is missing; "
+                        f"{_where_to_look(folder, names, root)}")  # fmt: skip
     if missing and download:
         try:
             _download(name, root)

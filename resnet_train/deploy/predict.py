@@ -102,9 +102,14 @@ def predict_transform(trained: Trained) -> Any:
     return build_transform(d, train=False)
 
 
+# The console table's most ranks per image (all predict.top_k are in predictions.csv).
+TABLE_RANKS = 5
+
+
 def _table(rows: list[list[Any]], k: int, show: int) -> list[str]:
-    """The console's table: the first `show` rows, each image's top-k classes with their
-    probabilities, in aligned columns (long names cut, with ... in front of a path)."""
+    """The console's table: the first `show` rows, each image's top-k classes (at most
+    TABLE_RANKS) with their probabilities, in aligned columns (long names cut, with ... in
+    front of a path)."""
     shown = rows[:show]
     if not shown:
         return []
@@ -112,6 +117,7 @@ def _table(rows: list[list[Any]], k: int, show: int) -> list[str]:
     def cut(text: str, limit: int) -> str:
         return text if len(text) <= limit else "..." + text[-(limit - 3) :]
 
+    k = min(k, TABLE_RANKS)
     names = [cut(r[0], 60) for r in shown]
     cells = [[f"{cut(str(r[1 + 2 * i]), 24)} {float(r[2 + 2 * i]):.3f}" for i in range(k)]
              for r in shown]  # fmt: skip

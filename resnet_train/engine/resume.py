@@ -216,16 +216,33 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     return max(points, key=lambda p: _position(p.state))
 
 
-def finished(point: ResumePoint, cfg: DictConfig) -> bool:
-    """Whether the checkpoint's run has trained all it will: trainer.epochs reached, or early
-    stopping's patience run out."""
+def _monitor(point: ResumePoint, cfg: DictConfig) -> Any:
     from resnet_train.engine.early_stopping import Monitor
 
     state = point.state
     monitor = Monitor(**{k: state["monitor"][k] for k in ("metric", "mode")})
     monitor.load_state_dict(state["monitor"])
     monitor.patience = cfg.trainer.early_stopping.patience
-    return state["epoch"] >= cfg.trainer.epochs or monitor.should_stop
+    monitor.min_delta = state["monitor"].get("min_delta", 0.0)
+    return monitor
+
+
+def finished(point: ResumePoint, cfg: DictConfig) -> bool:
+    """Whether the checkpoint's run has trained all it will: trainer.epochs reached, or early
+    stopping's patience run out."""
+    return point.state["epoch"] >= cfg.trainer.epochs or _monitor(point, cfg).should_stop
+
+
+def finished_note(point: ResumePoint, cfg: DictConfig) -> str:
+    """Why a finished run is: "(epoch 30 of trainer.epochs=30)", or its early stop and how to
+    train on."""
+    epoch = point.state["epoch"]
+    if epoch >= cfg.trainer.epochs:
+        return f"(epoch {epoch} of trainer.epochs={cfg.trainer.epochs})"
+    return (
+        f"(stopped early at epoch {epoch}: {_monitor(point, cfg).reason()}; a larger "
+        "trainer.early_stopping.patience, or null, trains on)"
+    )
 
 
 def finished_metrics(run_dir: Path, point: ResumePoint) -> dict[str, Any] | None:

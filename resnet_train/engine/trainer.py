@@ -49,6 +49,7 @@ from resnet_train.engine.resume import (
     find_resume,
     finished,
     finished_metrics,
+    finished_note,
     keep_run_length,
     own_run_length,
     restore_rng,
@@ -845,7 +846,8 @@ def _fit(
     if point is not None and finished(point, cfg):
         check_not_finished(cfg, point)
         if (done := finished_metrics(run_dir, point)) is not None:
-            log.info("resume=auto: %s already finished; nothing to do", run_dir)
+            log.info("resume=auto: %s already finished; nothing to do %s", run_dir,
+                     finished_note(point, cfg))  # fmt: skip
             return done
         # trained all its epochs but not tested (stopped before, or metrics.json is of the
         # run before it was extended): test it now
