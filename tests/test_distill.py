@@ -225,6 +225,10 @@ def test_a_bare_teacher_file_of_another_architecture_is_named_with_teacher_model
             "trainer.distill.teacher={classes100}",
             "is invalid: its classifier has 100 classes, the student's data (synthetic) has 10",
         ),  # fmt: skip
+        (
+            "trainer.distill.teacher={classes10} model.num_classes=20",
+            "is invalid: its classifier has 10 classes, the student has 20 (model.num_classes)",
+        ),  # fmt: skip
         ("trainer.distill.teacher={garbage}", "is unreadable (UnpicklingError)"),
         ("trainer.distill.teacher={missing}", "is invalid: no such file"),
         (
@@ -253,11 +257,13 @@ def test_bad_distillation_settings_fail_in_one_line_before_anything_is_written(
     torch.save(create_model("resnet20", num_classes=100).state_dict(), classes100)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    override = override.format(classes100=classes100, garbage=garbage,
+    classes10 = tmp_path / "c10.pth"
+    torch.save(create_model("resnet20", num_classes=10).state_dict(), classes10)
+    override = override.format(classes100=classes100, garbage=garbage, classes10=classes10,
                                missing=tmp_path / "missing.pt")  # fmt: skip
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        precheck([*TINY, override, "hydra.run.dir=run"])
+        precheck([*TINY, *override.split(" "), "hydra.run.dir=run"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("resnet-train: error: ") and message in err, err

@@ -699,9 +699,12 @@ def test_a_validation_figure_that_is_not_finite_is_never_the_best(mode):
     assert monitor.best == 5.0 and monitor.best_epoch == 2 and monitor.should_stop
 
 
-def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path, caplog):
+@pytest.mark.parametrize("monitored", ["valid/loss", "valid/acc"])
+def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path, caplog,
+                                                                       monitored):  # fmt: skip
     """fp16 evaluation can overflow where training does not: no epoch is then the best one; the
-    run says so and tests last.pt (it used to call a nan epoch the best)."""
+    run says so and tests last.pt (it used to call a nan epoch the best). Monitoring the
+    accuracy too: an accuracy beside a nan loss is an argmax over nan outputs."""
     from resnet_train.engine import trainer
 
     real = trainer.evaluate
@@ -714,13 +717,14 @@ def test_a_run_whose_every_validation_is_nan_tests_its_last_checkpoint(tmp_path,
 
     cfg = compose_config("model=resnet20", "data=synthetic", "data.train_size=96",
                          "data.test_size=32", "trainer.device=cpu", "trainer.epochs=2",
-                         "trainer.early_stopping.monitor=valid/loss")  # fmt: skip
+                         f"trainer.early_stopping.monitor={monitored}")  # fmt: skip
     with caplog.at_level("WARNING"), pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "evaluate", nan_validation)
         metrics = trainer.fit(cfg, tmp_path)
     assert not (tmp_path / "best.pt").exists()
     assert metrics["selected_checkpoint"] == "last.pt", metrics
-    assert any("no epoch had a finite validation valid/loss" in r.message for r in caplog.records)
+    assert f"no epoch had a finite validation {monitored}" in caplog.text
+    assert "epoch 2: the validation loss is nan (the model's outputs are not finite)" in caplog.text
     # metrics.json stays strict JSON (NaN is not JSON): the nan losses are null
     text = (tmp_path / "metrics.json").read_text()
 

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_train import create_model
+from resnet_train.engine.checkpoint import load_checkpoint
 from resnet_train.engine.trainer import fit
 from tests.conftest import (
     REPO,
@@ -363,6 +364,17 @@ def test_the_smoke_recipe_visibly_learns(tmp_path):
     readme = (REPO / "README.md").read_text()
     assert f"(`outputs/{run_dir_name('experiment=smoke')}/train.log`;" in readme
     assert f"`outputs/{run_dir_name('model=resnet18', 'data=cifar10')}/`" in readme
+
+
+def test_a_classifier_wider_than_the_data_trains_with_mixing_and_class_weights(tmp_path):
+    """model.num_classes=20 on 10 classes (room for more): MixUp's labels and the class
+    weights of data.balance=loss are the classifier's width (they crashed at the first step)."""
+    cfg = compose_config(*SMOKE, "data.train_size=64", "data.test_size=32",
+                         "model.num_classes=20", "data.augment.mixup_alpha=0.2",
+                         "data.balance=loss")  # fmt: skip
+    metrics = fit(cfg, tmp_path)
+    assert metrics["epochs_done"] == 1
+    assert load_checkpoint(tmp_path / "last.pt")["model"]["fc.weight"].shape[0] == 20
 
 
 def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkeypatch):

@@ -58,10 +58,12 @@ def load_teacher(cfg: DictConfig) -> Teacher:
     if "fc.weight" not in weights.state:
         raise CheckpointError(f"{KEY}={kd.teacher} holds no classifier (fc.weight): not a ResNet")
     classes = weights.state["fc.weight"].shape[0]
-    if classes != cfg.data.num_classes:
+    student = cfg.model.num_classes or cfg.data.num_classes
+    if classes != student:
+        whose = (f"the student has {student} (model.num_classes)" if cfg.model.num_classes
+                 else f"the student's data ({cfg.data.name}) has {student}")  # fmt: skip
         raise ConfigError(
-            f"{KEY}={kd.teacher} is invalid: its classifier has {classes} classes, the student's "
-            f"data ({cfg.data.name}) has {cfg.data.num_classes}"
+            f"{KEY}={kd.teacher} is invalid: its classifier has {classes} classes, {whose}"
         )
     if name not in list_models():
         raise CheckpointError(f"{KEY}={kd.teacher} holds a {name!r}, not a model of this version")

@@ -633,6 +633,10 @@ def evaluate(
 
 
 def _metric(stats: EpochStats, name: str) -> float:
+    """The monitored figure of an evaluation; nan where its loss is not finite (outputs that
+    overflow: their accuracy is an argmax over nan, and such an epoch is never the best)."""
+    if not math.isfinite(stats.loss):
+        return math.nan
     if name.endswith("balanced_acc"):
         return stats.balanced_acc if stats.balanced_acc is not None else stats.acc
     return stats.acc if name.endswith("acc") else stats.loss
@@ -918,8 +922,13 @@ def _build_run(
     lr, steps_per_epoch = plan.lr, plan.steps_per_epoch
     optimizer = build_optimizer(cfg.optim, model, lr)
     weight = None
+    # the classifier's width: model.num_classes may exceed the data's classes (outputs that no
+    # label names get no weight and no share of a mixed label)
+    outputs = cfg.model.num_classes or loaders.num_classes
     if cfg.data.balance == "loss":
-        weight = class_weights(loaders.train_counts).to(device)
+        counts = np.zeros(outputs)
+        counts[: len(loaders.train_counts)] = loaders.train_counts
+        weight = class_weights(counts).to(device)
         log.info("data.balance=loss: class weights %s (n / (classes x count))",
                  [round(v, 3) for v in weight.tolist()])  # fmt: skip
     t = Training(
@@ -931,7 +940,7 @@ def _build_run(
         device=device,
         cfg=tc,
         step_schedule_per_batch=cfg.schedule.interval == "step",
-        mixer=build_batch_mixer(cfg.data.augment, loaders.num_classes),
+        mixer=build_batch_mixer(cfg.data.augment, outputs),
         memory_format=memory_format,
         dist=d,
         held_norms=held_norms,
@@ -1192,6 +1201,9 @@ def _train_epochs(run: _Run) -> _Epochs:
             selected_weights = _select(results, tc.ema.select, monitor)
             chosen = results[selected_weights]
             improved = monitor.update(_metric(chosen, monitor.metric), e)
+            if not math.isfinite(chosen.loss):
+                log.warning("epoch %d: the validation loss is %s (the model's outputs are not "
+                            "finite): this epoch is never the best", e, chosen.loss)  # fmt: skip
             if improved:  # the best epoch's figures, in last.pt too (and best.pt)
                 run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
             record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
@@ -1260,6 +1272,10 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
         "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
         test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
     )  # fmt: skip
+    if not math.isfinite(test_stats.loss):
+        log.warning("the test loss is %s: the model's outputs are not finite (it diverged: a "
+                    "lower optim.lr, a warm-up or trainer.clip_grad_norm may help); its accuracy "
+                    "means nothing", test_stats.loss)  # fmt: skip
     t.writer.add_scalar("test/loss", test_stats.loss, t.global_step)
     t.writer.add_scalar("test/acc", test_stats.acc, t.global_step)
     if test_stats.balanced_acc is not None:
