@@ -61,9 +61,12 @@ def one_line(message: str) -> str:
 
 def print_summary(cfg: DictConfig) -> None:
     from resnet_train.models.build import build_model
+    from resnet_train.models.freeze import freeze
     from resnet_train.models.summary import format_summary, summarize
 
-    print(format_summary(cfg.model.name, summarize(build_model(cfg), cfg.data.image_size)))
+    model = build_model(cfg)
+    freeze(model, cfg.model.freeze, cfg.model.freeze_bn)  # (trainable: what would train)
+    print(format_summary(cfg.model.name, summarize(model, cfg.data.image_size)))
 
 
 def describe_composition_error(error: Exception) -> str:
@@ -170,6 +173,9 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
                 from resnet_train.data.loaders import class_names
 
                 cfg.data.num_classes = len(class_names(cfg.data, cfg.seed))
+            from resnet_train.models.build import check_model
+
+            check_model(cfg)
             print_summary(cfg)
             sys.exit(0)
         if cfg.task in WEIGHTS_TASKS:
@@ -177,9 +183,9 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             return
         from resnet_train.data import check_data
         from resnet_train.data.settle import settle_data
-        from resnet_train.models.build import check_freeze, check_weights
+        from resnet_train.models.build import check_model, check_weights
 
-        check_freeze(cfg)
+        check_model(cfg)  # before anything is read
         check_data(cfg.data)
         settle_data(cfg)
         check_weights(cfg)
@@ -536,6 +542,15 @@ def check_config_only(overrides: list[str]) -> None:
     try:
         check_bool_overrides(overrides)
         validate(cfg)
+        checked = copy.deepcopy(cfg)
+        complete(checked)
+        if checked.task == "train":
+            # what the model and the weights file say (an image folder's classes are data)
+            from resnet_train.models.build import check_model, check_weights
+
+            check_model(checked)
+            if checked.data.num_classes is not None:
+                check_weights(checked)
     except UserError as e:
         _fail(e)
 

@@ -212,6 +212,13 @@ def test_summary_task_prints_shapes_and_writes_nothing(tmp_path):
     assert "parameters   25,557,032" in out and "(4.09 G) at 224x224" in out
     assert "layer4   (1, 2048, 7, 7)" in out and "fc       (1, 1000)" in out
     assert list(tmp_path.iterdir()) == []
+    # what would train: a linear probe trains the classifier only (2048 x 10 + 10)
+    result = run_cli("task=summary", "model=resnet50", "data=cifar10", "model.freeze=backbone",
+                     "model.stem=imagenet", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "trainable    20,490" in result.stdout
+    result = run_cli("task=summary", "model.freeze=[layer9]", cwd=tmp_path)
+    assert result.returncode == 2 and "model.freeze=layer9 is invalid" in result.stderr
 
 
 def test_torchvision_weights_file_loads_and_fine_tunes(tmp_path):
@@ -248,3 +255,23 @@ def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match="model 'resnet19' is unknown: allowed: .*resnet18"):
         create_model("resnet19")
     assert isinstance(create_model("resnet50", num_classes=1000), nn.Module)
+
+
+def test_model_keys_that_this_model_does_not_use_are_said():
+    from resnet_train.models.build import model_notes
+
+    def notes(*overrides: str) -> list[str]:
+        cfg = compose_config("data=synthetic", *overrides)
+        return model_notes(cfg, build_model(cfg))
+
+    assert notes("model=resnet20", "model.stride_in_1x1=true") == [
+        "model.stride_in_1x1=true does nothing in resnet20: it places the stride in bottleneck "
+        "blocks, and this model has none"
+    ]
+    assert notes("model=preact_resnet110", "model.zero_init_residual=true") == [
+        "model.zero_init_residual=true does nothing in preact_resnet110: its pre-activation "
+        "blocks end in a conv, not a BatchNorm"
+    ]
+    both = ["model.stride_in_1x1=true", "model.zero_init_residual=true"]
+    assert notes("model=resnet50", *both) == []
+    assert notes("model=resnet20") == []

@@ -990,6 +990,16 @@ def _build_run(
 def _describe_freezing(
     cfg: DictConfig, model: nn.Module, frozen: list[str], held_norms: list[nn.Module]
 ) -> None:
+    from resnet_train.models.build import model_notes
+
+    for note in model_notes(cfg, model):
+        log.warning("%s", note)
+    if cfg.optim.backbone_lr_mult != 1 and cfg.model.weights is None:
+        log.warning(
+            "optim.backbone_lr_mult=%s without model.weights trains a randomly initialised "
+            "backbone at %s times the rate: give the pretrained weights, model.weights=PATH",
+            cfg.optim.backbone_lr_mult, cfg.optim.backbone_lr_mult,
+        )  # fmt: skip
     if not frozen and not held_norms:
         return
     kept = sum(p.numel() for p in model.parameters() if not p.requires_grad)

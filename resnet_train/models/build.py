@@ -38,18 +38,42 @@ def model_options(cfg: DictConfig) -> dict:
     }
 
 
-def check_freeze(cfg: DictConfig) -> None:
-    """model.freeze names parts this model has, and leaves something to train: checked on a
-    model without storage (the meta device) before a run starts."""
-    if cfg.model.freeze is None:
-        return
+def check_model(cfg: DictConfig) -> None:
+    """The model keys that only the model itself can judge, checked on a model without storage
+    (the meta device) before a run starts: model.freeze names parts this model has and leaves
+    something to train; model.zero_init_residual needs residual branches. (The classes need
+    not be known yet: an image folder's are counted later.)"""
     import torch
 
+    from resnet_train.errors import ConfigError
     from resnet_train.models.freeze import freeze
 
+    m = cfg.model
     with torch.device("meta"):
-        model = create_model(cfg.model.name, **model_options(cfg))
-    freeze(model, cfg.model.freeze, False)
+        model = create_model(m.name, **model_options(cfg))
+    if m.zero_init_residual and getattr(model, "shortcut", None) == "none":
+        raise ConfigError(
+            f"model.zero_init_residual=true is invalid for {m.name} without shortcuts: it zeroes "
+            "the last BatchNorm of every block, and with no shortcut to carry the input past "
+            "it the network's output is constant and it cannot learn"
+        )
+    if m.freeze is not None:
+        freeze(model, m.freeze, False)
+
+
+def model_notes(cfg: DictConfig, model: nn.Module) -> list[str]:
+    """Model keys set to values this model does not use (said at the start of the run)."""
+    m, notes = cfg.model, []
+    block = getattr(model, "block", None)
+    if block is None:
+        return notes
+    if m.stride_in_1x1 and block.expansion == 1:
+        notes.append(f"model.stride_in_1x1=true does nothing in {m.name}: it places the stride "
+                     "in bottleneck blocks, and this model has none")  # fmt: skip
+    if m.zero_init_residual and block.preact:
+        notes.append(f"model.zero_init_residual=true does nothing in {m.name}: its "
+                     "pre-activation blocks end in a conv, not a BatchNorm")  # fmt: skip
+    return notes
 
 
 def check_weights(cfg: DictConfig) -> None:
