@@ -579,6 +579,16 @@ def _at_least(key: str, value: Any, low: float) -> None:
     _check(value >= low, key, value, f"must be >= {low}")
 
 
+# Beyond these a model or a batch cannot be built in any machine's memory (ImageNet-21k has
+# 21,841 classes; 4096 px is 334 times the pixels of ImageNet's 224).
+MAX_CLASSES = 100_000
+MAX_IMAGE_SIZE = 4096
+
+
+def _count(key: str, value: Any, low: int, high: int) -> None:
+    _check(low <= value <= high, key, value, f"must be in [{low}, {high:,}]")
+
+
 def _within(key: str, value: Any, interval: str) -> None:
     """interval like "[0, 1)": brackets say whether each end is allowed."""
     low, high = (float(v) for v in interval[1:-1].split(","))
@@ -694,7 +704,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of("model.name", m.name, list_models())
     _optional("model.stem", m.stem, _one_of, STEMS)
     _optional("model.shortcut", m.shortcut, _one_of, SHORTCUTS)
-    _optional("model.num_classes", m.num_classes, _at_least, 1)
+    _optional("model.num_classes", m.num_classes, _count, 1, MAX_CLASSES)
     _within("model.dropout", m.dropout, "[0, 1)")
     _check(m.weights != REQUIRED, "model.weights", m.weights,
            "this experiment fine-tunes: give the pretrained weights, model.weights=PATH (a "
@@ -714,7 +724,7 @@ def validate(cfg: DictConfig) -> None:
                "only data=imagefolder counts its classes (its class folders); give a number "
                "of classes")  # fmt: skip
     else:
-        _at_least("data.num_classes", d.num_classes, 1)
+        _count("data.num_classes", d.num_classes, 1, MAX_CLASSES)
     if d.name in DATASET_CLASSES:
         classes = DATASET_CLASSES[d.name]
         _check(d.num_classes == classes, "data.num_classes", d.num_classes,
@@ -724,7 +734,7 @@ def validate(cfg: DictConfig) -> None:
                f"data={d.name} has images of {size}x{size} pixels")  # fmt: skip
     check_classifier(cfg)
     _check_freeze(m)
-    _at_least("data.image_size", d.image_size, 8)
+    _count("data.image_size", d.image_size, 8, MAX_IMAGE_SIZE)
     _optional("data.eval_resize", d.eval_resize, _at_least, 0)
     if d.eval_resize:
         _check(d.eval_resize >= d.image_size, "data.eval_resize", d.eval_resize,
@@ -917,12 +927,17 @@ def validate(cfg: DictConfig) -> None:
         t.device,
         "allowed: auto, cpu, or a cuda:N or mps device this machine has",
     )
-    _check(
-        not t.sync_batchnorm or t.device != "cpu",
-        "trainer.sync_batchnorm",
-        t.sync_batchnorm,
-        "SyncBatchNorm runs on CUDA devices only; use false on the CPU",
-    )
+    if t.sync_batchnorm:
+        import torch
+
+        on = "cuda" if t.device == "auto" and torch.cuda.is_available() else t.device
+        _check(
+            str(on).startswith("cuda"),
+            "trainer.sync_batchnorm",
+            t.sync_batchnorm,
+            "SyncBatchNorm runs on CUDA devices only, and trainer.device="
+            f"{t.device} is {'the CPU' if on in ('auto', 'cpu') else on} here; use false",
+        )
     _check_deploy(cfg)
     if d.decoder == "gpu":
         import torch

@@ -173,6 +173,11 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
          "model.zero_init_residual=true is invalid for plain20 without shortcuts"),
         ("data.mean=[true,1,2]", "is invalid: must be three numbers (R, G, B)"),
         ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is inv"),
+        ("model.num_classes=100000000000",
+         "model.num_classes=100000000000 is invalid: must be in [1, 100,000]"),
+        ("data.num_classes=100000000000",
+         "data.num_classes=100000000000 is invalid: must be in [1, 100,000]"),
+        ("data.image_size=1000000", "data.image_size=1000000 is invalid: must be in [8, 4,096]"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):
@@ -186,6 +191,18 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
         assert result.stderr.strip() in (REPO / "README.md").read_text()
     # Nothing was written: no run directory, so no checkpoint.
     assert list(Path(tmp_path).iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trainer.device=auto is a GPU here")
+def test_sync_batchnorm_on_a_machine_without_cuda_is_refused_however_the_device_is_named(tmp_path):
+    for device in ("cpu", "auto"):
+        result = run_cli(*SMOKE, f"trainer.device={device}", "trainer.sync_batchnorm=true",
+                         cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 2 and result.stderr == (
+            "resnet-train: error: trainer.sync_batchnorm=true is invalid: SyncBatchNorm runs on "
+            f"CUDA devices only, and trainer.device={device} is the CPU here; use false\n"
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_cifar_says_what_data_root_must_hold_or_names_the_parent(tmp_path):

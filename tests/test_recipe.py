@@ -661,6 +661,15 @@ def test_trainer_compile_runs_with_inductor(tmp_path):
     assert metrics["epochs_done"] == 2 and math.isfinite(metrics["train"]["loss"])
     assert "s compiling (" in result.stdout
     assert metrics["history"][0]["compile_seconds"] > 0
+    assert "No CUDA runtime is found" not in result.stdout + result.stderr  # inductor's note
+
+
+def test_an_epoch_of_compile_steps_only_has_no_rate():
+    """Every step a compile warm-up: no timed image, so no images/s (it said 0 img/s)."""
+    from resnet_train.engine.trainer import EpochStats
+
+    assert EpochStats(2.3, 10.0, images=58, seconds=0.0, untimed_images=58).images_per_s is None
+    assert EpochStats(2.3, 10.0, images=58, seconds=2.0, untimed_images=29).images_per_s == 14.5
 
 
 def test_the_step_makes_its_loss_from_images_outputs_and_labels_in_one_place():

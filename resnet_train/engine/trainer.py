@@ -98,9 +98,10 @@ class EpochStats:
     class_correct: list[int] | None = None
 
     @property
-    def images_per_s(self) -> float:
+    def images_per_s(self) -> float | None:
+        """None where no step was timed (each was a compile warm-up step)."""
         timed = self.images - self.untimed_images
-        return timed / self.seconds if self.seconds > 0 else 0.0
+        return timed / self.seconds if self.seconds > 0 and timed > 0 else None
 
     @property
     def recall(self) -> list[float | None] | None:
@@ -908,6 +909,9 @@ def _build_run(
         layers = prepare_qat(model)
         log.info("QAT: fake int8 quantization in %d conv and linear layers", layers)
     model = model.to(device, memory_format=memory_format)
+    if tc.sync_batchnorm and not d.enabled:
+        log.warning("trainer.sync_batchnorm=true does nothing in a single process: it shares "
+                    "BatchNorm statistics across the processes of torchrun")  # fmt: skip
     if d.enabled:
         if tc.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -982,6 +986,13 @@ def _build_run(
     if tc.compile:
         t.forward, t.compiled = torch.compile(t.ddp or model, mode=tc.compile_mode), True
         t.cuda_graphs = device.type == "cuda" and tc.compile_mode in CUDA_GRAPH_MODES
+        if device.type != "cuda":
+            # inductor's C++ build says "No CUDA runtime is found" on a machine without one
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            if tc.compile_mode == "reduce-overhead":
+                log.warning("trainer.compile_mode=reduce-overhead captures CUDA graphs, which "
+                            "the %s has not: it compiles as the default mode here",
+                            device.type.upper())  # fmt: skip
 
     run.point, run.start_batch = point, start_batch
     return run
@@ -1166,16 +1177,20 @@ def _train_epochs(run: _Run) -> _Epochs:
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
                 t.scheduler.step()
         epochs_run += 1
-        throughputs.append(train_stats.images_per_s)
+        rate = train_stats.images_per_s
+        if rate is not None:
+            throughputs.append(rate)
+        shown_rate = f"{rate:.0f} img/s" if rate is not None else "img/s n/a (all compiling)"
         line = (
             f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
-            f"{train_stats.images_per_s:.0f} img/s {train_stats.seconds:.1f} s"
+            f"{shown_rate} {train_stats.seconds:.1f} s"
         )
         w, e, step = t.writer, epoch + 1, t.global_step
         w.add_scalar("epoch", e, step)
         w.add_scalar("train/loss", train_stats.loss, step)
         w.add_scalar("train/acc", train_stats.acc, step)
-        w.add_scalar("train/images_per_s", train_stats.images_per_s, step)
+        if rate is not None:
+            w.add_scalar("train/images_per_s", rate, step)
         w.add_scalar("train/epoch_time_s", train_stats.seconds, step)
         record = {
             "epoch": e,
@@ -1184,7 +1199,7 @@ def _train_epochs(run: _Run) -> _Epochs:
             "train_acc": train_stats.acc,
             "train_seconds": train_stats.seconds,
             "compile_seconds": compile_seconds,
-            "images_per_s": train_stats.images_per_s,
+            "images_per_s": rate,
         }
 
         improved, selected_weights = False, "raw"
