@@ -657,6 +657,9 @@ def _check_normalisation(key: str, value: Any, positive: bool) -> None:
     _check(ok, key, shown, "must be three numbers (R, G, B)" + (" > 0" if positive else "")
            + ", auto (computed on the training split) or null (those of model.weights' "
            "training)")  # fmt: skip
+    scaled = [round(v / 255, 4) for v in values]
+    _check(max(values) <= 1, key, shown, "pixels are scaled to [0, 1] before they are "
+           f"normalised: give it on that scale (divided by 255: {scaled})")  # fmt: skip
 
 
 def _check_freeze(m: DictConfig) -> None:
@@ -765,10 +768,9 @@ def validate(cfg: DictConfig) -> None:
     _optional("data.augment.autoaugment", a.autoaugment, _one_of, AUTOAUGMENT_POLICIES)
     policies = [k for k in ("autoaugment", "randaugment", "trivialaugment") if a[k]]
     if len(policies) > 1:
-        raise ConfigError(
-            f"data.augment.{policies[1]}={a[policies[1]]!r} is invalid: only one of "
-            f"autoaugment, randaugment, trivialaugment at a time ({policies[0]} is on)"
-        )
+        _check(False, f"data.augment.{policies[1]}", a[policies[1]],
+               "only one of autoaugment, randaugment, trivialaugment at a time "
+               f"({policies[0]} is on)")  # fmt: skip
     _at_least("data.augment.randaugment_num_ops", a.randaugment_num_ops, 1)
     _within("data.augment.randaugment_magnitude", a.randaugment_magnitude, "[0, 30]")
     _within("data.augment.random_erasing", a.random_erasing, "[0, 1]")

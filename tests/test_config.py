@@ -172,12 +172,17 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
         ("--cfg job model=plain20 model.zero_init_residual=true",
          "model.zero_init_residual=true is invalid for plain20 without shortcuts"),
         ("data.mean=[true,1,2]", "is invalid: must be three numbers (R, G, B)"),
+        ("data.mean=[125.3,123.0,113.9]", "data.mean=[125.3, 123.0, 113.9] is invalid: pixels "
+         "are scaled to [0, 1] before they are normalised: give it on that scale (divided by "
+         "255: [0.4914, 0.4824, 0.4467])"),
         ("data.batch_size=99999999999999999999", "data.batch_size=99999999999999999999 is inv"),
         ("model.num_classes=100000000000",
          "model.num_classes=100000000000 is invalid: must be in [1, 100,000]"),
         ("data.num_classes=100000000000",
          "data.num_classes=100000000000 is invalid: must be in [1, 100,000]"),
         ("data.image_size=1000000", "data.image_size=1000000 is invalid: must be in [8, 4,096]"),
+        ("data.loader=torch data.augment.randaugment=true data.augment.trivialaugment=true",
+         "data.augment.trivialaugment=true is invalid: only one of autoaugment, randaugment"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):

@@ -134,13 +134,22 @@ def test_bad_folders_are_one_line_errors_naming_what_to_fix(tmp_path):
     with pytest.raises(DataError, match=r"class folder .*empty/square holds no images"):
         scan_folders(str(tmp_path / "empty"), 0.1, 0.1, 0, False)
     make_shape_folders(tmp_path / "few", {"circle": 10, "square": 2}, formats=False)
-    with pytest.raises(DataError, match=r"class 'square' has 1 image\(s\) to split, and "
+    with pytest.raises(DataError, match=r"class 'square' has 1 image\(s\) left after "
+                                        r"data.test_ratio=0.1 took its share to split, and "
                                         r"data.valid_ratio=0.1 takes 1"):  # fmt: skip
         scan_folders(str(tmp_path / "few"), 0.1, 0.1, 0, False)
     make_shape_folders(tmp_path / "half", {"circle": 10, "square": 10}, formats=False)
-    with pytest.raises(DataError, match=r"class 'circle' has 5 image\(s\) to split, and "
+    with pytest.raises(DataError, match=r"class 'circle' has 5 image\(s\) left after "
+                                        r"data.test_ratio=0.5 took its share to split, and "
                                         r"data.valid_ratio=0.5 takes 5"):  # fmt: skip
         scan_folders(str(tmp_path / "half"), 0.5, 0.5, 0, False)
+    # the test split took most of each class first: both keys are named
+    make_shape_folders(tmp_path / "most", {"circle": 10, "square": 10}, formats=False)
+    with pytest.raises(DataError, match=r"class 'circle' has 1 image\(s\) left after "
+                       r"data.test_ratio=0.9 took its share to split, and data.valid_ratio=0.1 "
+                       r"takes 1 for the validation split, leaving none to train on: lower "
+                       r"data.test_ratio or data.valid_ratio, add images"):  # fmt: skip
+        scan_folders(str(tmp_path / "most"), 0.1, 0.9, 0, False)
     make_shape_folders(tmp_path / "one", {"circle": 10}, formats=False)
     with pytest.raises(DataError, match=r"one class folder \(circle\): a classifier needs at"):
         scan_folders(str(tmp_path / "one"), 0.1, 0.1, 0, False)

@@ -282,10 +282,12 @@ def carve(
     what: str,
     key: str,
     of: np.ndarray | None = None,
+    earlier: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, taken) positions: per class, held_out_count(n, ratio) images drawn with the seed,
-    n the class's count in `of` (the labels before an earlier split took its share) or here;
-    a DataError naming the class when it has too few images to leave one behind."""
+    n the class's count in `of` (the labels before an earlier split took its share: `earlier`,
+    its key=value, names it) or here; a DataError naming the class when it has too few images
+    to leave one behind."""
     rng = np.random.default_rng(seed)
     base = np.bincount(labels if of is None else of, minlength=len(classes))
     kept, taken = [], []
@@ -293,10 +295,12 @@ def carve(
         idx = np.flatnonzero(labels == c)
         k = held_out_count(int(base[c]), ratio)
         if k >= len(idx):
+            left = f" left after {earlier} took its share" if earlier else ""
+            lower = f"lower {earlier.split('=')[0]} or {key}, " if earlier else ""
             raise DataError(
-                f"class {name!r} has {len(idx)} image(s) to split, and {key}={ratio} takes {k} "
-                f"for the {what} split, leaving none to train on: add images to it, or give the "
-                f"{what} images a folder of their own"
+                f"class {name!r} has {len(idx)} image(s){left} to split, and {key}={ratio} "
+                f"takes {k} for the {what} split, leaving none to train on: {lower}add images "
+                f"to it, or give the {what} images a folder of their own"
             )
         idx = rng.permutation(idx)
         taken.append(idx[:k])
@@ -332,7 +336,9 @@ def scan_folders(
             valid = parts["valid"]
             sources["valid"] = "its own folder"
         else:
-            valid, train = _carve_valid(train, valid_ratio, seed, classes, labels)
+            earlier = None if "test" in parts else tested(test_ratio)
+            valid, train = _carve_valid(train, valid_ratio, seed, classes, labels,
+                                        earlier)  # fmt: skip
             sources["valid"] = f"data.valid_ratio={valid_ratio} of {root / TRAIN_FOLDER}"
     else:
         files, labels = parts["all"]
@@ -340,7 +346,8 @@ def scan_folders(
         kept, taken = carve(labels, test_ratio, TEST_SPLIT_SEED, classes, "test",
                             "data.test_ratio")  # fmt: skip
         test, rest = _pick(files, labels, taken), _pick(files, labels, kept)
-        valid, train = _carve_valid(rest, valid_ratio, seed, classes, labels)
+        valid, train = _carve_valid(rest, valid_ratio, seed, classes, labels,
+                                    tested(test_ratio))  # fmt: skip
         sources = {
             "train": str(root),
             "valid": f"data.valid_ratio={valid_ratio} of {root}",
@@ -364,19 +371,26 @@ def _no_ratio(key: str, ratio: float, root: Path, layout: str) -> None:
         )
 
 
+def tested(test_ratio: float) -> str | None:
+    """The test split's key=value, where it took a share of the images before validation."""
+    return f"data.test_ratio={test_ratio}" if test_ratio > 0 else None
+
+
 def _carve_valid(
     train: tuple[list[str], np.ndarray],
     ratio: float,
     seed: int,
     classes: list[str],
     of: np.ndarray,
+    earlier: str | None = None,
 ) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray]]:
     """The validation split: ratio x each class's count in `of` (all its images, before the
-    test split took its share), drawn from `train` with the run's seed."""
+    test split took its share: `earlier`), drawn from `train` with the run's seed."""
     files, labels = train
     if ratio <= 0:
         return ([], np.zeros(0, dtype=np.int64)), train
-    kept, taken = carve(labels, ratio, seed, classes, "validation", "data.valid_ratio", of)
+    kept, taken = carve(labels, ratio, seed, classes, "validation", "data.valid_ratio", of,
+                        earlier)  # fmt: skip
     return _pick(files, labels, taken), _pick(files, labels, kept)
 
 
