@@ -667,7 +667,14 @@ def _interrupted(e: KeyboardInterrupt) -> None:
     """One line on what an interrupted command left, and the shell's status for the signal."""
     task = RUNNING_TASK[0] if RUNNING_TASK else "train"
     how = f"terminated ({e})" if isinstance(e, Terminated) else "interrupted"
-    if task in WEIGHTS_TASKS:
+    from resnet_train.deploy.staging import FINISHED_WHEN_STOPPED
+
+    if task in WEIGHTS_TASKS and FINISHED_WHEN_STOPPED:
+        what = (
+            f"it came as task={task}'s files were put in place: they all are, its record "
+            "included (only what it prints after them is not)"
+        )
+    elif task in WEIGHTS_TASKS:
         what = (
             f"task={task} stopped at once; its files are put in place only when it ends, so it "
             "left none (its log stays; run it again with the same name=)"

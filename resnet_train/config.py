@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_train.errors import ConfigError
@@ -463,15 +464,39 @@ def sweep_name(name: str | None, *, _root_: DictConfig) -> str:
     # copies into every job's config (composed again with that job's overrides). OmegaConf's
     # use_cache cannot be combined with _root_, hence the cache by hand. (The swept keys are
     # kept for the jobs' names, named sweep or not: run_name.)
-    cache = OmegaConf.get_cache(_root_)["sweep_name"]
-    if "swept" not in cache:
-        swept = _swept_keys(_root_)
-        cache["swept"] = tuple(sorted(k for k in swept if k in SWEEPABLE_MAY_CHANGE))
+    cache = record_swept_keys(_root_)
     if name:
         return str(name)
     if "dir" not in cache:
         cache["dir"] = _sweep_name(_root_)
     return cache["dir"]
+
+
+def record_swept_keys(_root_: DictConfig) -> dict[str, Any]:
+    """Keep, in the sweep's resolver cache (copied into each job's config), the keys that may
+    change on resume but that this sweep varies, itself or through a parent or a group
+    (trainer.epochs=10,20; trainer.early_stopping={patience:3},{patience:5}; experiment=a,b):
+    they name its jobs (run_name). Return the cache."""
+    cache = OmegaConf.get_cache(_root_)["sweep_name"]
+    if "swept" not in cache:
+        swept = _swept_keys(_root_)
+        cache["swept"] = tuple(
+            k for k in SWEEPABLE_MAY_CHANGE
+            if any(k == s or k.startswith(s + ".") or s in LENGTH_GROUPS for s in swept)
+        )  # fmt: skip
+    return cache
+
+
+# The config groups whose options may set a run's length.
+LENGTH_GROUPS = ("experiment", "trainer")
+
+
+class RecordSweptKeys(Callback):
+    """Hydra callback (configs/train.yaml): records the swept keys at a multirun's start, also
+    where hydra.sweep.dir is given and the sweep_name resolver never runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        record_swept_keys(config)
 
 
 def _sweep_overrides(_root_: DictConfig) -> tuple[list[str], dict[str, Any] | None]:
@@ -641,7 +666,7 @@ def _validate_distill(kd: DictConfig, models: list[str]) -> None:
     _within("trainer.distill.alpha", kd.alpha, "[0, 1]")
 
 
-def _check_normalisation(key: str, value: Any, positive: bool) -> None:
+def _check_normalisation(key: str, value: Any, positive: bool, scale: bool = True) -> None:
     """data.mean / data.std: "auto", null, or three numbers (> 0 for the std)."""
     if value is None or value == "auto":
         return
@@ -658,7 +683,7 @@ def _check_normalisation(key: str, value: Any, positive: bool) -> None:
            + ", auto (computed on the training split) or null (those of model.weights' "
            "training)")  # fmt: skip
     scaled = [round(v / 255, 4) for v in values]
-    _check(max(values) <= 1, key, shown, "pixels are scaled to [0, 1] before they are "
+    _check(not scale or max(values) <= 1, key, shown, "pixels are scaled to [0, 1] before they are "
            f"normalised: give it on that scale (divided by 255: {scaled})")  # fmt: skip
 
 
@@ -744,7 +769,9 @@ def validate(cfg: DictConfig) -> None:
                f"the centre crop of data.image_size={d.image_size} needs a resize to at least "
                f"that; 0 = no resize, null = image_size / 0.875")  # fmt: skip
     for key in ("mean", "std"):
-        _check_normalisation(f"data.{key}", d[key], positive=key == "std")
+        # (the pixel scale only for a run that trains: a model trained on other figures is
+        # still evaluated, exported or used with its own)
+        _check_normalisation(f"data.{key}", d[key], key == "std", cfg.task == "train")
     _within("data.test_ratio", d.test_ratio, "[0, 1)")
     _one_of("data.balance", d.balance, BALANCE)
     if cfg.task == "train":

@@ -174,8 +174,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.weights and len(args.weights) != len(args.models):
         fail("--weights takes one checkpoint per model in --models")
-    if args.write:
-        check_options(fail, output=args.output)
+    check_options(fail, output=args.output)  # (as the other benchmarks: with or without --write)
     import onnxruntime
 
     machine = f"{cpu_name()}, {os.cpu_count()} CPUs"

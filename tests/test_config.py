@@ -227,6 +227,12 @@ def test_missing_cifar_says_what_data_root_must_hold_or_names_the_parent(tmp_pat
             f"data.root={tmp_path}" in str(e.value)
         )
         assert list(inner.iterdir()) == [inner / "data_batch_1"]
+    other = tmp_path / "cifar10"  # the files in a folder of another name
+    other.mkdir()
+    (other / "data_batch_1").write_bytes(b"")
+    with pytest.raises(DataError, match="they go in a folder named cifar-10-batches-py/ inside "
+                       "data.root"):  # fmt: skip
+        cifar_files("cifar10", other, train=True, download=True)
     with pytest.raises(DataError) as e:
         cifar_files("cifar10", tmp_path / "empty", train=False, download=False)
     assert str(e.value).endswith(

@@ -620,7 +620,9 @@ def test_staged_files_appear_together_in_order_or_not_at_all(tmp_path):
     assert sorted(p.name for p in run.iterdir()) == kept
 
 
-def test_a_stop_signal_during_the_commit_waits_until_every_file_is_in_place(tmp_path, monkeypatch):
+def test_a_stop_signal_during_the_commit_waits_until_every_file_is_in_place(
+    tmp_path, monkeypatch, capsys
+):
     """SIGTERM (as a task sees it: raising) after the first of three renames: the other two,
     the record among them, are still made, and the signal is raised after them."""
     import signal
@@ -649,6 +651,18 @@ def test_a_stop_signal_during_the_commit_waits_until_every_file_is_in_place(tmp_
         signal.signal(signal.SIGTERM, previous)
     assert renames == ["a.csv", "b.png", "record.json"]
     assert sorted(p.name for p in run.iterdir()) == ["a.csv", "b.png", "record.json"]
+    # the command's last line says the files are there (not that it left none)
+    from resnet_train import cli
+
+    monkeypatch.setattr(cli, "RUNNING_TASK", ["eval"])
+    with pytest.raises(SystemExit) as stop:
+        cli._interrupted(Terminated(signal.SIGTERM))
+    assert stop.value.code == 143
+    assert capsys.readouterr().err == (
+        "resnet-train: terminated (SIGTERM): it came as task=eval's files were put in place: they "
+        "all are, its record included (only what it prints after them is not)\n"
+    )
+    staging.FINISHED_WHEN_STOPPED.clear()
 
 
 def test_stop_signals_raise_only_where_they_would_have_ended_the_process():

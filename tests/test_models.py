@@ -258,7 +258,7 @@ def test_unknown_model_names_the_choices():
 
 
 def test_model_keys_that_this_model_does_not_use_are_said():
-    from resnet_train.models.build import model_notes
+    from resnet_train.models.build import check_model, model_notes
 
     def notes(*overrides: str) -> list[str]:
         cfg = compose_config("data=synthetic", *overrides)
@@ -275,3 +275,7 @@ def test_model_keys_that_this_model_does_not_use_are_said():
     both = ["model.stride_in_1x1=true", "model.zero_init_residual=true"]
     assert notes("model=resnet50", *both) == []
     assert notes("model=resnet20") == []
+    # pre-activation blocks are not zeroed: without shortcuts too, a note, not a refusal
+    preact = ["model=preact_resnet18", "model.shortcut=none", "model.zero_init_residual=true"]
+    check_model(compose_config("data=synthetic", *preact))
+    assert notes(*preact)[0].startswith("model.zero_init_residual=true does nothing")

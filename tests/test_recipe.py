@@ -706,6 +706,22 @@ def test_a_validation_figure_that_is_not_finite_is_never_the_best(mode):
     for epoch, value in ((3, math.nan), (4, math.inf), (5, -math.inf)):
         assert not monitor.update(value, epoch)
     assert monitor.best == 5.0 and monitor.best_epoch == 2 and monitor.should_stop
+    # out of patience with no finite figure at all: said, not a crash
+    never = Monitor("valid/acc", mode, patience=2)
+    never.update(math.nan, 1), never.update(math.nan, 2)
+    assert never.should_stop and never.reason().endswith("for 2 epochs (no finite value yet)")
+
+
+def test_ema_weights_with_a_finite_validation_beat_raw_ones_without():
+    from resnet_train.engine.early_stopping import Monitor
+    from resnet_train.engine.trainer import EpochStats, _select
+
+    finite, broken = EpochStats(1.0, 60.0, 10, 1.0), EpochStats(math.nan, 10.0, 10, 1.0)
+    for metric in ("valid/acc", "valid/loss"):
+        monitor = Monitor(metric, "max" if metric.endswith("acc") else "min")
+        assert _select({"raw": broken, "ema": finite}, "best", monitor) == "ema"
+        assert _select({"raw": finite, "ema": broken}, "best", monitor) == "raw"
+        assert _select({"raw": broken, "ema": broken}, "best", monitor) == "raw"
 
 
 @pytest.mark.parametrize("monitored", ["valid/loss", "valid/acc"])

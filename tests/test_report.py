@@ -138,6 +138,10 @@ def test_a_sweep_over_the_runs_length_gives_each_job_a_folder_and_a_relaunch_fin
     again = run_cli(*sweep, "resume=auto", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already finished; nothing to do") == 2, again.stdout
+    # a sweep folder of one's own (hydra.sweep.dir): the same
+    mine = [*sweep[:-1], "hydra.sweep.dir=mine"]
+    assert run_cli(*mine, cwd=tmp_path).returncode == 0
+    assert len(list((tmp_path / "mine").glob("*/metrics.json"))) == 2
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -782,6 +782,15 @@ def test_a_run_that_stopped_early_says_so_and_how_to_train_on():
     )
     cfg = compose_config("trainer.epochs=4", "trainer.early_stopping.patience=2")
     assert finished_note(point, cfg) == "(epoch 4 of trainer.epochs=4)"
+    # resume=PATH from it: refused, saying what would train on (not "raise trainer.epochs")
+    from resnet_train.engine.resume import check_not_finished
+
+    cfg = compose_config("trainer.epochs=10", "trainer.early_stopping.patience=2",
+                         "resume=runs/a/last.pt")  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"^resume=runs/a/last.pt stopped early at epoch 4: "
+                       r"early stopping: .*; a larger trainer.early_stopping.patience, or null, "
+                       r"trains on$"):  # fmt: skip
+        check_not_finished(cfg, point)
 
 
 def test_a_key_given_through_its_parent_is_given():

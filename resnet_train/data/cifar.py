@@ -46,9 +46,14 @@ def _where_to_look(folder: str, names: tuple[str, ...], root: Path) -> str:
     """The advice of a missing-data error: the parent, where data.root names the batch folder
     itself; else what data.root must hold."""
     if any((root / n).is_file() for n in names):
+        if root.name == folder:
+            return (
+                f"data.root={root} holds the batch files themselves: give its parent, "
+                f"data.root={root.parent}"
+            )
         return (
-            f"data.root={root} holds the batch files themselves: give its parent, "
-            f"data.root={root.parent}"
+            f"data.root={root} holds the batch files themselves: they go in a folder named "
+            f"{folder}/ inside data.root (DIR/{folder}/{names[0]}, then data.root=DIR)"
         )
     return (
         f"set data.root to the folder that contains {folder}/ (data.root=DIR for "

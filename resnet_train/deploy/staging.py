@@ -50,6 +50,11 @@ def remove_leftovers(run_dir: Path) -> list[str]:
     return sorted(removed)
 
 
+# Set when a stop signal came while a task's files were being put in place: they all are, and
+# the signal ends the command only after that.
+FINISHED_WHEN_STOPPED: list[bool] = []
+
+
 @contextlib.contextmanager
 def _stop_signals_held() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back while the block runs: each that comes is noted and
@@ -71,6 +76,8 @@ def _stop_signals_held() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if came:
+            FINISHED_WHEN_STOPPED.append(True)  # (for the interrupted command's message)
         for signum in dict.fromkeys(came):  # each once, in the order they came
             signal.raise_signal(signum)
 

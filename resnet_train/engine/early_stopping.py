@@ -44,9 +44,11 @@ class Monitor:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def reason(self) -> str:
+        best = (f"best {self.best:.4f} at epoch {self.best_epoch}" if self.best is not None
+                else "no finite value yet")  # fmt: skip
         return (
             f"early stopping: {self.metric} has not improved by more than {self.min_delta} for "
-            f"{self.bad_epochs} epochs (best {self.best:.4f} at epoch {self.best_epoch})"
+            f"{self.bad_epochs} epochs ({best})"
         )
 
     def state_dict(self) -> dict[str, Any]:

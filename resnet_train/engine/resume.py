@@ -269,8 +269,15 @@ def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
     """resume=PATH from a run that has trained all it will: refused (resume=auto on its own
     finished run is a command that does nothing, not an error)."""
     if cfg.resume != "auto" and finished(point, cfg):
+        epoch = point.state["epoch"]
+        if epoch < cfg.trainer.epochs:
+            raise CheckpointError(
+                f"resume={cfg.resume} stopped early at epoch {epoch}: "
+                f"{_monitor(point, cfg).reason()}; a larger trainer.early_stopping.patience, "
+                "or null, trains on"
+            )
         raise CheckpointError(
-            f"resume={cfg.resume} already finished epoch {point.state['epoch']} of "
+            f"resume={cfg.resume} already finished epoch {epoch} of "
             f"trainer.epochs={cfg.trainer.epochs}; raise trainer.epochs to train further"
         )
 

@@ -1424,4 +1424,6 @@ def _select(results: dict[str, EpochStats], select: str, monitor: Monitor) -> st
     if select == "ema":
         return "ema"
     raw, ema = (_metric(results[k], monitor.metric) for k in ("raw", "ema"))
+    if not math.isfinite(raw):  # any finite figure beats none
+        return "ema" if math.isfinite(ema) else "raw"
     return "ema" if monitor.better(ema, raw) else "raw"

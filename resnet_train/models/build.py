@@ -51,7 +51,9 @@ def check_model(cfg: DictConfig) -> None:
     m = cfg.model
     with torch.device("meta"):
         model = create_model(m.name, **model_options(cfg))
-    if m.zero_init_residual and getattr(model, "shortcut", None) == "none":
+    block = getattr(model, "block", None)
+    preact = block is not None and block.preact  # (not zeroed: model_notes says so)
+    if m.zero_init_residual and getattr(model, "shortcut", None) == "none" and not preact:
         raise ConfigError(
             f"model.zero_init_residual=true is invalid for {m.name} without shortcuts: it zeroes "
             "the last BatchNorm of every block, and with no shortcut to carry the input past "
