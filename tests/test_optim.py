@@ -388,3 +388,18 @@ def test_every_optimizer_steps_in_each_mixed_precision(name, precision, initial_
     trained = torch.load(tmp_path / "last.pt", weights_only=False)["model"]["fc.weight"]
     assert trained.dtype == torch.float32
     assert not torch.equal(trained, initial_fc)  # steps were applied
+
+
+def test_optimizer_and_schedule_keys_that_are_never_read_are_said():
+    from resnet_train.engine.plan import unused_keys
+
+    assert unused_keys(compose_config("optim=adamw", "optim.nesterov=true")) == [
+        "optim.nesterov and optim.momentum do nothing with optim=adamw (its momentum is "
+        "optim.betas)"
+    ]
+    assert unused_keys(compose_config("schedule=constant", "schedule.milestones=[1,2]")) == [
+        "schedule.milestones does nothing with schedule=constant (only schedule=multistep reads it)"
+    ]
+    assert unused_keys(compose_config("optim=adamw")) == []
+    assert unused_keys(compose_config("schedule=multistep", "schedule.milestones=[1,2]")) == []
+    assert unused_keys(compose_config("optim=sgd", "optim.nesterov=true")) == []

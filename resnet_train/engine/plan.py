@@ -27,6 +27,18 @@ class StepPlan:
     notes: list[str] = field(default_factory=list)  # said at the start of the run
 
 
+def unused_keys(cfg: DictConfig) -> list[str]:
+    """Optimizer and schedule keys set to values the chosen optimizer or schedule never reads."""
+    o, s, notes = cfg.optim, cfg.schedule, []
+    if o.name == "adamw" and (o.nesterov or o.momentum != 0.9):
+        notes.append("optim.nesterov and optim.momentum do nothing with optim=adamw (its "
+                     "momentum is optim.betas)")  # fmt: skip
+    if s.milestones and s.name != "multistep":
+        notes.append(f"schedule.milestones does nothing with schedule={s.name} (only "
+                     "schedule=multistep reads it)")  # fmt: skip
+    return notes
+
+
 def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
     """The step arithmetic of a run of cfg over `fit_images` training images in `world`
     processes; raise ConfigError where two keys disagree once the numbers are known."""
@@ -41,7 +53,7 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
     shard = epoch_length(whole, d.batch_size)
     batches = math.ceil(shard / d.batch_size)
     steps = math.ceil(batches / t.accumulate_steps)
-    notes = []
+    notes = unused_keys(cfg)
     if shard < whole:
         notes.append(
             f"the last batch of each epoch would hold a single image ({whole} training images"
