@@ -194,7 +194,7 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             from resnet_train.engine.distill import load_teacher
 
             teacher = load_teacher(cfg)
-        _check_run_dir(cfg, run_dir, teacher, args)  # (a resume may take the run's own length)
+        _check_run_dir(cfg, run_dir, teacher)
         _check_steps(cfg)
     except UserError as e:
         _fail(e)
@@ -293,9 +293,7 @@ def _check_steps(cfg: DictConfig) -> None:
     plan_steps(cfg, len(splits.fit), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _check_run_dir(
-    cfg: DictConfig, run_dir: Path, teacher: Any = None, args: list[str] | None = None
-) -> None:
+def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
@@ -313,8 +311,6 @@ def _check_run_dir(
         finished,
         finished_metrics,
         finished_note,
-        keep_run_length,
-        override_keys,
     )
 
     names = (*CHECKPOINT_NAMES, *RESULT_NAMES)
@@ -323,7 +319,6 @@ def _check_run_dir(
     point = find_resume(cfg, run_dir)
     if point is None:
         return
-    keep_run_length(cfg, point.state["config"], None if args is None else override_keys(args))
     from resnet_train.data.folders import check_same_files
     from resnet_train.data.loaders import data_fingerprint
     from resnet_train.engine.distill import check_same_teacher

@@ -420,14 +420,19 @@ def _file_identity(path: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        return "sha256:" + file_sha256(Path(path))
     except OSError:
         return path
-    return "sha256:" + digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's contents, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_name(name: str | None, *, _root_: DictConfig) -> str:
@@ -511,13 +516,17 @@ def _sweep_overrides(_root_: DictConfig) -> tuple[list[str], dict[str, Any] | No
 
 def _swept_keys(_root_: DictConfig) -> set[str]:
     overrides, params = _sweep_overrides(_root_)
+    return _swept(overrides, params)
+
+
+def _swept(overrides: list[str], params: dict[str, Any] | None) -> set[str]:
     return {_override_key(o) for o in overrides if "," in o or "(" in o} | set(params or {})
 
 
 def _sweep_name(_root_: DictConfig) -> str:
     overrides, params = _sweep_overrides(_root_)
     kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
-    swept = _swept_keys(_root_)
+    swept = _swept(overrides, params)
     # teachers by their contents, as a run's name has them
     teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY
                       for path in o.split("=", 1)[1].split(","))  # fmt: skip

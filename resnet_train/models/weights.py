@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resnet_train.config import file_sha256  # noqa: F401 (read from here too)
 from resnet_train.errors import CheckpointError
 
 log = logging.getLogger("resnet_train")
@@ -32,14 +32,6 @@ class WeightsFile:
     state: dict[str, torch.Tensor]
     config: dict[str, Any] | None
     checkpoint: dict[str, Any] | None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_exported_program(path: Path) -> bool:
