@@ -527,8 +527,11 @@ def cfg_print_overrides(args: list[str]) -> list[str] | None:
     return overrides if flags & set(PRINT_FLAGS) else None
 
 
-def check_config_only(overrides: list[str]) -> None:
-    """Compose and validate a config (no data read): a one-line error and exit 2 if it is bad."""
+def check_config_only(overrides: list[str]) -> list[str]:
+    """Compose and validate a config (no data read): a one-line error and exit 2 if it is bad.
+    A resumed training run is checked with its own length (take_run_length): returned as
+    key=value overrides, for the printed config to say what the run would use."""
+    kept: list[str] = []
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = compose("train", overrides=overrides)
@@ -536,6 +539,9 @@ def check_config_only(overrides: list[str]) -> None:
         _fail(describe_composition_error(e))
     try:
         check_bool_overrides(overrides)
+        if cfg.get("task") == "train" and cfg.get("resume") is not None:
+            composed = compose_run(overrides)  # (its run folder)
+            kept = take_run_length(cfg, Path(str(composed.hydra.run.dir)), overrides)
         validate(cfg)
         checked = copy.deepcopy(cfg)
         complete(checked)
@@ -548,6 +554,7 @@ def check_config_only(overrides: list[str]) -> None:
                 check_weights(checked)
     except UserError as e:
         _fail(e)
+    return kept
 
 
 def _installed(module: str) -> bool:
@@ -627,7 +634,7 @@ def main() -> None:
             run_single(cfg)
             return
         if (overrides := cfg_print_overrides(args)) is not None:
-            check_config_only(overrides)
+            sys.argv += check_config_only(overrides)  # (Hydra reads and prints sys.argv's)
         if {"-m", "--multirun"} & set(args):
             register_sweeper()
         FAILED_JOBS.clear()  # this command's jobs only (main() may run more than once a process)

@@ -744,11 +744,16 @@ def test_a_resume_that_does_not_give_the_runs_length_keeps_the_runs_own(
 def test_a_resume_without_the_runs_length_is_checked_and_recorded_with_the_runs_own(tmp_path):
     """experiment=smoke has 4 epochs; a 5-epoch run of it with a 4-epoch warm-up, resumed
     without trainer.epochs, is checked against its own 5 (it was refused: "the warm-up must end
-    before the run does"), and its .hydra record says 5; a sweep's relaunch too."""
+    before the run does"), by --cfg job too, and its .hydra record says 5; a sweep's relaunch
+    too."""
     args = ["experiment=smoke", "data.train_size=64", "data.test_size=32", "schedule.warmup=4"]
     proc = start(tmp_path, *args, "trainer.epochs=5", "name=w", env={faults.ENV: "step:1:USR1"})
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    # --cfg job checks it as the run would, and prints the length the run would use
+    printed = run_cli("--cfg", "job", *args, "name=w", "resume=auto", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["trainer"]["epochs"] == 5
     result = run_cli(*args, "name=w", "resume=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "outputs" / "w"

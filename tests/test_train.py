@@ -400,6 +400,7 @@ def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkey
     assert ("the validation split holds 10 images: its accuracy moves in steps of 10 points, too "
             "coarse to choose the best epoch by; raise data.valid_ratio (now 0.1) or give more "
             "images") in caplog.text  # fmt: skip
+    assert "the training split has no image of" not in caplog.text  # all 10 classes are in it
     caplog.clear()
     monkeypatch.setattr(trainer, "PROGRESS_LINE_SECONDS", 0.0)  # as if each step took a minute
     with caplog.at_level(logging.INFO, logger="resnet_train"):
@@ -410,6 +411,22 @@ def test_without_a_terminal_progress_comes_as_log_lines(tmp_path, caplog, monkey
         fit(compose_config(*small, "trainer.progress=false", "trainer.log_every_steps=1"),
             tmp_path / "c")  # fmt: skip
     assert not any("train  batch " in r.message for r in caplog.records)
+
+
+def test_a_training_split_without_some_classes_says_so(tmp_path, caplog):
+    """30 images of 40 classes: a user asked for more classes than the images can hold; the run
+    says how many have no training image (it used to train on silently)."""
+    import logging
+
+    cfg = compose_config(*SMOKE, "data.num_classes=40", "data.train_size=30", "data.test_size=8",
+                         "trainer.epochs=1")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(cfg, tmp_path / "run")
+    warning = next(r.message for r in caplog.records if "has no image of" in r.message)
+    missing = int(warning.split("has no image of ")[1].split()[0])
+    assert 40 - 27 <= missing < 40  # 27 training images (3 held out) cover at most 27 classes
+    assert warning.startswith(f"the training split has no image of {missing} of the 40 classes (")
+    assert warning.endswith("the model cannot learn them; raise data.train_size (now 30)")
 
 
 def _colours(path: Path) -> set[tuple[int, int, int]]:

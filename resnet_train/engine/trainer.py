@@ -1069,6 +1069,17 @@ def _describe(run: _Run) -> None:
             f"add images to {own}" if own else
             f"raise data.valid_ratio (now {cfg.data.valid_ratio}) or give more images",
         )  # fmt: skip
+    counts = loaders.train_counts
+    if counts is not None and (counts == 0).any() and d.main:
+        missing = np.flatnonzero(counts == 0)
+        size = cfg.data.get("train_size")
+        log.warning(
+            "the training split has no image of %d of the %d classes (%s%s): the model cannot "
+            "learn them; %s",
+            len(missing), len(counts), ", ".join(str(c) for c in missing[:5]),
+            ", ..." if len(missing) > 5 else "",
+            f"raise data.train_size (now {size})" if size is not None else "give them images",
+        )  # fmt: skip
     if (
         device.type == "cpu"
         and tc.precision in ("fp16", "bf16")
