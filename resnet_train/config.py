@@ -731,14 +731,24 @@ def validate(cfg: DictConfig) -> None:
     _reject_missing(cfg)
     _reject_unknown_keys(cfg, schema(), "")
     _reject_non_finite(cfg, "")
-    m, d, a, o = cfg.model, cfg.data, cfg.data.augment, cfg.optim
-    s, t, es, ema = cfg.schedule, cfg.trainer, cfg.trainer.early_stopping, cfg.trainer.ema
     _one_of("task", cfg.task, TASKS)
     _within("seed", cfg.seed, f"[0, {MAX_SEED}]")
     if cfg.resume is not None:
         _check(bool(cfg.resume), "resume", cfg.resume,
                "auto, the path of a checkpoint, or null for a new run")  # fmt: skip
-    _one_of("model.name", m.name, list_models())
+    models = list_models()
+    _validate_model(cfg, models)
+    _validate_data(cfg)
+    _validate_optim(cfg.optim)
+    _validate_schedule(cfg)
+    _validate_trainer(cfg, models)
+    _check_deploy(cfg)
+    _check_decoder(cfg)
+
+
+def _validate_model(cfg: DictConfig, models: list[str]) -> None:
+    m = cfg.model
+    _one_of("model.name", m.name, models)
     _optional("model.stem", m.stem, _one_of, STEMS)
     _optional("model.shortcut", m.shortcut, _one_of, SHORTCUTS)
     _optional("model.num_classes", m.num_classes, _count, 1, MAX_CLASSES)
@@ -751,6 +761,9 @@ def validate(cfg: DictConfig) -> None:
         _check_file("model.weights", m.weights,
                     "give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 
+
+def _validate_data(cfg: DictConfig) -> None:
+    d, a = cfg.data, cfg.data.augment
     _one_of("data.name", d.name, DATASETS)
     _check(d.root is not None or d.name == "synthetic" or cfg.task == "predict", "data.root",
            None, f"data={d.name} reads its images from a folder: give data.root=DIR"
@@ -770,7 +783,7 @@ def validate(cfg: DictConfig) -> None:
         _check(d.image_size == size, "data.image_size", d.image_size,
                f"data={d.name} has images of {size}x{size} pixels")  # fmt: skip
     check_classifier(cfg)
-    _check_freeze(m)
+    _check_freeze(cfg.model)
     _count("data.image_size", d.image_size, 8, MAX_IMAGE_SIZE)
     _optional("data.eval_resize", d.eval_resize, _at_least, 0)
     if d.eval_resize:
@@ -835,6 +848,8 @@ def validate(cfg: DictConfig) -> None:
                     "does crop with padding, flip and Cutout (MixUp and CutMix work on both)"
                 )
 
+
+def _validate_optim(o: DictConfig) -> None:
     _one_of("optim.name", o.name, OPTIMIZERS)
     _positive("optim.lr", o.lr)
     _within("optim.momentum", o.momentum, "[0, 1)")
@@ -856,6 +871,9 @@ def validate(cfg: DictConfig) -> None:
     _at_least("optim.backbone_lr_mult", o.backbone_lr_mult, 0)
     _at_least("optim.reference_batch", o.reference_batch, 1)
 
+
+def _validate_schedule(cfg: DictConfig) -> None:
+    s, o = cfg.schedule, cfg.optim
     _one_of("schedule.name", s.name, SCHEDULES)
     _one_of("schedule.interval", s.interval, INTERVALS)
     _at_least("schedule.step_size", s.step_size, 1)
@@ -903,6 +921,9 @@ def validate(cfg: DictConfig) -> None:
             "needs a momentum to cycle: optim.momentum > 0 (SGD) or optim.betas[0] > 0 (AdamW)",
         )
 
+
+def _validate_trainer(cfg: DictConfig, models: list[str]) -> None:
+    s, t, es, ema = cfg.schedule, cfg.trainer, cfg.trainer.early_stopping, cfg.trainer.ema
     _at_least("trainer.epochs", t.epochs, 1)
     if s.interval == "epoch":  # in steps, checked once the steps per epoch are known
         _check(
@@ -934,7 +955,7 @@ def validate(cfg: DictConfig) -> None:
     _optional("trainer.early_stopping.patience", es.patience, _at_least, 1)
     _at_least("trainer.early_stopping.min_delta", es.min_delta, 0)
     _check(
-        es.patience is None or d.valid_ratio > 0,
+        es.patience is None or cfg.data.valid_ratio > 0,
         "trainer.early_stopping.patience",
         es.patience,
         "early stopping watches the validation set, and data.valid_ratio=0 has none; set "
@@ -948,7 +969,7 @@ def validate(cfg: DictConfig) -> None:
         ema.select,
         "there are no EMA weights to select without trainer.ema.decay; set a decay (0.999)",
     )
-    _validate_distill(t.distill, list_models())
+    _validate_distill(t.distill, models)
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
     _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
     _at_least("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
@@ -976,7 +997,10 @@ def validate(cfg: DictConfig) -> None:
             "SyncBatchNorm runs on CUDA devices only, and trainer.device="
             f"{t.device} is {'the CPU' if on in ('auto', 'cpu') else on} here; use false",
         )
-    _check_deploy(cfg)
+
+
+def _check_decoder(cfg: DictConfig) -> None:
+    d, t = cfg.data, cfg.trainer
     if d.decoder == "gpu":
         import torch
 
