@@ -1147,7 +1147,6 @@ def _train_epochs(run: _Run) -> _Epochs:
     cfg, tc, t, plan, loaders = run.cfg, run.cfg.trainer, run.t, run.plan, run.loaders
     d, device, model, optimizer, monitor = t.dist, t.device, t.model, t.optimizer, run.monitor
     run_dir, start_batch = run.run_dir, run.start_batch
-    progress = tc.progress if d.main else False
     epochs = tc.epochs
     out = _Epochs()
     throughputs = out.throughputs
@@ -1213,49 +1212,11 @@ def _train_epochs(run: _Run) -> _Epochs:
             "images_per_s": rate,
         }
 
-        improved, selected_weights = False, "raw"
-        if loaders.valid is not None:
-            results = {"raw": evaluate(model, loaders.valid, device, tc.precision,
-                                       f"{tag} valid", progress)}  # fmt: skip
-            if t.ema is not None:
-                results["ema"] = evaluate(t.ema.module, loaders.valid, device,
-                                          tc.precision, f"{tag} valid (EMA)",
-                                          progress)  # fmt: skip
-            for name, stats in results.items():
-                prefix = "valid" if name == "raw" else "valid_ema"
-                w.add_scalar(f"{prefix}/loss", stats.loss, step)
-                w.add_scalar(f"{prefix}/acc", stats.acc, step)
-                line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
-                if stats.balanced_acc is not None:
-                    w.add_scalar(f"{prefix}/balanced_acc", stats.balanced_acc, step)
-                    if stats.imbalanced or monitor.metric.endswith("balanced_acc"):
-                        line += f" balanced {stats.balanced_acc:.2f}%"
-                if len(run.classes) <= MAX_CLASS_SCALARS:
-                    for cls, recall in (stats.per_class(run.classes) or {}).items():
-                        if recall is not None:
-                            w.add_scalar(f"{prefix}_recall/{cls}", recall, step)
-            selected_weights = _select(results, tc.ema.select, monitor)
-            chosen = results[selected_weights]
-            improved = monitor.update(_metric(chosen, monitor.metric), e)
-            if not math.isfinite(chosen.loss):
-                log.warning("epoch %d: the validation loss is %s (the model's outputs are not "
-                            "finite): this epoch is never the best", e, chosen.loss)  # fmt: skip
-            if improved:  # the best epoch's figures, in last.pt too (and best.pt)
-                run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
-            record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
-                          valid_balanced_acc=chosen.balanced_acc)  # fmt: skip
-        elif _ema_without_validation(run):
-            # Nothing to choose with: the EMA weights asked for are the run's result, kept in
-            # best.pt each epoch (last.pt keeps the raw ones, to resume from).
-            improved, selected_weights = True, "ema"
+        improved, selected_weights, shown = _validate_epoch(run, tag, step, record)
+        line += shown
         if tc.test_every_epoch:  # reported only: never chooses or stops anything
-            tested = evaluate(model, loaders.test, device, tc.precision, f"{tag} test",
-                              progress)  # fmt: skip
-            w.add_scalar("test_by_epoch/loss", tested.loss, step)
-            w.add_scalar("test_by_epoch/acc", tested.acc, step)
-            line += f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
-            record.update(test_loss=tested.loss, test_acc=tested.acc,
-                          test_seconds=tested.seconds)  # fmt: skip
+            shown = _test_epoch(run, tag, step, record)
+            line += shown
         run.history.append(record)
         wall = time.perf_counter() - epoch_wall_start
         walls.append(wall)
@@ -1279,6 +1240,64 @@ def _train_epochs(run: _Run) -> _Epochs:
 
     out.run, out.train_stats, out.stop_reason = epochs_run, train_stats, stop_reason
     return out
+
+
+def _validate_epoch(
+    run: _Run, tag: str, step: int, record: dict[str, Any]
+) -> tuple[bool, str, str]:
+    """The epoch's validation: each set of weights (raw, EMA) on the validation split, logged;
+    the monitor updated with the selected one, whose figures go into record. Returns whether
+    it improved, which weights were selected, and the text for the epoch's log line."""
+    tc, t, loaders, monitor = run.cfg.trainer, run.t, run.loaders, run.monitor
+    device, model, w = t.device, t.model, t.writer
+    progress = tc.progress if t.dist.main else False
+    line = ""
+    if loaders.valid is None:
+        # Nothing to choose with: the EMA weights asked for are the run's result, kept in
+        # best.pt each epoch (last.pt keeps the raw ones, to resume from).
+        return (True, "ema", line) if _ema_without_validation(run) else (False, "raw", line)
+    results = {"raw": evaluate(model, loaders.valid, device, tc.precision, f"{tag} valid",
+                               progress)}  # fmt: skip
+    if t.ema is not None:
+        results["ema"] = evaluate(t.ema.module, loaders.valid, device, tc.precision,
+                                  f"{tag} valid (EMA)", progress)  # fmt: skip
+    for name, stats in results.items():
+        prefix = "valid" if name == "raw" else "valid_ema"
+        w.add_scalar(f"{prefix}/loss", stats.loss, step)
+        w.add_scalar(f"{prefix}/acc", stats.acc, step)
+        line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
+        if stats.balanced_acc is not None:
+            w.add_scalar(f"{prefix}/balanced_acc", stats.balanced_acc, step)
+            if stats.imbalanced or monitor.metric.endswith("balanced_acc"):
+                line += f" balanced {stats.balanced_acc:.2f}%"
+        if len(run.classes) <= MAX_CLASS_SCALARS:
+            for cls, recall in (stats.per_class(run.classes) or {}).items():
+                if recall is not None:
+                    w.add_scalar(f"{prefix}_recall/{cls}", recall, step)
+    selected_weights = _select(results, tc.ema.select, monitor)
+    chosen = results[selected_weights]
+    epoch = record["epoch"]
+    improved = monitor.update(_metric(chosen, monitor.metric), epoch)
+    if not math.isfinite(chosen.loss):
+        log.warning("epoch %d: the validation loss is %s (the model's outputs are not "
+                    "finite): this epoch is never the best", epoch, chosen.loss)  # fmt: skip
+    if improved:  # the best epoch's figures, in last.pt too (and best.pt)
+        run.best_valid = {**chosen.summary(run.classes), "weights": selected_weights}
+    record.update(valid_loss=chosen.loss, valid_acc=chosen.acc,
+                  valid_balanced_acc=chosen.balanced_acc)  # fmt: skip
+    return improved, selected_weights, line
+
+
+def _test_epoch(run: _Run, tag: str, step: int, record: dict[str, Any]) -> str:
+    """trainer.test_every_epoch: the test split after the epoch, reported only (it never chooses
+    or stops anything); its figures go into record; returns the text for the log line."""
+    tc, t = run.cfg.trainer, run.t
+    progress = tc.progress if t.dist.main else False
+    tested = evaluate(t.model, run.loaders.test, t.device, tc.precision, f"{tag} test", progress)
+    t.writer.add_scalar("test_by_epoch/loss", tested.loss, step)
+    t.writer.add_scalar("test_by_epoch/acc", tested.acc, step)
+    record.update(test_loss=tested.loss, test_acc=tested.acc, test_seconds=tested.seconds)
+    return f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
 
 
 def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochStats]:
