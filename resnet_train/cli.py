@@ -107,6 +107,16 @@ def describe_composition_error(error: Exception) -> str:
             f"{lines[0]}: to sweep over the values add -m (--multirun); for a list write "
             "key=[a,b]; for a string with a comma, quote it: key='a,b'"
         )
+    if lines and lines[0].startswith("LexerNoViableAltException: "):  # Hydra's lexer
+        override = lines[0].split(": ", 1)[1]
+        key, _, value = override.partition("=")
+        why = ("unquoted values of ASCII characters only" if not override.isascii() else
+               "no unquoted value with these characters")  # fmt: skip
+        return (f"{override} is invalid: Hydra reads {why}; quote the value (in a shell: "
+                f"\"{key}='{value}'\")")  # fmt: skip
+    if lines and lines[0].startswith("Error parsing override"):
+        return (f"{lines[0]}: quote a value with special characters (in a shell: "
+                "\"key='...'\")")  # fmt: skip
     if lines and lines[0].startswith("Config group override must be a string"):
         return f"{lines[0]}: a config group takes one of its options' names (group=OPTION)"
     return lines[0] if lines else type(error).__name__
@@ -253,7 +263,7 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
             "data.root=DIR"
         )
     check_data(d)
-    trained.check_data_classes()
+    trained.check_data_classes(warn=False)  # (the task's log says it)
     splits = read_splits(trained.cfg.data, trained.cfg.seed)
     split_indices(splits, trained.cfg.eval.split, trained.cfg.data)
     _check_deploy_run_dir(cfg.task, run_dir)

@@ -1036,7 +1036,8 @@ def _check_deploy(cfg: DictConfig) -> None:
     _at_least("predict.top_k", cfg.predict.top_k, 1)
     _at_least("predict.show", cfg.predict.show, 0)
     if cfg.task == "predict":
-        _check(cfg.predict.inputs is not None, "predict.inputs", None,
+        _check(cfg.predict.inputs is not None and str(cfg.predict.inputs).strip() != "",
+               "predict.inputs", cfg.predict.inputs,
                "task=predict needs the images: predict.inputs=PATH (an image, a folder of "
                "images, or a text file of image paths)")  # fmt: skip
     _positive("export.check_tolerance", ex.check_tolerance)

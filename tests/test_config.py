@@ -183,6 +183,12 @@ def test_schema_rejects_unknown_key_in_a_yaml_file(tmp_path):
         ("data.image_size=1000000", "data.image_size=1000000 is invalid: must be in [8, 4,096]"),
         ("data.loader=torch data.augment.randaugment=true data.augment.trivialaugment=true",
          "data.augment.trivialaugment=true is invalid: only one of autoaugment, randaugment"),
+        # an empty path would read every image under the current folder
+        ("task=predict predict.inputs=", "predict.inputs='' is invalid: task=predict needs the "
+         "images: predict.inputs=PATH"),
+        # Hydra's lexer takes no unquoted non-ASCII value (it said "LexerNoViableAltException")
+        ("name=p-é", "name=p-é is invalid: Hydra reads unquoted values of ASCII characters only; "
+         "quote the value (in a shell: \"name='p-é'\")"),
     ],
 )  # fmt: skip
 def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, expected):

@@ -359,6 +359,9 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror_image():
         (["model.weights=notes.txt"], "model.weights=notes.txt is unreadable"),
         (["model.weights=dict.pt"], "holds no state dict of model weights"),
         (["model.weights=WEIGHTS", "model=resnet32"], "does not fit this model (missing"),
+        # the file's own model named (a stem hint came back after it had been followed)
+        (["model.weights=WEIGHTS", "model=resnet32", "model.stem=imagenet"],
+         "; the file holds a resnet20: set model=resnet20"),
         (["model.weights=WEIGHTS", "model.num_classes=12"], "classifier has 10 classes"),
         (["model.weights=WEIGHTS", "eval.split=valid", "data.valid_ratio=0"],
          "eval.split=valid is invalid: data.valid_ratio=0.0 holds out no validation images"),

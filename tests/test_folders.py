@@ -585,18 +585,31 @@ def test_a_floor_above_the_backbone_rate_is_refused(shapes):
         plan_steps(cfg, 50, 1)
 
 
-def test_the_model_and_the_folder_must_agree_on_the_classes(shapes, tmp_path):
-    """A resumed run on a changed folder, an evaluation on other classes and a fine-tuning start
-    from other classes of the same count are each caught."""
+def test_the_model_and_the_folder_must_agree_on_the_classes(shapes, tmp_path, caplog):
+    """A resumed run on a changed folder, an evaluation on a changed folder or on other classes,
+    and a fine-tuning start from other classes of the same count are each caught."""
     run = tmp_path / "run"
     _folder_run(shapes, run, "trainer.epochs=1")
     saved = load_checkpoint(run / "last.pt")
     assert saved["data_files"]["images"] == {"train": 52, "valid": 6, "test": 6}
+    from resnet_train.deploy.evaluate import split_changes
+    from resnet_train.deploy.source import load_trained
+
+    evaluated = ["task=eval", f"model.weights={run}/best.pt", f"data.root={shapes}"]
+    assert load_trained(compose_config(*evaluated), evaluated).files_changed is None
     # an image added: the splits would move; refused in one line before the config's diff
     (shapes / "square" / "new.png").write_bytes((shapes / "square" / "square_000.png").read_bytes())
     from resnet_train.data.folders import scan_files
 
     scan_files.cache_clear()
+    # evaluated there, the model meets images it trained on: warned, and not "the same" figures
+    changed = load_trained(compose_config(*evaluated), evaluated)
+    now = "train/valid/test images 52/6/6 then, 51/7/7 now"
+    assert changed.files_changed == now
+    assert split_changes(changed) == [f"data.root's files: {now}"]
+    with caplog.at_level("WARNING", logger="resnet_train"):
+        changed.check_data_classes()
+    assert f"does not hold the files best.pt was trained on ({now}): images added" in caplog.text
     with pytest.raises(
         CheckpointError,
         match=r"was trained on other images: data.root's folders "
@@ -611,13 +624,40 @@ def test_the_model_and_the_folder_must_agree_on_the_classes(shapes, tmp_path):
     assert not torch.allclose(start["fc.weight"], after["model"]["fc.weight"])  # re-initialised
     assert torch.allclose(start["layer3.2.conv2.weight"], after["model"]["layer3.2.conv2.weight"])
     # ... and evaluating the first model on them is refused, naming both
-    from resnet_train.deploy.source import load_trained
-
     args = ["task=eval", f"model.weights={run}/best.pt", f"data.root={other}"]
     trained = load_trained(compose_config(*args), args)
     with pytest.raises(DataError, match=r"has the classes bar, cross, ring but best.pt was trained "
                                         r"on circle, square, triangle"):  # fmt: skip
         trained.check_data_classes()
+
+
+def test_predict_reads_a_folder_as_training_does_and_keeps_the_checkpoints_settings(
+    shapes, tmp_path
+):
+    """predict.inputs=FOLDER follows links and leaves out hidden folders, as a class folder is
+    read; `data=imagefolder` named again keeps the run's 32-px preprocessing (it took the
+    config file's 224 px, and the model's stem then failed to load)."""
+    from resnet_train.deploy.predict import list_inputs
+    from resnet_train.deploy.source import load_trained
+
+    make_shape_folders(tmp_path / "elsewhere", {"ring": 3})
+    inbox = tmp_path / "inbox"
+    (inbox / ".ipynb_checkpoints").mkdir(parents=True)
+    image = (shapes / "circle" / "circle_000.png").read_bytes()
+    (inbox / "a.png").write_bytes(image)
+    (inbox / ".ipynb_checkpoints" / "a-checkpoint.png").write_bytes(image)
+    (inbox / "more").symlink_to(tmp_path / "elsewhere" / "ring", target_is_directory=True)
+    assert [p.relative_to(inbox).with_suffix("").as_posix() for p in list_inputs(str(inbox))
+            ] == ["a", "more/ring_000", "more/ring_001", "more/ring_002"]  # fmt: skip
+    run = tmp_path / "run"
+    _folder_run(shapes, run, "trainer.epochs=1")
+    args = ["task=predict", "data=imagefolder", f"model.weights={run}/best.pt",
+            f"predict.inputs={inbox}"]  # fmt: skip
+    trained = load_trained(compose_config(*args), args)
+    assert (trained.cfg.data.image_size, trained.cfg.data.augment.crop) == (32, "pad")
+    # another key given still wins over the checkpoint's
+    args = [*args, "data.eval_resize=40"]
+    assert load_trained(compose_config(*args), args).cfg.data.eval_resize == 40
 
 
 def test_predict_with_a_torchvision_file_needs_no_folder(tmp_path):

@@ -400,6 +400,12 @@ def test_optimizer_and_schedule_keys_that_are_never_read_are_said():
     assert unused_keys(compose_config("schedule=constant", "schedule.milestones=[1,2]")) == [
         "schedule.milestones does nothing with schedule=constant (only schedule=multistep reads it)"
     ]
+    assert unused_keys(compose_config("trainer.distill.alpha=0.5")) == [
+        "trainer.distill.alpha does nothing without a teacher (trainer.distill.teacher=PATH)"
+    ]
+    assert unused_keys(
+        compose_config("trainer.distill.alpha=0.5", "trainer.distill.temperature=2")
+    )[0].startswith("trainer.distill.temperature and trainer.distill.alpha do ")
     assert unused_keys(compose_config("optim=adamw")) == []
     assert unused_keys(compose_config("schedule=multistep", "schedule.milestones=[1,2]")) == []
     assert unused_keys(compose_config("optim=sgd", "optim.nesterov=true")) == []

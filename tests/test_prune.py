@@ -126,8 +126,12 @@ def test_prune_fine_tune_resume_eval_and_distil_from_the_pruned_model(trained):
     source = torch.load(cwd / "outputs" / "base" / "last.pt", weights_only=False)
     assert state["classes"] == source["classes"] and len(state["classes"]) == 10
 
-    # fine-tuning is an ordinary run from it; its checkpoints carry the widths on
-    args = ["model=resnet20", *TINY, f"model.weights={file}", "name=ft"]
+    # fine-tuning is an ordinary run from it, the command it prints (it lacked the data's keys);
+    # its checkpoints carry the widths on
+    hint = pruned.stdout.split("fine-tune it: resnet-train ")[1].splitlines()[0].split(" ")
+    assert hint == ["model=resnet20", f"model.weights={file}", "data=synthetic",
+                    "data.train_size=96", "data.test_size=32"]  # fmt: skip
+    args = [*hint, "trainer.epochs=1", "trainer.device=cpu", "name=ft"]
     first = run_cli(*args, cwd=cwd)
     assert first.returncode == 0, first.stderr
     assert "resnet20 (0.16M parameters)" in first.stdout
@@ -138,7 +142,8 @@ def test_prune_fine_tune_resume_eval_and_distil_from_the_pruned_model(trained):
     metrics = json.loads((cwd / "outputs" / "ft" / "metrics.json").read_text())
     assert metrics["epochs_done"] == 2
 
-    evaluated = run_cli("task=eval", "model.weights=outputs/ft/last.pt", "name=ev", cwd=cwd)
+    selected = metrics["selected_checkpoint"]  # (the run's test figures are this file's)
+    evaluated = run_cli("task=eval", f"model.weights=outputs/ft/{selected}", "name=ev", cwd=cwd)
     assert evaluated.returncode == 0, evaluated.stderr
     top1 = json.loads((cwd / "outputs" / "ev" / "eval.json").read_text())["top1"]
     assert top1 == pytest.approx(metrics["test"]["acc"])  # the run's own test, reproduced

@@ -143,11 +143,11 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    """The image files under a class folder, at any depth, symbolic links followed; a folder
-    reached twice (a link back up the tree: a loop) and a file reached twice are read once
-    (os.walk would follow a loop to the system's depth limit: each image ~40 times, in every
-    split)."""
+def image_files(class_dir: Path) -> list[Path]:
+    """The image files under a folder (a class folder, predict.inputs), at any depth, symbolic
+    links followed, hidden folders left out; a folder reached twice (a link back up the tree: a
+    loop) and a file reached twice are read once (os.walk would follow a loop to the system's
+    depth limit: each image ~40 times, in every split)."""
     found, folders, files = [], set(), set()
     for top, dirs, names in os.walk(class_dir, followlinks=True):
         real = os.path.realpath(top)
@@ -199,7 +199,7 @@ def _scan_split(
     files: list[str] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        found = _image_files(class_dir)
+        found = image_files(class_dir)
         good = readable_images(found, skip_bad, skipped)
         if not good:
             left = f" ({len(found)} unreadable, left out)" if found else ""

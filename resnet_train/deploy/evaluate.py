@@ -195,16 +195,20 @@ def write_confusion_csv(path: Path, confusion: torch.Tensor, names: list[str]) -
 
 def split_changes(trained: Trained) -> list[str]:
     """The data settings (and seed) in which this evaluation differs from the run that made the
-    checkpoint ("data.test_size: 2000 -> None"); empty when the same images are evaluated."""
+    checkpoint ("data.test_size: 2000 -> None"), and an image folder's changed files; empty when
+    the same images are evaluated."""
     saved = trained.weights.config or {}
     current = {"data": OmegaConf.to_container(trained.cfg.data), "seed": trained.cfg.seed}
     old = flatten({"data": saved.get("data", {}), "seed": saved.get("seed")})
     new = flatten(current)
-    return [
+    changes = [
         f"{key}: {old.get(key)} -> {new.get(key)}"
         for key in sorted(old.keys() | new.keys())
         if key not in LOCAL_KEYS and old.get(key) != new.get(key)
     ]
+    if trained.files_changed is not None:
+        changes.append(f"data.root's files: {trained.files_changed}")
+    return changes
 
 
 def training_report(trained: Trained, split: str) -> float | None:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from resnet_train.data.folders import (
     IMAGE_EXTENSIONS,
     FolderImages,
+    image_files,
     is_image_name,
     readable_images,
 )
@@ -47,14 +48,15 @@ def list_inputs(spec: str) -> list[Path]:
     if not path.exists():
         raise DataError(f"predict.inputs={spec} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        # as a class folder is read: links followed, hidden folders (.ipynb_checkpoints) not
+        files = image_files(path)
         if not files:
             raise DataError(f"predict.inputs={spec} is a folder without image files")
         return files
     if is_image_name(path):
         return [path]
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a BOM is no path)
     except (UnicodeDecodeError, OSError):
         raise DataError(
             f"predict.inputs={spec} is neither an image file ("

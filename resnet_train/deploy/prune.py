@@ -208,8 +208,8 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
         f"{after['parameters']:,}", 100 * result["parameters_removed"], f"{before['macs']:,}",
         f"{after['macs']:,}", 100 * result["macs_removed"], split, before["acc"], after["acc"],
     )  # fmt: skip
-    log.info("fine-tune it: resnet-train %s data.root=...",
-             " ".join(model_overrides(cfg, run_dir / "pruned.pt")))  # fmt: skip
+    log.info("fine-tune it: resnet-train %s", " ".join(
+        [*model_overrides(cfg, run_dir / "pruned.pt"), *data_overrides(cfg)]))  # fmt: skip
     return result
 
 
@@ -223,6 +223,36 @@ def model_overrides(cfg: DictConfig, weights: Path) -> list[str]:
         if key not in ("name", "weights") and value != getattr(default, key):
             keys.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
     return [*keys, f"model.weights={weights}"]
+
+
+# The data keys that decide a model's input and which images are held out: a fine-tuning run
+# of the pruned model needs the values the pruned one was trained with.
+DATA_KEYS = ("num_classes", "image_size", "eval_resize", "valid_ratio", "test_ratio",
+             "train_size", "test_size", "augment.crop", "augment.padding")  # fmt: skip
+
+
+def data_overrides(cfg: DictConfig) -> list[str]:
+    """The command line's data keys (and seed) for a run on the data the model was trained on:
+    data=NAME, its root, and the DATA_KEYS where they differ from data=NAME's config file."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    from resnet_train.config import DataConfig
+
+    d = cfg.data
+    group = files("resnet_train.configs") / "data" / f"{d.name}.yaml"
+    default = OmegaConf.merge(OmegaConf.structured(DataConfig),
+                              OmegaConf.create(group.read_text()))  # fmt: skip
+    files = d.root is not None and d.name != "synthetic"
+    keys = [f"data={d.name}"] + ([f"data.root={d.root}"] if files else [])
+    for key in DATA_KEYS:
+        if key == "num_classes" and d.name != "synthetic":  # (counted, or the data set's own)
+            continue
+        value = OmegaConf.select(d, key)
+        if value != OmegaConf.select(default, key):
+            keys.append(f"data.{key}={'null' if value is None else value}")
+    return keys + ([f"seed={cfg.seed}"] if cfg.seed != 0 else [])
 
 
 def _convs(model: nn.Module) -> list[nn.Conv2d]:

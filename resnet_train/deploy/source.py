@@ -4,9 +4,10 @@ the run that made it.
 A resnet-train checkpoint carries its run's config: its model, its data settings (the split, the
 subsets, mean and std, image size, batch size), its seed and its precision are taken from it, so
 that `task=eval model.weights=outputs/RUN/best.pt` evaluates exactly the images and the model the
-run did. Keys given on the command line win (data.root, data.test_size=null, ...); a data set
-chosen with `data=NAME` replaces the saved data settings as a whole. A torchvision .pth carries no
-config: the command line's model and data are used as they are.
+run did. Keys given on the command line win (data.root, data.test_size=null, ...); another data
+set chosen with `data=NAME` replaces the saved data settings as a whole (the run's own, named
+again, keeps them; `model=NAME` likewise). A torchvision .pth carries no config: the command
+line's model and data are used as they are.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ class Trained:
             log.warning("no class names (%s): class0, class1, ... instead", e)
             return [f"class{i}" for i in range(self.cfg.data.num_classes)]
 
-    def check_data_classes(self) -> None:
-        """The data evaluated (an image folder) has the classes the model was trained on."""
+    def check_data_classes(self, warn: bool = True) -> None:
+        """The data evaluated (an image folder) has the classes the model was trained on; a
+        folder whose files are not the run's is warned of (files_changed), unless warn=False
+        (the command's check before the task, which warns in its log)."""
         saved = self.saved_classes
         if self.cfg.data.name != "imagefolder" or saved is None:
             return
@@ -93,6 +96,31 @@ class Trained:
                 f"{', '.join(saved[:6])}{' ...' if len(saved) > 6 else ''}: point data.root at "
                 "images of the model's classes"
             )
+        if warn and self.files_changed is not None:
+            log.warning(
+                "data.root=%s does not hold the files %s was trained on (%s): images added or "
+                "removed move others between the splits, so a split carved from it "
+                "(data.test_ratio, data.valid_ratio) may now hold images the model trained on",
+                self.cfg.data.root, self.weights.path.name, self.files_changed,
+            )  # fmt: skip
+
+    @functools.cached_property
+    def files_changed(self) -> str | None:
+        """data=imagefolder: how its files differ from those the checkpoint's run read ("train/
+        valid/test images 24/3/3 then, 25/3/4 now"); None where they are the same, or where the
+        checkpoint does not say (a bare .pth, a pruned or exported model)."""
+        saved = (self.weights.checkpoint or {}).get("data_files")
+        if self.cfg.data.name != "imagefolder" or not isinstance(saved, dict):
+            return None
+        from resnet_train.data.loaders import data_fingerprint
+
+        now = data_fingerprint(self.cfg.data, self.cfg.seed)
+        if now is None or now["sha256"] == saved.get("sha256"):
+            return None
+        splits = ("train", "valid", "test")
+        then = "/".join(str(saved.get("images", {}).get(s, "?")) for s in splits)
+        return f"train/valid/test images {then} then, " + "/".join(
+            str(now["images"][s]) for s in splits) + " now"  # fmt: skip
 
     def record(self, split: str) -> dict[str, Any]:
         """What a task's record says of its source: the weights file, the model and the data."""
@@ -109,6 +137,17 @@ def given_keys(overrides: list[str]) -> set[str]:
     """The keys and groups set on the command line ("data.root=x" -> "data.root", "data=cifar100"
     -> "data")."""
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def own_choices(overrides: list[str], saved: dict[str, Any]) -> set[str]:
+    """The groups the command line chose as the checkpoint's run did (`data=imagefolder` for a
+    model trained on data=imagefolder): naming its own data set or model keeps its settings."""
+    own = set()
+    for override in overrides:
+        group, _, choice = override.partition("=")
+        if group in ADOPTED_SECTIONS and choice == (saved.get(group) or {}).get("name"):
+            own.add(group)
+    return own
 
 
 def _given(key: str, given: set[str]) -> bool:
@@ -155,12 +194,17 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
     weights = read_weights(cfg.model.weights)
     adopted: list[str] = []
     if weights.config is not None:
-        cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides))
+        own = own_choices(overrides, weights.config)
+        if own:
+            named = ", ".join(f"{g}={weights.config[g]['name']}" for g in sorted(own))
+            log.info("%s: the checkpoint's own, with its settings (give a key to change one)",
+                     named)  # fmt: skip
+        cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides) - own)
         validate(cfg)
     settle_data(cfg)
     model = build_model(_without_weights(cfg))
     apply_pruned_widths(model, weights, "model.weights")
-    load_state(model, weights, replace_classifier=False)
+    load_state(model, weights, replace_classifier=False, model_name=cfg.model.name)
     if fake_quant and cfg.trainer.qat:
         prepare_qat(model)
         log.info("trainer.qat=true: evaluated with fake int8 quantization, as trained "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from resnet_train.config import FLOORED_SCHEDULES
+from resnet_train.config import FLOORED_SCHEDULES, DistillConfig
 from resnet_train.data.sampler import epoch_length
 from resnet_train.errors import ConfigError
 from resnet_train.optim import effective_lr
@@ -28,7 +28,8 @@ class StepPlan:
 
 
 def unused_keys(cfg: DictConfig) -> list[str]:
-    """Optimizer and schedule keys set to values the chosen optimizer or schedule never reads."""
+    """Optimizer, schedule and distillation keys set to values that the chosen optimizer or
+    schedule, or a run without a teacher, never reads."""
     o, s, notes = cfg.optim, cfg.schedule, []
     if o.name == "adamw" and (o.nesterov or o.momentum != 0.9):
         notes.append("optim.nesterov and optim.momentum do nothing with optim=adamw (its "
@@ -36,6 +37,12 @@ def unused_keys(cfg: DictConfig) -> list[str]:
     if s.milestones and s.name != "multistep":
         notes.append(f"schedule.milestones does nothing with schedule={s.name} (only "
                      "schedule=multistep reads it)")  # fmt: skip
+    kd, defaults = cfg.trainer.distill, DistillConfig()
+    changed = [k for k in ("temperature", "alpha") if kd[k] != getattr(defaults, k)]
+    if kd.teacher is None and changed:
+        notes.append(" and ".join(f"trainer.distill.{k}" for k in changed)
+                     + (" does" if len(changed) == 1 else " do") + " nothing without a teacher "
+                     "(trainer.distill.teacher=PATH)")  # fmt: skip
     return notes
 
 

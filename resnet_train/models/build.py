@@ -21,7 +21,7 @@ def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
 
         weights = read_weights(m.weights)
         apply_pruned_widths(model, weights, "model.weights")
-        load_state(model, weights, replace_classifier=True, classes=classes)
+        load_state(model, weights, replace_classifier=True, classes=classes, model_name=m.name)
     return model
 
 
@@ -93,7 +93,8 @@ def check_weights(cfg: DictConfig) -> None:
         model = create_model(m.name, **model_options(cfg))
     weights = read_weights(m.weights, peek=True)
     apply_pruned_widths(model, weights, "model.weights")
-    load_state(model, weights, replace_classifier=True, check_only=True)
+    load_state(model, weights, replace_classifier=True, check_only=True,
+               model_name=cfg.model.name)  # fmt: skip
 
 
 def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:

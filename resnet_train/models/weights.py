@@ -102,11 +102,13 @@ def load_state(
     key: str = "model.weights",
     classes: list[str] | None = None,
     check_only: bool = False,
+    model_name: str | None = None,
 ) -> bool:
     """Load `weights` into `model` strictly; with replace_classifier, a classifier of another
     size, or one the file's run trained on other classes (by name, where both are known), is
     left freshly initialised. Returns whether it was. check_only: raise if the file does not
-    fit the model, load nothing (the model may be on the meta device)."""
+    fit the model, load nothing (the model may be on the meta device). model_name: the model's
+    name (model.name), for the hint when the file holds another."""
     path, state = weights.path, weights.state
     own = model.state_dict()
     file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
@@ -133,8 +135,11 @@ def load_state(
             if keys
         ]
         hint = ""
-        if "conv1.weight" in mismatched:
-            kernel = state["conv1.weight"].shape[-1]
+        saved_model = ((weights.config or {}).get("model") or {}).get("name")
+        kernel = state["conv1.weight"].shape[-1] if "conv1.weight" in state else None
+        if saved_model and model_name and saved_model != model_name:
+            hint = f"; the file holds a {saved_model}: set model={saved_model}"
+        elif "conv1.weight" in mismatched and kernel != own["conv1.weight"].shape[-1]:
             hint = f"; the file has the {'imagenet' if kernel == 7 else 'cifar'} stem: set "
             hint += f"model.stem={'imagenet' if kernel == 7 else 'cifar'}"
         elif "fc.weight" in mismatched:
