@@ -203,11 +203,16 @@ def test_resume_auto_skips_a_truncated_last_pt_for_the_previous_one(tmp_path):
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     (run / "metrics.json").unlink()
     assert load_checkpoint(run / "previous.pt")["epoch"] == 1
+    cut = last.stat().st_size
     again = fit(compose_config(*common, "resume=auto"), run)  # epoch 2 again, from previous.pt
     assert again["epochs_run"] == 1
     assert again["test"] == reference["test"]
     ours, theirs = load_checkpoint(last), load_checkpoint(tmp_path / "reference" / "last.pt")
     assert all(torch.equal(ours["model"][k], v) for k, v in theirs["model"].items())
+    # the save did not rotate the damaged file over previous.pt (the one readable fallback, were
+    # the run stopped then): it was set aside, kept
+    assert load_checkpoint(run / "previous.pt")["epoch"] == 1
+    assert (run / "last.pt.unreadable").stat().st_size == cut
 
 
 def test_unreadable_checkpoints_never_restart_a_run_from_scratch(tmp_path):

@@ -3,6 +3,7 @@ state that makes the continuation exact."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,31 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
         log.info("resume=auto: no checkpoint in %s yet; starting a new run", run_dir)
         return None
     return max(points, key=lambda p: _position(p.state))
+
+
+def set_aside_unread(run_dir: Path, point: ResumePoint) -> Path | None:
+    """A run resumed from previous.pt (its last.pt unreadable): last.pt is renamed out of the way
+    (last.pt.unreadable), so that the next save does not rotate it over the readable previous.pt,
+    the only checkpoint to fall back on; returns where it went."""
+    last = run_dir / CHECKPOINT_NAMES[0]
+    if point.path.name == last.name or point.path.resolve().parent != run_dir.resolve():
+        return None
+    if not last.exists():
+        return None
+    try:
+        load_checkpoint(last)
+        return None  # readable (resume=PATH chose the older one): it rotates as usual
+    except CheckpointError:
+        pass
+    aside = last.with_name(f"{last.name}.unreadable")
+    n = 1
+    while aside.exists():
+        aside, n = last.with_name(f"{last.name}.unreadable.{n}"), n + 1
+    os.replace(last, aside)
+    log.warning("resume=auto: renamed the unreadable %s to %s (for a look; delete it at will), "
+                "so that this run's saves do not rotate it over %s", last.name, aside.name,
+                point.path.name)  # fmt: skip
+    return aside
 
 
 def _monitor(point: ResumePoint, cfg: DictConfig) -> Any:

@@ -53,6 +53,7 @@ from resnet_train.engine.resume import (
     keep_run_length,
     own_run_length,
     restore_rng,
+    set_aside_unread,
 )
 from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
@@ -841,6 +842,8 @@ def _fit(
     for stale in remove_temporaries(run_dir) if d.main else ():
         log.info("removed %s, left by a save that was killed midway", stale)
     point = find_resume(cfg, run_dir)
+    if point is not None and d.main:
+        set_aside_unread(run_dir, point)
     if point is not None:
         # (the command line takes the run's own length before the config is checked: cli;
         # a config built in code gives its own)
