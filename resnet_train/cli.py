@@ -631,6 +631,15 @@ def main() -> None:
                 "PATH); run it on the cluster's login node, or leave hydra/launcher out to run "
                 "the jobs here"
             )
+    # A stop signal while a training run starts (its config's check, its data's reading) is
+    # held until its training begins, which stops at once as a preempted run (exit 75, and a
+    # SLURM requeue); it used to end the process silently. Other commands get it back.
+    from resnet_train.engine.preemption import HeldSignals
+
+    held = HeldSignals().install()
+    from resnet_train.engine import faults
+
+    faults.point("starting")
     try:
         # Flags (--help, --cfg, -m, ...) and multiruns are Hydra's to handle; --cfg prints a
         # config that is checked first, as a run's would be.
@@ -639,10 +648,15 @@ def main() -> None:
                 args = [*args, *QUIET_RANK_OVERRIDES]
             cfg = compose_run(args)
             RUNNING_TASK[:] = [str(cfg.task)]  # (a Ctrl-C in the pre-check is this task's)
+            if cfg.task != "train":  # (the other tasks handle stop signals themselves)
+                held.release(redeliver=True)
             if not os.environ.get(CHECKED_ENV):  # checked once by `resnet-train --nproc-per-node`
                 precheck(args, cfg)
             run_single(cfg)
             return
+        tasks = {a.split("=", 1)[1] for a in args if a.startswith("task=")}
+        if not ({"-m", "--multirun"} & set(args) and tasks <= {"train"}):
+            held.release(redeliver=True)
         if (overrides := cfg_print_overrides(args)) is not None:
             sys.argv += check_config_only(overrides)  # (Hydra reads and prints sys.argv's)
         if {"-m", "--multirun"} & set(args):
@@ -662,6 +676,8 @@ def main() -> None:
         if (interrupt := _interrupt_in_chain(e)) is None:
             raise
         _interrupted(interrupt)
+    finally:
+        held.release()
 
 
 def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:

@@ -145,6 +145,30 @@ def test_killed_after_an_epoch_with_data_workers_resumes_bit_identical(tmp_path,
     assert_same_run(tmp_path / "outputs" / "run", reference)
 
 
+def test_a_stop_signal_while_the_run_starts_stops_it_as_a_preemption(tmp_path):
+    """SIGTERM before the first step (the config's check, the data's reading, the model's
+    building: seconds, minutes for a large data set) used to end the process at once, silently,
+    and a SLURM job was not requeued: now the run stops as its training begins, saving nothing,
+    exit 75, requeued."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
+    scontrol.chmod(0o755)
+    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = start(tmp_path, *RUN, env={**env, faults.ENV: "starting:1:TERM"})
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    assert ("stopped by SIGTERM, which came while the run was starting (at step 0); nothing new "
+            "was saved: the same command with resume=auto starts it again") in output  # fmt: skip
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert not (tmp_path / "outputs" / "run" / "last.pt").exists()
+    # a command that does not train gets the signal as before (it ends it)
+    proc = start(tmp_path, "--cfg", "job", env={faults.ENV: "starting:1:TERM"})
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+
+
 def test_sigterm_saves_exits_75_and_requeues_under_slurm(tmp_path, reference):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

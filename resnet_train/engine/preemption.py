@@ -4,6 +4,7 @@ Ctrl-C (SIGINT) does the same and exits with INTERRUPTED_EXIT_CODE, a second end
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import subprocess
 import threading
 from types import FrameType
 
-from resnet_train.logging import log
+log = logging.getLogger("resnet_train")  # (not resnet_train.logging: it loads torch)
 
 # EX_TEMPFAIL of sysexits.h: "temporary failure, try again": distinct from success (0), a crash
 # (1) and bad input (2).
@@ -24,16 +25,59 @@ SIGNALS = tuple(getattr(signal, name) for name in NAMES if hasattr(signal, name)
 
 
 class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was saved at `step`."""
+    """A stop signal arrived; a checkpoint was saved at `step` (checkpoint=None: the signal came
+    while the run was starting, and it stopped before its first step, saving nothing new)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
         name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else name
+        if checkpoint is None:
+            super().__init__(
+                f"stopped by {name}, which came while the run was starting (at step {step}); "
+                "nothing new was saved: the same command with resume=auto starts it again"
+            )
+            return
         super().__init__(
             f"stopped by {name} after step {step}; the run continues from {checkpoint} with "
             "the same command and resume=auto"
         )
+
+
+# A stop signal that came before the run's own handling began (StopSignals), while it started:
+# the data's check and reading, the model's building. Held here by HeldSignals.
+_PENDING: list[int] = []
+
+
+class HeldSignals:
+    """From install() to release(), a SIGTERM / SIGUSR1 / SIGUSR2 is remembered instead of ending
+    the process at once (their default): a training run that starts meanwhile takes it
+    (StopSignals) and stops before its first step, with the exit status and the SLURM requeue of
+    a preemption. Only signals at their default action are held (one that a launcher handles,
+    or that nohup ignores, is left as it is). release(redeliver=True) hands a signal still held
+    back to its default action: the process ends of it, as it would have."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> HeldSignals:
+        if threading.current_thread() is threading.main_thread():
+            wanted = [s for s in SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
+            self._previous = {s: signal.signal(s, self._hold) for s in wanted}
+        return self
+
+    @staticmethod
+    def _hold(signum: int, frame: FrameType | None) -> None:
+        if not _PENDING:
+            _PENDING.append(signum)
+
+    def release(self, redeliver: bool = False) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
+        pending = _PENDING.pop() if _PENDING else None
+        if redeliver and pending is not None:
+            signal.raise_signal(pending)
 
 
 class StopSignals:
@@ -65,6 +109,8 @@ class StopSignals:
         raise KeyboardInterrupt
 
     def __enter__(self) -> StopSignals:
+        if _PENDING:  # it came while the run was starting (HeldSignals)
+            self.received = _PENDING.pop()
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -874,6 +874,8 @@ def _fit(
     try:
         with StopSignals() as signals:
             run.signals = signals
+            if (signum := run.received()) is not None:  # (held while the run started)
+                raise Preempted(signum, t.global_step, None)
             timeline["train"] = time.time()
             epochs = _train_epochs(run)
             timeline["test"] = time.time()
