@@ -145,17 +145,23 @@ def test_killed_after_an_epoch_with_data_workers_resumes_bit_identical(tmp_path,
     assert_same_run(tmp_path / "outputs" / "run", reference)
 
 
-def test_a_stop_signal_while_the_run_starts_stops_it_as_a_preemption(tmp_path):
-    """SIGTERM before the first step (the config's check, the data's reading, the model's
-    building: seconds, minutes for a large data set) used to end the process at once, silently,
-    and a SLURM job was not requeued: now the run stops as its training begins, saving nothing,
-    exit 75, requeued."""
+def fake_slurm_job(tmp_path: Path) -> dict[str, str]:
+    """The environment of SLURM job 4242 whose scontrol writes its arguments to
+    tmp_path/scontrol.args."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
     scontrol.chmod(0o755)
-    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_stop_signal_while_the_run_starts_stops_it_as_a_preemption(tmp_path):
+    """SIGTERM before the first step (the config's check, the data's reading, the model's
+    building: seconds, minutes for a large data set) used to end the process at once, silently,
+    and a SLURM job was not requeued: now the run stops as its training begins, saving nothing,
+    exit 75, requeued."""
+    env = fake_slurm_job(tmp_path)
     proc = start(tmp_path, *RUN, env={**env, faults.ENV: "starting:1:TERM"})
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, output
@@ -170,12 +176,7 @@ def test_a_stop_signal_while_the_run_starts_stops_it_as_a_preemption(tmp_path):
 
 
 def test_sigterm_saves_exits_75_and_requeues_under_slurm(tmp_path, reference):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
-    scontrol.chmod(0o755)
-    env = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = fake_slurm_job(tmp_path)
     proc = start(tmp_path, *RUN, "data.num_workers=2", env={**env, faults.ENV: "step:18:TERM"})
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE == 75, output
