@@ -341,10 +341,14 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
         # Decided here, before Hydra writes the run's .hydra/ record and log: a command that
         # does nothing, or is refused, leaves a finished run as it is.
         check_not_finished(cfg, point)
-        if finished_metrics(run_dir, point) is not None:
+        if (done := finished_metrics(run_dir, point)) is not None:
             if int(os.environ.get("RANK", "0")) == 0:
                 note = finished_note(point, cfg)
                 print(f"resume=auto: {run_dir} already finished; nothing to do {note}")
+                from resnet_train.curves import draw_if_missing
+
+                if draw_if_missing(run_dir, done):  # (a run stopped before it was drawn)
+                    print(f"drew the missing {run_dir / 'curves.png'}")
             sys.exit(0)
 
 

@@ -220,3 +220,13 @@ def _ticks(lo: float, hi: float, log: bool, integer: bool = False):
 def _label(value: float) -> str:
     small_or_large = value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5)
     return f"{value:.3g}" if small_or_large else f"{value:.6g}"
+
+
+def draw_if_missing(run_dir: Path, metrics: dict[str, Any]) -> bool:
+    """A finished run's curves.png, drawn from its metrics.json where it is missing (a run stopped
+    between the two: resume=auto has nothing else to do); returns whether it was drawn."""
+    path = Path(run_dir) / "curves.png"
+    if path.exists():
+        return False
+    write_curves(path, metrics)
+    return True

@@ -856,6 +856,11 @@ def _fit(
         if (done := finished_metrics(run_dir, point)) is not None:
             log.info("resume=auto: %s already finished; nothing to do %s", run_dir,
                      finished_note(point, cfg))  # fmt: skip
+            if d.main:
+                from resnet_train.curves import draw_if_missing
+
+                if draw_if_missing(run_dir, done):
+                    log.info("drew the missing %s", run_dir / "curves.png")
             return done
         # trained all its epochs but not tested (stopped before, or metrics.json is of the
         # run before it was extended): test it now
@@ -881,10 +886,13 @@ def _fit(
             timeline["test"] = time.time()
             tested = _final_test(run, epochs.run)
             timeline["tested"] = time.time()
+            # (a stop signal now waits until they are written: a run stopped here was finished
+            # without them)
+            metrics = _write_metrics(run, epochs, tested, wall_start, timeline)
             if (signum := run.received()) is not None:
                 log.info(
-                    "%s came during the final test, after the last epoch: the run is finished "
-                    "and tested; metrics.json follows",
+                    "%s came after the last epoch, during the final test: the run is finished "
+                    "and tested, its metrics.json written",
                     signal.Signals(signum).name,
                 )
     except Preempted as stop:
@@ -895,7 +903,7 @@ def _fit(
     finally:
         t.writer.close()
         close_loaders(run.loaders)
-    return _write_metrics(run, epochs, tested, wall_start, timeline)
+    return metrics
 
 
 def _build_run(
@@ -1392,10 +1400,10 @@ def _write_metrics(
         "history": run.history,
     }
     if d.main:
-        write_json(run_dir / "metrics.json", metrics)
         from resnet_train.curves import write_curves
 
         write_curves(run_dir / "curves.png", metrics)
+        write_json(run_dir / "metrics.json", metrics)  # last: it says the run is finished
     return metrics
 
 
