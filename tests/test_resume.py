@@ -256,6 +256,13 @@ def test_unreadable_checkpoints_never_restart_a_run_from_scratch(tmp_path):
     result = run_cli(*SMOKE, f"resume={foreign}", "name=other", cwd=tmp_path)
     assert result.returncode == 2
     assert f"checkpoint {foreign} is not a resnet-train checkpoint" in result.stderr
+    # a run's folder given as the checkpoint (it said the folder "does not exist")
+    result = run_cli(*SMOKE, "resume=outputs/run/", "name=other", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        "resnet-train: error: resume=outputs/run/ is a folder, not a checkpoint file: give "
+        "resume=outputs/run/last.pt (resume=auto continues the run of this command's own folder)\n"
+    )
+    assert not (tmp_path / "outputs" / "other").exists()
 
 
 def test_changed_config_is_refused_with_a_diff_and_allowed_changes_are_said(tmp_path):
@@ -871,3 +878,28 @@ def test_a_stop_signal_during_the_final_test_ends_a_complete_run_that_says_so(
     monkeypatch.delenv(faults.ENV)
     again = fit(compose_config(*SMALL, "trainer.epochs=1", "resume=auto"), tmp_path)
     assert again == metrics and (tmp_path / "curves.png").is_file()
+
+
+def test_a_resume_that_only_tests_keeps_the_runs_figures_and_says_an_early_stop(tmp_path, caplog):
+    """A run stopped after its last epoch's checkpoint, resumed: this process only tests; its
+    metrics.json has the run's train figures whole (its images were null). A stop that early stopping decided before this process is said in the log (it
+    went straight to the test)."""
+    reference = fit(compose_config(*SMALL, "trainer.epochs=2"), tmp_path / "reference")
+    run = tmp_path / "run"
+    fit(compose_config(*SMALL, "trainer.epochs=2"), run)
+    (run / "metrics.json").unlink()  # as if stopped before it was written
+    tested = fit(compose_config(*SMALL, "trainer.epochs=2", "resume=auto"), run)
+    assert tested["epochs_run"] == 0 and tested["test"] == reference["test"]
+    ours, theirs = dict(tested["train"]), dict(reference["train"])
+    assert ours.pop("seconds") > 0 and theirs.pop("seconds") > 0
+    assert ours == theirs and ours["images"] == 90
+    # patience 1 given at a resume whose last epoch was a bad one: it stops at once, and says so
+    state = load_checkpoint(run / "last.pt")
+    state["monitor"].update(best=101.0, best_epoch=1, reference=101.0, bad_epochs=1)
+    torch.save(state, run / "last.pt")
+    (run / "metrics.json").unlink()
+    longer = [*SMALL, "trainer.epochs=4", "trainer.early_stopping.patience=1", "resume=auto"]
+    with caplog.at_level("INFO", logger="resnet_train"):
+        metrics = fit(compose_config(*longer), run)
+    assert metrics["epochs_done"] == 2 and metrics["stopped_early"].startswith("early stopping:")
+    assert metrics["stopped_early"] in caplog.text

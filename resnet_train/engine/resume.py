@@ -180,6 +180,13 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume).expanduser()
+        if path.is_dir():
+            inside = next((path / n for n in CHECKPOINT_NAMES if (path / n).is_file()), None)
+            what = f"give resume={inside}" if inside else "it holds no last.pt or previous.pt"
+            raise CheckpointError(
+                f"resume={cfg.resume} is a folder, not a checkpoint file: {what} (resume=auto "
+                "continues the run of this command's own folder)"
+            )
         if (existing or results) and path.resolve().parent != run_dir.resolve():
             raise RunDirError(
                 f"run directory {run_dir} already holds {', '.join(existing + results)} of "

@@ -661,6 +661,9 @@ class _Run:
         self.teacher: Teacher | None = None  # trainer.distill's teacher
         self.classes: list[str] = []  # the data's class names, in label order
         self.data_files: dict[str, Any] | None = None  # data=imagefolder's files (fingerprint)
+        # The last finished epoch's training figures (metrics.json's "train", also where a
+        # resumed process only tests)
+        self.last_train: dict[str, Any] | None = None
 
     def state(self, mid_epoch: bool) -> dict[str, Any]:
         """The checkpoint. Under DDP every process must call this (the random states and the
@@ -691,6 +694,7 @@ class _Run:
             "data_files": self.data_files,
             "best_valid": self.best_valid,
             "history": self.history,
+            "last_train": self.last_train,
             "weights": "raw",
             "config": to_dict(self.cfg),
             "torch_version": str(torch.__version__),
@@ -769,6 +773,7 @@ class _Run:
         self.epoch = state["epoch"]
         self.best_valid = state.get("best_valid")
         self.history = list(state.get("history", []))
+        self.last_train = state.get("last_train")
         t.global_step = state["global_step"]
         t.guard = FiniteGuard(t.device)
         t.guard.skips.fill_(state.get("skipped_in_a_row", 0))
@@ -1164,6 +1169,8 @@ def _train_epochs(run: _Run) -> _Epochs:
     out = _Epochs()
     throughputs = out.throughputs
     stop_reason = monitor.reason() if run.point is not None and monitor.should_stop else None
+    if stop_reason:  # decided before this process (a lower patience, or its line was not logged)
+        log.info("%s", stop_reason)
     epochs_run, train_stats = 0, None
     walls: list[float] = []  # each epoch's wall time, evaluations included (for the ETA)
     for epoch in range(run.epoch, epochs):
@@ -1231,6 +1238,7 @@ def _train_epochs(run: _Run) -> _Epochs:
             shown = _test_epoch(run, tag, step, record)
             line += shown
         run.history.append(record)
+        run.last_train = asdict(train_stats)
         wall = time.perf_counter() - epoch_wall_start
         walls.append(wall)
         t.eval_seconds = max(wall - train_stats.seconds - compile_seconds, 0.0)
@@ -1385,7 +1393,7 @@ def _write_metrics(
         "selected_epoch": final["epoch"],
         "selected_weights": final.get("weights", "raw"),
         # the last epoch's (trained by an earlier process where this one only tested)
-        "train": asdict(train_stats) if train_stats else _last_train(run.history),
+        "train": asdict(train_stats) if train_stats else run.last_train or _last_train(run.history),
         "valid": final.get("best_valid") if loaders.valid is not None else None,
         "test": test_stats.summary(run.classes),
         "classes": run.classes,
