@@ -198,7 +198,10 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
         check_model(cfg)  # before anything is read
         check_data(cfg.data)
         settle_data(cfg)
-        check_weights(cfg)
+        from resnet_train.engine.resume import resumed_config
+
+        if resumed_config(cfg, run_dir) is None:  # (a resumed run does not read the file)
+            check_weights(cfg)
         teacher = None
         if cfg.trainer.distill.teacher is not None:
             from resnet_train.engine.distill import load_teacher
@@ -564,7 +567,7 @@ def check_config_only(overrides: list[str]) -> list[str]:
             from resnet_train.models.build import check_model, check_weights
 
             check_model(checked)
-            if checked.data.num_classes is not None:
+            if checked.data.num_classes is not None and checked.resume is None:
                 check_weights(checked)
     except UserError as e:
         _fail(e)

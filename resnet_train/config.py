@@ -757,7 +757,9 @@ def _validate_model(cfg: DictConfig, models: list[str]) -> None:
            "this experiment fine-tunes: give the pretrained weights, model.weights=PATH (a "
            "torchvision .pth such as resnet50-11ad3fa6.pth, or a resnet-train "
            "checkpoint)")  # fmt: skip
-    if m.weights is not None:
+    if m.weights is not None and not (cfg.task == "train" and cfg.resume is not None):
+        # (a resumed run does not read it: its checkpoint holds the weights; a new run that
+        # resume=auto starts finds a missing file when it reads it)
         _check_file("model.weights", m.weights,
                     "give a torchvision .pth or a resnet-train checkpoint")  # fmt: skip
 

@@ -30,11 +30,11 @@ from torch import nn
 from resnet_train.config import to_dict
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.evaluate import collect_logits
-from resnet_train.deploy.source import Trained, _without_weights, load_trained, require
+from resnet_train.deploy.source import Trained, load_trained, require
 from resnet_train.deploy.staging import Staging
 from resnet_train.errors import ConfigError
 from resnet_train.logging import write_json
-from resnet_train.models.build import build_model
+from resnet_train.models.build import build_model, without_weights
 from resnet_train.models.channels import apply_channels, channel_record
 from resnet_train.models.resnet import BasicBlock, Bottleneck, PreActBlock, PreActBottleneck
 from resnet_train.models.summary import summarize
@@ -264,7 +264,7 @@ def _prune(model: nn.Module, cfg: DictConfig, method: str) -> tuple[dict, nn.Mod
     and the unpruned architecture as configured. A ratio that removes nothing is refused."""
     p = cfg.prune
     parameters = sum(t.numel() for t in model.parameters())
-    reference = build_model(_without_weights(cfg))
+    reference = build_model(without_weights(cfg))
     if method == "blocks":
         prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
     else:

@@ -25,7 +25,7 @@ from torch import nn
 from resnet_train.config import flatten, validate
 from resnet_train.data.settle import settle_data
 from resnet_train.errors import MissingDependencyError
-from resnet_train.models.build import apply_pruned_widths, build_model
+from resnet_train.models.build import apply_pruned_widths, build_model, without_weights
 from resnet_train.models.qat import prepare_qat
 from resnet_train.models.weights import WeightsFile, file_sha256, load_state, read_weights
 from resnet_train.precision import channels_last_for
@@ -202,7 +202,7 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
         cfg, adopted = adopt_config(cfg, weights.config, given_keys(overrides) - own)
         validate(cfg)
     settle_data(cfg)
-    model = build_model(_without_weights(cfg))
+    model = build_model(without_weights(cfg))  # (loaded strictly below)
     apply_pruned_widths(model, weights, "model.weights")
     load_state(model, weights, replace_classifier=False, model_name=cfg.model.name)
     if fake_quant and cfg.trainer.qat:
@@ -217,13 +217,6 @@ def load_trained(cfg: DictConfig, overrides: list[str], fake_quant: bool = True)
         log.info("from the checkpoint's run: %s", ", ".join(
             f"{k}={OmegaConf.select(cfg, k)}" for k in adopted))  # fmt: skip
     return Trained(cfg, model, weights, device, channels_last, adopted)
-
-
-def _without_weights(cfg: DictConfig) -> DictConfig:
-    """build_model would load model.weights itself, leniently; here it is loaded strictly."""
-    out = copy.deepcopy(cfg)
-    out.model.weights = None
-    return out
 
 
 def require(module: str, feature: str) -> Any:

@@ -57,7 +57,7 @@ from resnet_train.engine.resume import (
 )
 from resnet_train.errors import CheckpointError
 from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
-from resnet_train.models.build import build_model
+from resnet_train.models.build import build_model, build_resumed_model
 from resnet_train.models.channels import channels_of
 from resnet_train.models.freeze import freeze, hold_norms
 from resnet_train.models.qat import prepare_qat
@@ -922,7 +922,10 @@ def _build_run(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loaders = build_loaders(cfg.data, cfg.seed, device, channels_last, d.rank, d.world)
     classes = class_names(cfg.data, cfg.seed)
-    model = build_model(cfg, classes)
+    if point is None:
+        model = build_model(cfg, classes)
+    else:  # (the checkpoint holds the weights: model.weights is not read again)
+        model = build_resumed_model(cfg, point.state.get("channels"), point.path)
     if tc.qat:
         layers = prepare_qat(model)
         log.info("QAT: fake int8 quantization in %d conv and linear layers", layers)

@@ -25,6 +25,29 @@ def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
     return model
 
 
+def build_resumed_model(cfg: DictConfig, channels: dict | None, source: object) -> nn.Module:
+    """The model of a resumed run, without reading model.weights: the checkpoint (`source`)
+    holds every weight, and a pruned model's widths (`channels`); the file it was fine-tuned
+    from may have changed or gone since."""
+    from resnet_train.errors import CheckpointError
+
+    model = create_model(cfg.model.name, **model_options(cfg))
+    try:
+        apply_channels(model, channels)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return model
+
+
+def without_weights(cfg: DictConfig) -> DictConfig:
+    """cfg with model.weights=None (a model built to load a file strictly, or to resume)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.model.weights = None
+    return out
+
+
 def model_options(cfg: DictConfig) -> dict:
     """create_model's keyword options for cfg's model on cfg's data."""
     m = cfg.model
