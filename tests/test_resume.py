@@ -882,8 +882,8 @@ def test_a_stop_signal_during_the_final_test_ends_a_complete_run_that_says_so(
 
 def test_a_resume_that_only_tests_keeps_the_runs_figures_and_says_an_early_stop(tmp_path, caplog):
     """A run stopped after its last epoch's checkpoint, resumed: this process only tests; its
-    metrics.json has the run's train figures whole (its images were null). A stop that early stopping decided before this process is said in the log (it
-    went straight to the test)."""
+    metrics.json has the run's train figures whole (its images were null). A stop that early
+    stopping decided before this process is said in the log (it went straight to the test)."""
     reference = fit(compose_config(*SMALL, "trainer.epochs=2"), tmp_path / "reference")
     run = tmp_path / "run"
     fit(compose_config(*SMALL, "trainer.epochs=2"), run)

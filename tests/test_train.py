@@ -212,8 +212,15 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
     digest = sha256(tmp_path / "run" / "last.pt")
     result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2
-    assert "run directory run already holds last.pt: continue it with resume=auto" in result.stderr
+    # a finished run: not "continue it with resume=auto", which would do nothing
+    assert ("run directory run already holds last.pt, best.pt, metrics.json of a finished run: "
+            "start another run with name=NEW_NAME (or train it on: resume=auto with a larger "
+            "trainer.epochs)") in result.stderr  # fmt: skip
     assert sha256(tmp_path / "run" / "last.pt") == digest
+    (tmp_path / "run" / "metrics.json").unlink()  # as if stopped before its end
+    result = run_cli(*SMOKE, "data.train_size=64", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already holds last.pt, best.pt: continue it with resume=auto" in result.stderr
 
 
 def test_multirun_gives_one_directory_per_job(tmp_path):

@@ -162,9 +162,16 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     existing = [name for name in CHECKPOINT_NAMES if (run_dir / name).exists()]
     results = [name for name in RESULT_NAMES if (run_dir / name).exists()]
     if cfg.resume is None:
+        if existing and "metrics.json" in results:
+            raise RunDirError(
+                f"run directory {run_dir} already holds {', '.join(existing + results)} of a "
+                "finished run: start another run with name=NEW_NAME (or train it on: "
+                "resume=auto with a larger trainer.epochs)"
+            )
         if existing:
             raise RunDirError(
-                f"run directory {run_dir} already holds {', '.join(existing)}: continue it with "
+                f"run directory {run_dir} already holds {', '.join(existing + results)}: "
+                "continue it with "
                 "resume=auto, or start another run with name=NEW_NAME"
             )
         if "metrics.json" in results:
