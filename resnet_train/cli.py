@@ -574,6 +574,51 @@ def check_config_only(overrides: list[str]) -> list[str]:
     return kept
 
 
+# Each value of a sweep is composed once before any job runs; a sweep of more values than this
+# has the rest checked by Hydra as their jobs start.
+MAX_CHECKED_SWEEP_VALUES = 200
+
+
+def check_sweep_overrides(overrides: list[str]) -> None:
+    """A sweep's overrides (args are all key=value) compose with every value of each swept key
+    (each varied alone): a key that does not exist, a value of the wrong type or a group option
+    that does not exist is the one-line error of a single run, exit 2, before any job runs (it
+    was Hydra's many-line message, exit 1, after the jobs before it had run). A value out of its
+    range is that job's error, as the sweep goes on."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Override
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # Hydra's grammar errors
+        _fail(describe_composition_error(e))
+    base: list[str] = []
+    swept: list[tuple[int, list[str]]] = []
+    for o in parsed:
+        if o.is_hydra_override():
+            continue
+        if not o.is_sweep_override():
+            base.append(o.input_line)
+            continue
+        if not o.is_discrete_sweep():  # interval(): a search space (Optuna)
+            continue
+        try:
+            values = [f"{o.get_key_element()}={Override._get_value_element_as_str(v)}"
+                      for v in o.sweep_iterator()]  # fmt: skip
+        except Exception:  # glob() needs the config loader: left to Hydra
+            continue
+        if values:
+            swept.append((len(base), values))
+            base.append(values[0])
+    variants = [base] + [base[:i] + [v] + base[i + 1 :] for i, values in swept for v in values[1:]]
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
+            try:
+                compose("train", overrides=variant)
+            except Exception as e:
+                _fail(describe_composition_error(e))
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -667,6 +712,9 @@ def main() -> None:
         if (overrides := cfg_print_overrides(args)) is not None:
             sys.argv += check_config_only(overrides)  # (Hydra reads and prints sys.argv's)
         if {"-m", "--multirun"} & set(args):
+            keyed = [a for a in args if a not in ("-m", "--multirun")]
+            if all("=" in a and not a.startswith("-") for a in keyed):  # (no other flags)
+                check_sweep_overrides(keyed)
             register_sweeper()
         FAILED_JOBS.clear()  # this command's jobs only (main() may run more than once a process)
         train()

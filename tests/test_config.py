@@ -561,3 +561,21 @@ def test_yes_no_keys_take_true_false_quoted_or_not_and_interpolations():
                           "trainer.qat=${oc.env:QAT,false}", "trainer.epochs=2"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"^trainer.qat=1 is invalid: allowed: true, false$"):
         check_bool_overrides(["trainer.qat=1"])
+
+
+@pytest.mark.parametrize(
+    ("swept", "message"),
+    [
+        ("model.depht=18,19", "model.depht is not a config key: allowed in model: name, stem"),
+        ("optim.lr=0.1,abc", "optim.lr=abc is invalid: Value 'abc' of type 'str' could not be"),
+        ("model=resnet20,resnet99", "model=resnet99 is invalid: allowed: plain110, plain18"),
+    ],
+)  # fmt: skip
+def test_a_sweeps_bad_key_type_or_option_is_one_line_before_any_job(tmp_path, swept, message):
+    """Every value of a sweep is composed before its first job: a bad one is one line, exit 2,
+    and no job has run (it was Hydra's many-line message, exit 1, after the jobs before it)."""
+    result = run_cli("-m", *SMOKE, "data.train_size=64", swept, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"resnet-train: error: {result.stderr[21:].strip()}\n"
+    assert message in result.stderr
+    assert not (tmp_path / "outputs").exists()
