@@ -33,7 +33,14 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from resnet_train.config import WEIGHTS_TASKS, complete, register_configs, schema, validate
+from resnet_train.config import (
+    WEIGHTS_TASKS,
+    check_name,
+    complete,
+    register_configs,
+    schema,
+    validate,
+)
 from resnet_train.errors import UserError
 from resnet_train.launch import CHECKED_ENV, split_launch_args
 
@@ -74,7 +81,8 @@ def describe_composition_error(error: Exception) -> str:
     cause: BaseException | None = error
     while cause is not None:
         if isinstance(cause, MissingConfigException) and cause.options:
-            choice = (cause.missing_cfg_file or "").replace("/", "=", 1)
+            group, _, option = (cause.missing_cfg_file or "").rpartition("/")
+            choice = f"{group}={option}"  # (hydra/launcher/slrum: hydra/launcher=slrum)
             return f"{choice} is invalid: allowed: {', '.join(cause.options)}"
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
             parent, _, key = str(cause.full_key).rpartition(".")
@@ -607,6 +615,11 @@ def check_sweep_overrides(overrides: list[str]) -> None:
                       for v in o.sweep_iterator()]  # fmt: skip
         except Exception:  # glob() needs the config loader: left to Hydra
             continue
+        if o.get_key_element() == "name" and len(values) > 1:
+            _fail(
+                f"{o.input_line} is invalid: name= names the sweep's folder "
+                "(outputs/multirun/NAME): give one; its jobs are named by what they sweep"
+            )
         if values:
             swept.append((len(base), values))
             base.append(values[0])
@@ -614,9 +627,13 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
-                compose("train", overrides=variant)
+                cfg = compose("train", overrides=variant)
             except Exception as e:
                 _fail(describe_composition_error(e))
+            try:  # (the sweep's folder: Hydra makes it before any job checks its config)
+                check_name(cfg.get("name"))
+            except UserError as e:
+                _fail(e)
 
 
 def _installed(module: str) -> bool:
@@ -674,7 +691,20 @@ def main() -> None:
             'pip install "resnet-train[optuna]" (or -e ".[optuna]" in a checkout)'
         )
     launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
-    if launcher == "slurm" and not {"--cfg", "-c", "--help", "-h"} & set(args):
+    printing = {"--cfg", "-c", "--help", "-h"} & set(args)
+    multirun = {"-m", "--multirun"} & set(args)
+    if multirun and {"--cfg", "-c"} & set(args):
+        _fail(
+            "--cfg with -m is invalid: --cfg prints one job's config (give one value per key, "
+            "without -m); -m runs the sweep"
+        )
+    if launcher in ("slurm", "submitit_slurm") and not printing and not multirun:
+        _fail(
+            f"hydra/launcher={launcher} is invalid without -m: the launcher submits a sweep's "
+            "jobs (a single run with -m is a sweep of one job); without it the run would train "
+            "here"
+        )
+    if launcher in ("slurm", "submitit_slurm") and not printing:
         import shutil
 
         if shutil.which("sbatch") is None:

@@ -975,13 +975,7 @@ def _validate_trainer(cfg: DictConfig, models: list[str]) -> None:
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
     _at_least("trainer.grad_norm_every_steps", t.grad_norm_every_steps, 0)
     _at_least("trainer.checkpoint_every_steps", t.checkpoint_every_steps, 0)
-    if cfg.name is not None:
-        _check(
-            bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."),
-            "name",
-            cfg.name,
-            "a non-empty folder name without '/'",
-        )
+    check_name(cfg.name)
     _check(
         _is_device(t.device),
         "trainer.device",
@@ -999,6 +993,13 @@ def _validate_trainer(cfg: DictConfig, models: list[str]) -> None:
             "SyncBatchNorm runs on CUDA devices only, and trainer.device="
             f"{t.device} is {'the CPU' if on in ('auto', 'cpu') else on} here; use false",
         )
+
+
+def check_name(name: str | None) -> None:
+    """name=: a run's (or a sweep's) folder under outputs/, never a path out of it."""
+    if name is not None:
+        _check(bool(name) and "/" not in name and name not in (".", ".."), "name", name,
+               "a non-empty folder name without '/'")  # fmt: skip
 
 
 def _check_decoder(cfg: DictConfig) -> None:

@@ -55,6 +55,9 @@ def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
         min_nodes, max_nodes = torchrun.parse_min_max_nnodes(args.nnodes)
     except (SystemExit, ValueError) as e:  # argparse has printed its usage line
         _fail(f"{' '.join(launch_args)} is invalid: torchrun's options are expected ({e})")
+    if nproc < 1:
+        _fail(f"--nproc-per-node={args.nproc_per_node} is invalid: must be a number of processes "
+              ">= 1 (or gpu, cpu, auto)")  # fmt: skip
     world = nproc * min_nodes if min_nodes == max_nodes else None
     os.environ["WORLD_SIZE"] = str(world or nproc)  # the run's directory and step plan use it
     try:

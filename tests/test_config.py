@@ -579,3 +579,32 @@ def test_a_sweeps_bad_key_type_or_option_is_one_line_before_any_job(tmp_path, sw
     assert result.stderr == f"resnet-train: error: {result.stderr[21:].strip()}\n"
     assert message in result.stderr
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # Hydra used the name for the sweep's folder before any job refused it: outputs/ itself
+        (["-m", "name=..", "seed=0,1"], "name='..' is invalid: a non-empty folder name without"),
+        (["-m", "name=a,b"], "name=a,b is invalid: name= names the sweep's folder"),
+        # (a traceback: Hydra takes only one of them)
+        (["-m", "--cfg", "job", "seed=0,1"], "--cfg with -m is invalid: --cfg prints one job's"),
+        # a single run with the SLURM launcher trained here, on the login node
+        (["hydra/launcher=slurm", "seed=1"], "hydra/launcher=slurm is invalid without -m"),
+        # (it said hydra=launcher/slrum)
+        (["hydra/launcher=slrum"], "hydra/launcher=slrum is invalid: allowed: "),
+        (["--nproc-per-node=0", "seed=1"], "--nproc-per-node=0 is invalid: must be a number of"),
+    ],
+)  # fmt: skip
+def test_sweep_launcher_and_flag_mistakes_are_one_line(args, message, tmp_path, monkeypatch,
+                                                       capsys):  # fmt: skip
+    from resnet_train import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["resnet-train", *args])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    assert err.startswith(f"resnet-train: error: {message}") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
