@@ -328,6 +328,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
         RESULT_NAMES,
         check_config,
         check_not_finished,
+        check_world_size,
         find_resume,
         finished,
         finished_metrics,
@@ -361,6 +362,8 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
                 if draw_if_missing(run_dir, done):  # (a run stopped before it was drawn)
                     print(f"drew the missing {run_dir / 'curves.png'}")
             sys.exit(0)
+    # (before Hydra rewrites the run's .hydra/ record and appends to its log)
+    check_world_size(point, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | None:

@@ -391,3 +391,21 @@ def test_ranks_other_than_0_run_without_a_hydra_record(monkeypatch):
         monkeypatch.setattr(sys, "argv", ["resnet-train", "model=resnet20"])
         cli.main()
         assert seen["cfg"].hydra.output_subdir == subdir
+
+
+def test_a_resume_with_another_process_count_is_refused_before_anything_is_written(tmp_path):
+    """The refusal came from inside the run, after Hydra had rewritten the run's .hydra/ record
+    (with the refused command's overrides) and appended to its train.log."""
+    from tests.conftest import SMOKE
+
+    assert run_cli(*SMOKE, "data.train_size=64", "name=one", cwd=tmp_path).returncode == 0
+    run = tmp_path / "outputs" / "one"
+    before = {p: p.read_bytes() for p in [run / "train.log", *(run / ".hydra").iterdir()]}
+    result = run_cli("--nproc-per-node=2", "--standalone", *SMOKE, "data.train_size=64",
+                     "trainer.epochs=2", "name=one", "resume=auto", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"resnet-train: error: {run.relative_to(tmp_path)}/last.pt was saved by 1 process(es), "
+        "this run has 2: resume it with torchrun --nproc_per_node x nodes = 1"
+    )
+    assert {p: p.read_bytes() for p in before} == before

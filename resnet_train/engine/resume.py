@@ -231,6 +231,17 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     return max(points, key=lambda p: _position(p.state))
 
 
+def check_world_size(point: ResumePoint, world: int) -> None:
+    """A checkpoint continues with the number of processes that saved it (each one's random
+    state and place in the data are in it)."""
+    saved = point.state.get("world_size", 1)
+    if saved != world:
+        raise CheckpointError(
+            f"{point.path} was saved by {saved} process(es), this run has {world}: resume it "
+            f"with torchrun --nproc_per_node x nodes = {saved}"
+        )
+
+
 def set_aside_unread(run_dir: Path, point: ResumePoint) -> Path | None:
     """A run resumed from previous.pt (its last.pt unreadable): last.pt is renamed out of the way
     (last.pt.unreadable), so that the next save does not rotate it over the readable previous.pt,

@@ -46,6 +46,7 @@ from resnet_train.engine.resume import (
     capture_rng,
     check_config,
     check_not_finished,
+    check_world_size,
     find_resume,
     finished,
     finished_metrics,
@@ -749,12 +750,7 @@ class _Run:
         check_same_files(state.get("data_files"), self.data_files, point.path)
         check_config(point, self.cfg)
         check_same_teacher(state.get("teacher"), self.teacher, point.path)
-        saved_world = state.get("world_size", 1)
-        if saved_world != t.dist.world:
-            raise CheckpointError(
-                f"{point.path} was saved by {saved_world} process(es), this run has "
-                f"{t.dist.world}: resume it with torchrun --nproc_per_node x nodes = {saved_world}"
-            )
+        check_world_size(point, t.dist.world)
         try:
             t.model.load_state_dict(state["model"])
             t.optimizer.load_state_dict(state["optimizer"])
