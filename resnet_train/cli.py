@@ -595,7 +595,7 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     (each varied alone): a key that does not exist, a value of the wrong type or a group option
     that does not exist is the one-line error of a single run, exit 2, before any job runs (it
     was Hydra's many-line message, exit 1, after the jobs before it had run). A value out of its
-    range is that job's error, as the sweep goes on."""
+    range is that job's error, as the sweep goes on, unless every job would be refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Override
 
@@ -627,6 +627,7 @@ def check_sweep_overrides(overrides: list[str]) -> None:
             swept.append((len(base), values))
             base.append(values[0])
     variants = [base] + [base[:i] + [v] + base[i + 1 :] for i, values in swept for v in values[1:]]
+    refusals = []
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
@@ -637,6 +638,12 @@ def check_sweep_overrides(overrides: list[str]) -> None:
                 check_name(cfg.get("name"))
             except UserError as e:
                 _fail(e)
+            try:
+                validate(cfg)
+            except UserError as e:
+                refusals.append(str(e))
+    if refusals and len(refusals) == len(variants):  # (a search's trials: its fixed keys)
+        _fail(f"every job of this sweep would be refused: {refusals[0]}")
 
 
 def _installed(module: str) -> bool:

@@ -569,12 +569,15 @@ def test_yes_no_keys_take_true_false_quoted_or_not_and_interpolations():
         ("model.depht=18,19", "model.depht is not a config key: allowed in model: name, stem"),
         ("optim.lr=0.1,abc", "optim.lr=abc is invalid: Value 'abc' of type 'str' could not be"),
         ("model=resnet20,resnet99", "model=resnet99 is invalid: allowed: plain110, plain18"),
+        # a value every job would refuse (a search's fixed keys: it ran every trial into it)
+        ("optim.lr=-1 seed=0,1", "every job of this sweep would be refused: optim.lr=-1.0 is "
+         "invalid: must be > 0"),
     ],
 )  # fmt: skip
 def test_a_sweeps_bad_key_type_or_option_is_one_line_before_any_job(tmp_path, swept, message):
     """Every value of a sweep is composed before its first job: a bad one is one line, exit 2,
     and no job has run (it was Hydra's many-line message, exit 1, after the jobs before it)."""
-    result = run_cli("-m", *SMOKE, "data.train_size=64", swept, cwd=tmp_path)
+    result = run_cli("-m", *SMOKE, "data.train_size=64", *swept.split(), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"resnet-train: error: {result.stderr[21:].strip()}\n"
     assert message in result.stderr
