@@ -374,6 +374,9 @@ SWEEPABLE_MAY_CHANGE = (
     "trainer.early_stopping.patience",
     "trainer.distill.teacher",
 )
+# The keys of MAY_CHANGE that say nothing of how a job runs: a sweep's jobs are never named by
+# them (any other, swept, names them: data.num_workers=0,4 measures two loaders, in two folders).
+UNSWEPT = ("resume", "name", "task")
 TEACHER_KEY = "trainer.distill.teacher"
 DIGEST_CHARS = 8
 
@@ -480,13 +483,13 @@ def sweep_name(name: str | None, *, _root_: DictConfig) -> str:
 def record_swept_keys(_root_: DictConfig) -> dict[str, Any]:
     """Keep, in the sweep's resolver cache (copied into each job's config), the keys that may
     change on resume but that this sweep varies, itself or through a parent or a group
-    (trainer.epochs=10,20; trainer.early_stopping={patience:3},{patience:5}; experiment=a,b):
-    they name its jobs (run_name). Return the cache."""
+    (trainer.epochs=10,20; trainer.early_stopping={patience:3},{patience:5}; experiment=a,b;
+    data.num_workers=0,4): they name its jobs (run_name). Return the cache."""
     cache = OmegaConf.get_cache(_root_)["sweep_name"]
     if "swept" not in cache:
         swept = _swept_keys(_root_)
         cache["swept"] = tuple(
-            k for k in SWEEPABLE_MAY_CHANGE
+            k for k in MAY_CHANGE if k not in UNSWEPT
             if any(k == s or k.startswith(s + ".") or s in LENGTH_GROUPS for s in swept)
         )  # fmt: skip
     return cache

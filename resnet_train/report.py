@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -69,7 +70,10 @@ def read_job(folder: Path) -> Job | None:
         key, _, value = str(item).partition("=")
         overrides[key.lstrip("+~")] = value
     metrics_file = folder / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    except ValueError as e:
+        raise ReportError(f"{metrics_file} is not readable JSON ({e})") from None
     return Job(folder, overrides, metrics, None if metrics else _failure(folder))
 
 
@@ -100,15 +104,30 @@ def read_sweep(sweep: Path) -> list[Job]:
     return jobs
 
 
-def swept_keys(jobs: list[Job]) -> list[str]:
+def swept_keys(jobs: list[Job], command_swept: set[str] | None = None) -> list[str]:
     """The override keys whose values are not the same in every job, in command-line order.
     Keys that only say where or how a run is done (data.root, trainer.device, resume, ...) are
-    never taken as swept: a job relaunched with resume=auto or on another machine is the same."""
+    not taken as swept (a job relaunched with resume=auto or on another machine is the same)
+    unless the sweep's command swept them (`command_swept`: data.num_workers=0,4)."""
     keys: list[str] = []
     for job in jobs:
         keys += [k for k in job.overrides if k not in keys]
+    wanted = set(SWEEPABLE_MAY_CHANGE) | (command_swept or set())
     return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1
-            if k not in MAY_CHANGE or k in SWEEPABLE_MAY_CHANGE]  # fmt: skip
+            if k not in MAY_CHANGE or k in wanted]  # fmt: skip
+
+
+def command_swept_keys(sweep: Path) -> set[str]:
+    """The keys the sweep's command line swept (key=a,b, key=range(...)), from the
+    multirun.yaml Hydra writes into the sweep's folder; empty where there is none."""
+    path = sweep / "multirun.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+        overrides = saved["hydra"]["overrides"]["task"] if saved else []
+    except (yaml.YAMLError, KeyError, TypeError):
+        return set()
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides or []
+            if "," in str(o) or "(" in str(o)}  # fmt: skip
 
 
 def _sort_key(value: str | None) -> tuple:
@@ -321,7 +340,7 @@ def report(sweep: Path, out: Path | None = None) -> str:
     by default) and return the printed table. An Optuna search (its optuna.db in the sweep)
     is shown as its trials, one row each, also written as trials.csv."""
     jobs = read_sweep(sweep)
-    keys = swept_keys(jobs)
+    keys = swept_keys(jobs, command_swept_keys(sweep))
     groups = group_jobs(jobs, keys)
     out = out or sweep
     out.mkdir(parents=True, exist_ok=True)
@@ -371,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         print(report(args.sweep, args.out))
+        sys.stdout.flush()
+    except BrokenPipeError:  # (| head): the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except (ReportError, OSError, json.JSONDecodeError, yaml.YAMLError, ImportError) as e:
         print(f"resnet-train-report: error: {e}", file=sys.stderr)
         sys.exit(2)

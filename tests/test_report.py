@@ -144,6 +144,23 @@ def test_a_sweep_over_the_runs_length_gives_each_job_a_folder_and_a_relaunch_fin
     assert len(list((tmp_path / "mine").glob("*/metrics.json"))) == 2
 
 
+def test_a_sweep_over_a_key_that_may_change_on_resume_keeps_its_jobs_apart(tmp_path):
+    """data.num_workers may change on resume (it does not name a run): swept, its jobs shared
+    one folder, the second found the first finished, and the report said "swept: nothing"."""
+    sweep = ["-m", *SMOKE, "data.train_size=64", "data.test_size=32", "data.num_workers=0,1",
+             "name=nw"]  # fmt: skip
+    result = run_cli(*sweep, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "outputs" / "multirun" / "nw"
+    assert len(list(folder.glob("*/metrics.json"))) == 2
+    out = run_program("resnet_train.report", str(folder), cwd=tmp_path)
+    assert "2 jobs (2 finished), swept: data.num_workers" in out.stdout, out.stdout
+    # a damaged metrics.json is named (it was a bare JSON error)
+    (next(folder.glob("*/metrics.json"))).write_text('{"test": ')
+    out = run_program("resnet_train.report", str(folder), cwd=tmp_path)
+    assert out.returncode == 2 and "/metrics.json is not readable JSON (" in out.stderr
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC)
