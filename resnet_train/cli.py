@@ -48,11 +48,22 @@ CONFIG_MODULE = "resnet_train.configs"
 register_configs()
 
 
+# Under torchrun, how long a process other than rank 0 waits before it ends with an error: every
+# process meets the same error and rank 0 says it; torchrun ends the others when one exits, and a
+# rank 1 that exited at once could end rank 0 before its line was printed.
+OTHER_RANKS_WAIT_S = 5.0
+
+
 def _fail(message: object) -> None:
     """Print the error in one line and exit with status 2. Under torchrun, rank 0 alone prints
-    it (every process meets the same error)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resnet-train: error: {one_line(str(message))}", file=sys.stderr)
+    it, and the others end OTHER_RANKS_WAIT_S later (unless torchrun has ended them)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        import time
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (torchrun's, once rank 0 has ended)
+        time.sleep(OTHER_RANKS_WAIT_S)
+        sys.exit(2)
+    print(f"resnet-train: error: {one_line(str(message))}", file=sys.stderr)
     sys.exit(2)
 
 
