@@ -599,6 +599,8 @@ def check_config_only(overrides: list[str]) -> list[str]:
 # Each value of a sweep is composed once before any job runs; a sweep of more values than this
 # has the rest checked by Hydra as their jobs start.
 MAX_CHECKED_SWEEP_VALUES = 200
+# A sweep of up to this many jobs is refused before its first when every one of them would be.
+MAX_CHECKED_SWEEP_JOBS = 32
 
 
 def check_sweep_overrides(overrides: list[str]) -> None:
@@ -615,9 +617,12 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     except Exception as e:  # Hydra's grammar errors
         _fail(describe_composition_error(e))
     base: list[str] = []
+    searchpath: list[str] = []  # (hydra.searchpath: one's own config files)
     swept: list[tuple[int, list[str]]] = []
     for o in parsed:
         if o.is_hydra_override():
+            if o.get_key_element() == "hydra.searchpath":
+                searchpath.append(o.input_line)
             continue
         if not o.is_sweep_override():
             base.append(o.input_line)
@@ -638,23 +643,36 @@ def check_sweep_overrides(overrides: list[str]) -> None:
             swept.append((len(base), values))
             base.append(values[0])
     variants = [base] + [base[:i] + [v] + base[i + 1 :] for i, values in swept for v in values[1:]]
-    refusals = []
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
-                cfg = compose("train", overrides=variant)
+                cfg = compose("train", overrides=[*searchpath, *variant])
             except Exception as e:
                 _fail(describe_composition_error(e))
             try:  # (the sweep's folder: Hydra makes it before any job checks its config)
                 check_name(cfg.get("name"))
             except UserError as e:
                 _fail(e)
+        # every job (a grid small enough to check whole): a value that each would refuse (an
+        # Optuna search's fixed keys ran every trial into it)
+        jobs = [[]]
+        for i, values in swept:
+            jobs = [[*job, (i, v)] for job in jobs for v in values]
+            if len(jobs) > MAX_CHECKED_SWEEP_JOBS:
+                return
+        refusals = []
+        for job in jobs:
+            variant = list(base)
+            for i, v in job:
+                variant[i] = v
             try:
-                validate(cfg)
+                validate(compose("train", overrides=[*searchpath, *variant]))
+                return  # (a job that runs)
             except UserError as e:
                 refusals.append(str(e))
-    if refusals and len(refusals) == len(variants):  # (a search's trials: its fixed keys)
-        _fail(f"every job of this sweep would be refused: {refusals[0]}")
+            except Exception:  # (a composition error: Hydra's, at that job)
+                return
+    _fail(f"every job of this sweep would be refused: {refusals[0]}")
 
 
 def _installed(module: str) -> bool:
@@ -739,7 +757,8 @@ def main() -> None:
     # SLURM requeue); it used to end the process silently. Other commands get it back.
     from resnet_train.engine.preemption import HeldSignals
 
-    held = HeldSignals().install()
+    # (not for a launcher's sweep: its jobs run elsewhere, this process only waits for them)
+    held = HeldSignals() if launcher else HeldSignals().install()
     from resnet_train.engine import faults
 
     faults.point("starting")
@@ -761,7 +780,11 @@ def main() -> None:
         if not ({"-m", "--multirun"} & set(args) and tasks <= {"train"}):
             held.release(redeliver=True)
         if (overrides := cfg_print_overrides(args)) is not None:
-            sys.argv += check_config_only(overrides)  # (Hydra reads and prints sys.argv's)
+            # (Hydra reads and prints sys.argv's: the run's own length joins the overrides,
+            # next to the first, where argparse takes them in any order of flags)
+            if kept := check_config_only(overrides):
+                first = next(i for i, a in enumerate(sys.argv) if i and a == overrides[0])
+                sys.argv[first:first] = kept
         if {"-m", "--multirun"} & set(args):
             keyed = [a for a in args if a not in ("-m", "--multirun")]
             if all("=" in a and not a.startswith("-") for a in keyed):  # (no other flags)

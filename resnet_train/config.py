@@ -488,15 +488,26 @@ def record_swept_keys(_root_: DictConfig) -> dict[str, Any]:
     cache = OmegaConf.get_cache(_root_)["sweep_name"]
     if "swept" not in cache:
         swept = _swept_keys(_root_)
-        cache["swept"] = tuple(
-            k for k in MAY_CHANGE if k not in UNSWEPT
-            if any(k == s or k.startswith(s + ".") or s in LENGTH_GROUPS for s in swept)
-        )  # fmt: skip
+        cache["swept"] = tuple(k for k in MAY_CHANGE if k not in UNSWEPT
+                               if any(_names_jobs(k, s) for s in swept))  # fmt: skip
     return cache
 
 
 # The config groups whose options may set a run's length.
 LENGTH_GROUPS = ("experiment", "trainer")
+
+
+def _names_jobs(key: str, swept: str) -> bool:
+    """Whether a sweep over `swept` (a key, or a config group) varies `key`, a key that may
+    change on resume: swept itself or through a parent key (data.num_workers=0,4; trainer.
+    early_stopping={patience:3},{patience:5}), or, through a group's options, one of the keys a
+    recipe sets (the run's length, its teacher). Through a group, a key such as data.root or
+    trainer.log_every_steps given anew on a relaunch keeps the jobs' names."""
+    if "." not in swept and key != swept:  # a group: data=a,b, experiment=a,b
+        return key in SWEEPABLE_MAY_CHANGE and (
+            key.startswith(swept + ".") or swept in LENGTH_GROUPS
+        )
+    return key == swept or key.startswith(swept + ".")
 
 
 class RecordSweptKeys(Callback):

@@ -374,7 +374,12 @@ def report(sweep: Path, out: Path | None = None) -> str:
         format_table(header, rows),
         "",
         f"wrote {', '.join(str(p) for p in written)}"
-        + (f", {png}" if png else " (no plot: no job has a validation accuracy)"),
+        + (
+            f", {png}"
+            if png
+            else " (no plot: "
+            + ("no key is swept)" if not keys else "no job has a validation accuracy)")
+        ),
     ]
     return "\n".join(lines)
 

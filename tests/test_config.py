@@ -611,3 +611,34 @@ def test_sweep_launcher_and_flag_mistakes_are_one_line(args, message, tmp_path, 
     assert stop.value.code == 2, err
     assert err.startswith(f"resnet-train: error: {message}") and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweeps_check_refuses_only_what_every_job_would_and_reads_ones_own_configs(tmp_path):
+    """Refused up front only when every job of the grid would be (data=imagefolder without a root
+    and trainer.epochs=0 are refused by three jobs of four: the fourth trains); one's own
+    experiment files (hydra.searchpath) compose in the check as in the jobs."""
+    from resnet_train import cli
+
+    cli.check_sweep_overrides(["experiment=smoke", "data=imagefolder,synthetic",
+                               "trainer.epochs=0,1"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.check_sweep_overrides(["experiment=smoke", "data=imagefolder", "trainer.epochs=0,1"])
+    own = tmp_path / "experiment" / "mine.yaml"
+    own.parent.mkdir()
+    own.write_text("# @package _global_\ndefaults:\n  - override /data: synthetic\n"
+                   "trainer:\n  epochs: 1\n")  # fmt: skip
+    cli.check_sweep_overrides([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine,smoke"])
+
+
+def test_a_sweep_names_its_jobs_by_the_resume_changeable_keys_it_sweeps_itself():
+    """data.num_workers=0,4 names the jobs (they shared a folder); through a group's options only
+    the keys a recipe sets do: a relaunch of experiment=a,b with trainer.log_every_steps=5 or
+    another data.root finds its jobs again."""
+    from resnet_train.config import _names_jobs
+
+    assert _names_jobs("data.num_workers", "data.num_workers")
+    assert _names_jobs("trainer.early_stopping.patience", "trainer.early_stopping")
+    assert _names_jobs("trainer.epochs", "experiment") and _names_jobs("trainer.epochs", "trainer")
+    assert not _names_jobs("trainer.log_every_steps", "experiment")
+    assert not _names_jobs("trainer.device", "trainer")
+    assert not _names_jobs("data.root", "data")

@@ -791,6 +791,9 @@ def test_a_resume_without_the_runs_length_is_checked_and_recorded_with_the_runs_
     printed = run_cli("--cfg", "job", *args, "name=w", "resume=auto", cwd=tmp_path)
     assert printed.returncode == 0, printed.stderr
     assert yaml.safe_load(printed.stdout)["trainer"]["epochs"] == 5
+    printed = run_cli(*args, "name=w", "resume=auto", "--cfg", "job", cwd=tmp_path)  # flags last
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["trainer"]["epochs"] == 5
     result = run_cli(*args, "name=w", "resume=auto", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "outputs" / "w"
