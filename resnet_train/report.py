@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE
+from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE, flatten
 from resnet_train.search import Trial, read_trials
 
 SEED = "seed"
@@ -115,6 +115,28 @@ def swept_keys(jobs: list[Job], command_swept: set[str] | None = None) -> list[s
     wanted = set(SWEEPABLE_MAY_CHANGE) | (command_swept or set())
     return [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1
             if k not in MAY_CHANGE or k in wanted]  # fmt: skip
+
+
+def fill_from_configs(jobs: list[Job], keys: list[str]) -> None:
+    """A swept key that some jobs were not given (added when a finished sweep was relaunched:
+    optim.lr=0.1 beside jobs run at the default) shows, for those, the value their run had (their
+    .hydra/config.yaml), not a blank."""
+    for job in jobs:
+        missing = [k for k in keys if k not in job.overrides]
+        record = job.path / ".hydra" / "config.yaml"
+        if not missing or not record.is_file():
+            continue
+        try:
+            config = yaml.safe_load(record.read_text())
+        except yaml.YAMLError:
+            continue
+        flat = flatten(config) if isinstance(config, dict) else {}
+        for key in missing:
+            key_of = key if key in flat else f"{key}.name"  # (a group: model=resnet20)
+            if key_of in flat:
+                value = flat[key_of]
+                job.overrides[key] = ("null" if value is None else str(value).lower()
+                                      if isinstance(value, bool) else str(value))  # fmt: skip
 
 
 def command_swept_keys(sweep: Path) -> set[str]:
@@ -341,6 +363,7 @@ def report(sweep: Path, out: Path | None = None) -> str:
     is shown as its trials, one row each, also written as trials.csv."""
     jobs = read_sweep(sweep)
     keys = swept_keys(jobs, command_swept_keys(sweep))
+    fill_from_configs(jobs, keys)
     groups = group_jobs(jobs, keys)
     out = out or sweep
     out.mkdir(parents=True, exist_ok=True)

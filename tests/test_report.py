@@ -71,6 +71,23 @@ def test_report_groups_seeds_sorts_by_validation_and_writes_csv_and_png(sweep):
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
+def test_a_key_added_to_a_finished_sweep_shows_the_old_jobs_own_value(tmp_path):
+    """optim.lr=0.2 given when two finished jobs were relaunched beside them: those two show the
+    rate their runs had (their .hydra/config.yaml), not a blank."""
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        make_job(sweep, f"old-{seed}", ["experiment=smoke", f"seed={seed}"], 50.0 + seed, 49.0)
+        (sweep / f"old-{seed}" / ".hydra" / "config.yaml").write_text(
+            yaml.safe_dump({"optim": {"lr": 0.05}, "model": {"name": "resnet20"}, "seed": seed})
+        )
+        make_job(sweep, f"new-{seed}", ["experiment=smoke", f"seed={seed}", "optim.lr=0.2"],
+                 40.0 + seed, 39.0)  # fmt: skip
+    text = report(sweep)
+    assert "4 jobs (4 finished), swept: seed, optim.lr" in text
+    table = [line.split() for line in text.splitlines() if line[:4] in ("0.05", "0.2 ")]
+    assert [(row[0], row[1]) for row in table] == [("0.05", "0,1"), ("0.2", "0,1")]
+
+
 def test_report_command_says_what_is_wrong_in_one_line(tmp_path):
     for target, message in ((tmp_path / "nope", "is not a folder"),
                             (tmp_path, "holds no job folders")):  # fmt: skip
