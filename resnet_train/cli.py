@@ -198,6 +198,14 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
         validate(cfg)
         complete(cfg)
         if cfg.task == "summary":
+            if cfg.model.weights is not None:  # a checkpoint's own model and data, as eval's
+                from resnet_train.deploy.source import adopt_config, given_keys, own_choices
+                from resnet_train.models.weights import read_weights
+
+                saved = read_weights(cfg.model.weights, peek=True).config
+                if saved is not None:
+                    given = given_keys(args) - own_choices(args, saved)
+                    cfg, _ = adopt_config(cfg, saved, given)
             if cfg.data.num_classes is None:  # data=imagefolder: its class folders
                 from resnet_train.data.loaders import class_names
 

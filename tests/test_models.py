@@ -219,6 +219,17 @@ def test_summary_task_prints_shapes_and_writes_nothing(tmp_path):
     assert "trainable    20,490" in result.stdout
     result = run_cli("task=summary", "model.freeze=[layer9]", cwd=tmp_path)
     assert result.returncode == 2 and "model.freeze=layer9 is invalid" in result.stderr
+    # a checkpoint's summary is of its own model: a 4-class resnet32 (it showed the command
+    # line's: resnet20, 10 classes)
+    model = create_model("resnet32", num_classes=4)
+    state = {"format_version": 2, "model": model.state_dict(), "optimizer": {}, "scheduler": {},
+             "epoch": 1, "config": {"model": {"name": "resnet32"},
+                                    "data": {"name": "synthetic", "num_classes": 4}}}  # fmt: skip
+    torch.save(state, tmp_path / "c4.pt")
+    result = run_cli("task=summary", f"model.weights={tmp_path / 'c4.pt'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fc       (1, 4)" in result.stdout
+    assert f"parameters   {n_params(model):,}" in result.stdout
 
 
 def test_torchvision_weights_file_loads_and_fine_tunes(tmp_path):
