@@ -651,10 +651,11 @@ def check_sweep_overrides(overrides: list[str]) -> None:
             swept.append((len(base), values))
             base.append(values[0])
     variants = [base] + [base[:i] + [v] + base[i + 1 :] for i, values in swept for v in values[1:]]
+    composed: dict[tuple[str, ...], DictConfig] = {}  # (each composed once)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
-                cfg = compose("train", overrides=[*searchpath, *variant])
+                cfg = composed[tuple(variant)] = compose("train", overrides=[*searchpath, *variant])
             except Exception as e:
                 _fail(describe_composition_error(e))
             try:  # (the sweep's folder: Hydra makes it before any job checks its config)
@@ -674,7 +675,8 @@ def check_sweep_overrides(overrides: list[str]) -> None:
             for i, v in job:
                 variant[i] = v
             try:
-                validate(compose("train", overrides=[*searchpath, *variant]))
+                known = composed.get(tuple(variant))
+                validate(known or compose("train", overrides=[*searchpath, *variant]))
                 return  # (a job that runs)
             except UserError as e:
                 refusals.append(str(e))
@@ -785,7 +787,7 @@ def main() -> None:
             run_single(cfg)
             return
         tasks = {a.split("=", 1)[1] for a in args if a.startswith("task=")}
-        if not ({"-m", "--multirun"} & set(args) and tasks <= {"train"}):
+        if not (multirun and tasks <= {"train"}):
             held.release(redeliver=True)
         if (overrides := cfg_print_overrides(args)) is not None:
             # (Hydra reads and prints sys.argv's: the run's own length joins the overrides,
@@ -793,8 +795,8 @@ def main() -> None:
             if kept := check_config_only(overrides):
                 first = next(i for i, a in enumerate(sys.argv) if i and a == overrides[0])
                 sys.argv[first:first] = kept
-        if {"-m", "--multirun"} & set(args):
-            keyed = [a for a in args if a not in ("-m", "--multirun")]
+        if multirun:
+            keyed = [a for a in args if a not in multirun]
             if all("=" in a and not a.startswith("-") for a in keyed):  # (no other flags)
                 check_sweep_overrides(keyed)
             register_sweeper()

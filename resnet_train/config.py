@@ -530,17 +530,19 @@ def _sweep_overrides(_root_: DictConfig) -> tuple[list[str], dict[str, Any] | No
 
 def _swept_keys(_root_: DictConfig) -> set[str]:
     overrides, params = _sweep_overrides(_root_)
-    return _swept(overrides, params)
+    return swept_in(overrides, params)
 
 
-def _swept(overrides: list[str], params: dict[str, Any] | None) -> set[str]:
+def swept_in(overrides: list[str], params: dict[str, Any] | None = None) -> set[str]:
+    """The keys a sweep's command line varies (key=a,b; key=range(...)) and its sweeper's search
+    space (Optuna's params)."""
     return {_override_key(o) for o in overrides if "," in o or "(" in o} | set(params or {})
 
 
 def _sweep_name(_root_: DictConfig) -> str:
     overrides, params = _sweep_overrides(_root_)
     kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
-    swept = _swept(overrides, params)
+    swept = swept_in(overrides, params)
     # teachers by their contents, as a run's name has them
     teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY
                       for path in o.split("=", 1)[1].split(","))  # fmt: skip

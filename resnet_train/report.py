@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE, flatten
+from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE, flatten, swept_in
 from resnet_train.search import Trial, read_trials
 
 SEED = "seed"
@@ -148,8 +148,7 @@ def command_swept_keys(sweep: Path) -> set[str]:
         overrides = saved["hydra"]["overrides"]["task"] if saved else []
     except (yaml.YAMLError, KeyError, TypeError):
         return set()
-    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides or []
-            if "," in str(o) or "(" in str(o)}  # fmt: skip
+    return swept_in([str(o) for o in overrides or []])
 
 
 def _sort_key(value: str | None) -> tuple:

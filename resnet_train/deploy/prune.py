@@ -244,8 +244,8 @@ def data_overrides(cfg: DictConfig) -> list[str]:
     group = files("resnet_train.configs") / "data" / f"{d.name}.yaml"
     default = OmegaConf.merge(OmegaConf.structured(DataConfig),
                               OmegaConf.create(group.read_text()))  # fmt: skip
-    files = d.root is not None and d.name != "synthetic"
-    keys = [f"data={d.name}"] + ([f"data.root={d.root}"] if files else [])
+    reads_files = d.root is not None and d.name != "synthetic"
+    keys = [f"data={d.name}"] + ([f"data.root={d.root}"] if reads_files else [])
     for key in DATA_KEYS:
         if key == "num_classes" and d.name != "synthetic":  # (counted, or the data set's own)
             continue

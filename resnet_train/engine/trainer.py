@@ -1149,11 +1149,11 @@ def _describe(run: _Run) -> None:
 
 @dataclass
 class _Epochs:
-    """What the epoch loop leaves for the metrics: the last epoch's training figures, each
-    epoch's images/s, how many epochs this process ran, and why it stopped early (if it did)."""
+    """What the epoch loop leaves for the metrics: each epoch's images/s, how many epochs this
+    process ran, and why it stopped early (if it did). (The last epoch's training figures are
+    the run's: _Run.last_train.)"""
 
     run: int = 0
-    train_stats: EpochStats | None = None
     throughputs: list[float] = field(default_factory=list)
     stop_reason: str | None = None
 
@@ -1170,7 +1170,7 @@ def _train_epochs(run: _Run) -> _Epochs:
     stop_reason = monitor.reason() if run.point is not None and monitor.should_stop else None
     if stop_reason:  # decided before this process (a lower patience, or its line was not logged)
         log.info("%s", stop_reason)
-    epochs_run, train_stats = 0, None
+    epochs_run = 0
     walls: list[float] = []  # each epoch's wall time, evaluations included (for the ETA)
     for epoch in range(run.epoch, epochs):
         if stop_reason:
@@ -1234,8 +1234,7 @@ def _train_epochs(run: _Run) -> _Epochs:
         improved, selected_weights, shown = _validate_epoch(run, tag, step, record)
         line += shown
         if tc.test_every_epoch:  # reported only: never chooses or stops anything
-            shown = _test_epoch(run, tag, step, record)
-            line += shown
+            line += _test_epoch(run, tag, step, record)
         run.history.append(record)
         run.last_train = asdict(train_stats)
         wall = time.perf_counter() - epoch_wall_start
@@ -1258,7 +1257,7 @@ def _train_epochs(run: _Run) -> _Epochs:
         if signum is not None:
             raise Preempted(signum, t.global_step, str(run_dir / "last.pt"))
 
-    out.run, out.train_stats, out.stop_reason = epochs_run, train_stats, stop_reason
+    out.run, out.stop_reason = epochs_run, stop_reason
     return out
 
 
@@ -1378,7 +1377,7 @@ def _write_metrics(
     cfg, t, loaders, run_dir = run.cfg, run.t, run.loaders, run.run_dir
     d, epochs = t.dist, cfg.trainer.epochs
     selected, final, test_stats = tested
-    train_stats, throughputs = done.train_stats, done.throughputs
+    throughputs = done.throughputs
     epochs_run, stop_reason = done.run, done.stop_reason
     metrics = {
         "model": cfg.model.name,
@@ -1391,8 +1390,9 @@ def _write_metrics(
         "selected_checkpoint": selected,
         "selected_epoch": final["epoch"],
         "selected_weights": final.get("weights", "raw"),
-        # the last epoch's (trained by an earlier process where this one only tested)
-        "train": asdict(train_stats) if train_stats else run.last_train or _last_train(run.history),
+        # the last epoch's (trained by an earlier process where this one only tested; older
+        # checkpoints have only its history record)
+        "train": run.last_train or _last_train(run.history),
         "valid": final.get("best_valid") if loaders.valid is not None else None,
         "test": test_stats.summary(run.classes),
         "classes": run.classes,

@@ -29,13 +29,8 @@ def build_resumed_model(cfg: DictConfig, channels: dict | None, source: object) 
     """The model of a resumed run, without reading model.weights: the checkpoint (`source`)
     holds every weight, and a pruned model's widths (`channels`); the file it was fine-tuned
     from may have changed or gone since."""
-    from resnet_train.errors import CheckpointError
-
     model = create_model(cfg.model.name, **model_options(cfg))
-    try:
-        apply_channels(model, channels)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    _apply_widths(model, channels, source)
     return model
 
 
@@ -122,10 +117,15 @@ def check_weights(cfg: DictConfig) -> None:
 
 def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:
     """Give model the widths of the pruned model in `weights` (a WeightsFile), if it is one."""
+    _apply_widths(model, (weights.checkpoint or {}).get("channels"), f"{key}={weights.path}")
+
+
+def _apply_widths(model: nn.Module, channels: dict | None, source: object) -> None:
+    """A pruned model's widths (its channel record, None for none) given to model; a record
+    that does not fit it is a CheckpointError naming `source`."""
     from resnet_train.errors import CheckpointError
 
-    record = (weights.checkpoint or {}).get("channels")
     try:
-        apply_channels(model, record)
+        apply_channels(model, channels)
     except ValueError as e:
-        raise CheckpointError(f"{key}={weights.path}: {e}") from None
+        raise CheckpointError(f"{source}: {e}") from None
