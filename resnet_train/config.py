@@ -534,14 +534,41 @@ def _swept_keys(_root_: DictConfig) -> set[str]:
 
 
 def swept_in(overrides: list[str], params: dict[str, Any] | None = None) -> set[str]:
-    """The keys a sweep's command line varies (key=a,b; key=range(...)) and its sweeper's search
-    space (Optuna's params)."""
-    return {_override_key(o) for o in overrides if "," in o or "(" in o} | set(params or {})
+    """The keys a sweep's command line varies (key=a,b; key=range(...); key=choice(...)) and
+    its sweeper's search space (Optuna's params); read with Hydra's own parser, so that a quoted
+    comma (name='a,b') or a list value (schedule.milestones=[30,60]) is not a sweep."""
+    return {key for key, _, is_sweep in _read_overrides(overrides) if is_sweep} | set(params or {})
+
+
+def _read_overrides(overrides: list[str]) -> list[tuple[str, str, bool]]:
+    """(key, canonical form, whether it sweeps) for each override. The canonical form of a
+    sweep over a list of values is that list in sorted order (seed=6,5, seed=5,6 and
+    seed=range(5,7) run the same jobs); any other override is kept as written."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Override
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # (a grammar error: the command itself is refused elsewhere)
+        return [(_override_key(o), o, "," in o or "(" in o) for o in overrides]
+    read = []
+    for o in parsed:
+        line = o.input_line or ""
+        key = _override_key(line)
+        if o.is_sweep_override() and o.is_discrete_sweep():
+            try:
+                values = [Override._get_value_element_as_str(v) for v in o.sweep_iterator()]
+            except Exception:  # glob() needs the config loader
+                values = None
+            if values is not None:
+                line = line.split("=", 1)[0] + "=" + ",".join(sorted(values))
+        read.append((key, line, o.is_sweep_override()))
+    return read
 
 
 def _sweep_name(_root_: DictConfig) -> str:
     overrides, params = _sweep_overrides(_root_)
-    kept = sorted(o for o in overrides if _override_key(o) not in MAY_CHANGE)
+    kept = sorted(line for key, line, _ in _read_overrides(overrides) if key not in MAY_CHANGE)
     swept = swept_in(overrides, params)
     # teachers by their contents, as a run's name has them
     teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY

@@ -3,9 +3,11 @@
 Each job folder holds `.hydra/overrides.yaml` (what the job was given) and, once it has
 finished, `metrics.json`. The swept keys are the overrides whose values differ between jobs;
 jobs that differ only by `seed` form one row with the mean and standard deviation of their
-figures. Rows are sorted by validation accuracy (the test accuracy is shown, never used to
-rank). The table is printed and written as CSV (report.csv, and jobs.csv with one row per job),
-with a PNG plot of the validation accuracy against each swept key's values (report.png).
+figures. The jobs of the sweep's grid (its `multirun.yaml`) that have no folder, as an
+interrupted sweep leaves them, are listed as never started. Rows are sorted by validation
+accuracy (the test accuracy is shown, never used to rank). The table is printed and written
+as CSV (report.csv, and jobs.csv with one row per job), with a PNG plot of the validation
+accuracy against each swept key's values (report.png).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Job:
     overrides: dict[str, str]
     metrics: dict[str, Any] | None  # None: not finished
     failure: str | None = None  # why it failed, where its log says it did and it has no metrics
+    started: bool = True  # False: a job of the sweep's grid that has no folder
 
     def figure(self, split: str, name: str) -> float | None:
         part = (self.metrics or {}).get(split)
@@ -139,16 +142,84 @@ def fill_from_configs(jobs: list[Job], keys: list[str]) -> None:
                                       if isinstance(value, bool) else str(value))  # fmt: skip
 
 
-def command_swept_keys(sweep: Path) -> set[str]:
-    """The keys the sweep's command line swept (key=a,b, key=range(...)), from the
-    multirun.yaml Hydra writes into the sweep's folder; empty where there is none."""
+def _command(sweep: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """The sweep's command-line overrides and its sweeper's params, from the multirun.yaml
+    Hydra writes into the sweep's folder (of its latest launch); none where there is none."""
     path = sweep / "multirun.yaml"
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
-        overrides = saved["hydra"]["overrides"]["task"] if saved else []
-    except (yaml.YAMLError, KeyError, TypeError):
-        return set()
-    return swept_in([str(o) for o in overrides or []])
+        hydra = saved["hydra"] if saved else {}
+        overrides = hydra["overrides"]["task"] if hydra else []
+        params = (hydra.get("sweeper") or {}).get("params") if hydra else None
+    except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+        return [], None
+    return [str(o) for o in overrides or []], params if isinstance(params, dict) else None
+
+
+def command_swept_keys(sweep: Path) -> set[str]:
+    """The keys the sweep's command line swept (key=a,b, key=range(...))."""
+    return swept_in(_command(sweep)[0])
+
+
+# A grid of more jobs than this is not spelt out to find the ones that never started.
+MAX_GRID = 10_000
+
+
+def unstarted_jobs(sweep: Path, jobs: list[Job]) -> list[Job]:
+    """The jobs of the sweep's grid (its latest launch's key=a,b overrides and sweeper params)
+    that have no folder: an interrupted sweep's jobs that never started. None for an Optuna
+    search (no grid), a glob() or where the grid cannot be read."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Override
+
+    overrides, params = _command(sweep)
+    lines = overrides + [f"{k}={v}" for k, v in (params or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # (not a grid Hydra reads)
+        return []
+    axes = []
+    for o in parsed:
+        if o.is_hydra_override() or not o.is_sweep_override():
+            continue
+        if not o.is_discrete_sweep():  # interval(): a search space
+            return []
+        try:
+            values = [Override._get_value_element_as_str(v) for v in o.sweep_iterator()]
+        except Exception:  # glob() needs the config loader
+            return []
+        axes.append([(_override_key(o.input_line or ""), v) for v in values])
+    if not axes or _grid_size(axes) > MAX_GRID:
+        return []
+    missing = []
+    for combination in itertools.product(*axes):
+        if not any(all(_same_value(j.overrides.get(k), v) for k, v in combination) for j in jobs):
+            missing.append(Job(sweep, dict(combination), None, started=False))
+    return missing
+
+
+def _grid_size(axes: list[list]) -> int:
+    size = 1
+    for axis in axes:
+        size *= len(axis)
+    return size
+
+
+def _override_key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
+
+
+def _same_value(given: str | None, value: str) -> bool:
+    if given is None:
+        return False
+    if given == value:
+        return True
+    try:
+        return float(given) == float(value)
+    except ValueError:
+        return False
 
 
 def _sort_key(value: str | None) -> tuple:
@@ -189,6 +260,8 @@ def table_rows(groups: list[Group], keys: list[str]) -> tuple[list[str], list[li
             ",".join(seeds),
             f"{len(g.finished())}/{len(g.jobs)}"
             + (f" ({failed} failed)" if (failed := sum(j.failure is not None for j in g.jobs))
+               else "")
+            + (f" ({unstarted} not started)" if (unstarted := sum(not j.started for j in g.jobs))
                else ""),
             _pm(*g.stat("valid", "acc")),
             _pm(*g.stat("valid", "loss")),
@@ -232,9 +305,11 @@ def write_csvs(out: Path, groups: list[Group], jobs: list[Job], keys: list[str])
                     "failure"])  # fmt: skip
         for job in jobs:
             w.writerow([
-                job.path.name, *(job.overrides.get(k, "") for k in keys), job.metrics is not None,
+                job.path.name if job.started else "", *(job.overrides.get(k, "") for k in keys),
+                job.metrics is not None,
                 *("" if (v := job.figure(s, n)) is None else v for s, n in figures),
-                (job.metrics or {}).get("images_per_s", ""), job.failure or "",
+                (job.metrics or {}).get("images_per_s", ""),
+                job.failure or ("" if job.started else "never started"),
             ])  # fmt: skip
 
 
@@ -363,10 +438,14 @@ def report(sweep: Path, out: Path | None = None) -> str:
     jobs = read_sweep(sweep)
     keys = swept_keys(jobs, command_swept_keys(sweep))
     fill_from_configs(jobs, keys)
+    trials = read_trials(sweep)
+    if trials is None:
+        unstarted = unstarted_jobs(sweep, jobs)
+        keys += [k for job in unstarted for k in job.overrides if k not in keys]
+        jobs += unstarted
     groups = group_jobs(jobs, keys)
     out = out or sweep
     out.mkdir(parents=True, exist_ok=True)
-    trials = read_trials(sweep)
     if trials is not None:
         header, rows = trial_rows(trials, jobs)
         with open(out / "trials.csv", "w", newline="") as f:
@@ -381,9 +460,12 @@ def report(sweep: Path, out: Path | None = None) -> str:
     else:
         header, rows = table_rows(groups, keys)
         finished = sum(j.metrics is not None for j in jobs)
+        unstarted = sum(not j.started for j in jobs)
         swept = ", ".join(keys) if keys else "nothing (every job has the same overrides)"
         heading = [
-            f"{sweep}: {len(jobs)} jobs ({finished} finished), swept: {swept}",
+            f"{sweep}: {len(jobs)} jobs ({finished} finished"
+            + (f", {unstarted} never started" if unstarted else "")
+            + f"), swept: {swept}",
             "sorted by validation accuracy; mean ± sample std over seeds",
         ]
         written = []

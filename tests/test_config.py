@@ -538,6 +538,10 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_
     assert name("seed=0", "optim.lr=0.1,0.05") == first  # the same sweep, other order
     assert name("optim.lr=0.1,0.05", "seed=0", "resume=auto", "data.root=/x") == first
     assert name("optim.lr=0.1,0.2", "seed=0") != first  # another sweep
+    # the same jobs in another order, or spelt as a range: the same sweep
+    assert name("optim.lr=0.05,0.1", "seed=0") == first
+    assert name("seed=6,5") == name("seed=5,6") == name("seed=range(5,7)")
+    assert name("seed=5,6,7") != name("seed=5,6")
     assert name(params={"optim.lr": "interval(0.01, 0.1)"}) != name(
         params={"optim.lr": "interval(0.01, 0.5)"}
     )
@@ -628,6 +632,18 @@ def test_a_sweeps_check_refuses_only_what_every_job_would_and_reads_ones_own_con
     own.write_text("# @package _global_\ndefaults:\n  - override /data: synthetic\n"
                    "trainer:\n  epochs: 1\n")  # fmt: skip
     cli.check_sweep_overrides([f"hydra.searchpath=[file://{tmp_path}]", "experiment=mine,smoke"])
+
+
+def test_the_swept_keys_are_read_as_hydra_reads_a_sweep():
+    """A quoted comma or a list value is one value, not a sweep (the report showed
+    schedule.milestones=[30,60] as a swept key)."""
+    from resnet_train.config import swept_in
+
+    overrides = ["seed=0,1", "optim.lr=range(0.1,0.3,0.1)", "model=choice(resnet20,resnet32)",
+                 "name='a,b'", "schedule.milestones=[30,60]", "+data.mean=[0.5,0.5,0.5]",
+                 "trainer.epochs=2"]  # fmt: skip
+    assert swept_in(overrides) == {"seed", "optim.lr", "model"}
+    assert swept_in(["trainer.epochs=2"], {"optim.lr": "interval(0.01, 0.1)"}) == {"optim.lr"}
 
 
 def test_a_sweep_names_its_jobs_by_the_resume_changeable_keys_it_sweeps_itself():

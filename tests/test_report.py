@@ -88,6 +88,32 @@ def test_a_key_added_to_a_finished_sweep_shows_the_old_jobs_own_value(tmp_path):
     assert [(row[0], row[1]) for row in table] == [("0.05", "0,1"), ("0.2", "0,1")]
 
 
+def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
+    """Of model=resnet20,resnet32 x seed=0,1,2 three jobs ran (one unfinished) before the sweep
+    was stopped: the other three are in the table as not started, not left out."""
+    sweep = tmp_path / "sweep"
+    make_job(sweep, "a", ["model=resnet20", "seed=0", "trainer.epochs=1"], 50.0, 49.0)
+    make_job(sweep, "b", ["model=resnet20", "seed=1", "trainer.epochs=1"], 52.0, 51.0)
+    make_job(sweep, "c", ["model=resnet20", "seed=2", "trainer.epochs=1"], None, 0)
+    record = {"hydra": {"overrides": {"task": ["model=resnet32,resnet20", "seed=range(0,3)",
+                                               "trainer.epochs=1"]},
+                        "sweeper": {"params": None}}}  # fmt: skip
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
+    text = report(sweep)
+    assert "6 jobs (2 finished, 3 never started), swept: seed, model" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("resnet")}
+    assert "2/3" in rows["resnet20"] and "0/3 (3 not started)" in rows["resnet32"]
+    with open(sweep / "jobs.csv") as f:
+        jobs = list(csv.DictReader(f))
+    never = [(j["model"], j["seed"]) for j in jobs if j["failure"] == "never started"]
+    assert sorted(never) == [("resnet32", "0"), ("resnet32", "1"), ("resnet32", "2")]
+    # an Optuna search's space is no grid: nothing is made up
+    record["hydra"]["sweeper"]["params"] = {"optim.lr": "interval(0.01, 0.1)"}
+    record["hydra"]["overrides"]["task"] = ["trainer.epochs=1"]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
+    assert "3 jobs (2 finished), swept: seed" in report(sweep)
+
+
 def test_report_command_says_what_is_wrong_in_one_line(tmp_path):
     for target, message in ((tmp_path / "nope", "is not a folder"),
                             (tmp_path, "holds no job folders")):  # fmt: skip
