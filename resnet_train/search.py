@@ -62,7 +62,8 @@ def continue_study(impl: Any) -> int:
         study.enqueue_trial(trial.params)
     if trials and hasattr(impl.sampler, "reseed_rng"):
         impl.sampler.reseed_rng()
-    impl.n_trials = max(0, impl.n_trials - finished)
+    wanted = impl.n_trials
+    impl.n_trials = max(0, wanted - finished)
     log.info(
         "continuing study %s (%s): %d trials finished, %d killed ones run again first, %d to run",
         study.study_name,
@@ -71,6 +72,17 @@ def continue_study(impl: Any) -> int:
         len(killed),
         impl.n_trials,
     )
+    if impl.n_trials == 0:
+        failed = sum(t.state == TrialState.FAIL and not t.user_attrs.get(KILLED) for t in trials)
+        log.warning(
+            "nothing to run: study %s has its %d trials%s; hydra.sweeper.n_trials=%d runs %d more "
+            "in it, or a new name= starts a new search",
+            study.study_name,
+            finished,
+            f" ({failed} of them failed: a relaunch does not run them again)" if failed else "",
+            finished + wanted,
+            wanted,
+        )
     return impl.n_trials
 
 

@@ -297,6 +297,9 @@ def test_an_optuna_search_records_a_diverging_trial_as_failed_and_goes_on(tmp_pa
     again = run_cli(*search, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "2 trials finished, 0 killed ones run again first, 0 to run" in again.stdout
+    assert ("nothing to run: study resnet-train has its 2 trials (2 of them failed: a relaunch "
+            "does not run them again); hydra.sweeper.n_trials=4 runs 2 more in it, or a new "
+            "name= starts a new search") in again.stdout + again.stderr  # fmt: skip
     assert len(optuna.load_study(study_name="resnet-train", storage=storage).get_trials()) == 2
 
 
