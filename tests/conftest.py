@@ -244,6 +244,9 @@ def make_cifar(root: Path, name: str = "cifar10", per_file: int = 40, seed: int 
     }
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag
+
+
 def make_image_folders(
     root: Path,
     classes: int = 3,
@@ -251,11 +254,14 @@ def make_image_folders(
     size: int = 40,
     jpeg_every: int = 0,
     jpeg_subsampling: int = 2,
+    exif_orientations: bool = False,
 ) -> Path:
     """train/ and val/ folders of PNGs (every jpeg_every-th image a JPEG, its chroma subsampled
-    as PIL's `subsampling` says: 2 is 4:2:0, 0 is 4:4:4), one folder per class (the ImageNet
-    layout)."""
+    as PIL's `subsampling` says: 2 is 4:2:0, 0 is 4:4:4; with exif_orientations, the JPEGs'
+    EXIF orientation tags go round 1 to 8), one folder per class (the ImageNet layout)."""
     from PIL import Image
+
+    jpegs = 0
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
@@ -266,7 +272,12 @@ def make_image_folders(
                 pixels = rng.integers(0, 256, size=(size, size + 8 * i, 3), dtype=np.uint8)
                 jpeg = jpeg_every and i % jpeg_every == 0
                 if jpeg:
-                    Image.fromarray(pixels).save(folder / f"{i}.jpg", subsampling=jpeg_subsampling)
+                    exif = Image.Exif()
+                    if exif_orientations:
+                        exif[EXIF_ORIENTATION] = jpegs % 8 + 1
+                    jpegs += 1
+                    Image.fromarray(pixels).save(folder / f"{i}.jpg", subsampling=jpeg_subsampling,
+                                                 exif=exif.tobytes())  # fmt: skip
                 else:
                     Image.fromarray(pixels).save(folder / f"{i}.png")
     return root

@@ -133,7 +133,7 @@ def test_gpu_decoder_batches_equal_the_cpu_decoders_within_rounding(tmp_path):
     pure-noise images cost a mean of 3.7 levels and up to 58 (H100, 2026-11-27); on photographs,
     whose chroma is smooth, that difference is small."""
     root = make_image_folders(tmp_path, classes=2, per_class=6, size=64, jpeg_every=2,
-                              jpeg_subsampling=0)  # fmt: skip
+                              jpeg_subsampling=0, exif_orientations=True)  # fmt: skip
     common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=48",
               "data.eval_resize=56", "data.batch_size=4", "data.valid_ratio=0",
               "data.num_workers=0"]  # fmt: skip

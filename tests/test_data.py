@@ -195,12 +195,12 @@ def test_torchvision_decoder_gives_the_pixels_pil_gives(tmp_path):
     root = make_image_folders(tmp_path, classes=2, per_class=3)
     from PIL import Image
 
-    from resnet_train.data.loaders import decode_image_file
+    from resnet_train.data.folders import read_image
 
     for path in sorted((root / "val").rglob("*.png")):
         with Image.open(path) as image:
             expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-        assert torch.equal(decode_image_file(str(path)), expected)
+        assert torch.equal(read_image(str(path)), expected)
     common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=32",
               "data.eval_resize=36", "data.num_workers=0", "data.batch_size=3",
               "data.valid_ratio=0"]  # fmt: skip
@@ -214,15 +214,61 @@ def test_torchvision_decoder_gives_the_pixels_pil_gives(tmp_path):
     torch.testing.assert_close(tests[0][0], tests[1][0], rtol=0, atol=one_level)
     bad = tmp_path / "not_an_image.png"
     bad.write_bytes(b"garbage")
-    with pytest.raises(Exception, match="cannot identify image file"):
-        decode_image_file(str(bad))  # torchvision fails, PIL says what is wrong
+    with pytest.raises(DataError, match="not_an_image.png is not a readable image .*cannot "
+                       "identify image file"):  # fmt: skip
+        read_image(str(bad))  # torchvision fails, PIL says what is wrong
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_decoder_turns_a_photo_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    """A phone stores a portrait photo sideways with an EXIF orientation tag that viewers follow;
+    the decoders fed it to the model sideways. Each (torchvision, PIL, and the device decoder's
+    own reading of the tag, run here on the CPU) now gives the upright image PIL's exif_transpose
+    gives: the same pixels as torchvision (the same libjpeg), within JPEG's rounding of PIL's."""
+    from PIL import Image, ImageOps
+
+    from resnet_train.data.device_decode import collate_files, decode_batch, read_file_bytes
+    from resnet_train.data.folders import read_image, read_pil_image
+    from tests.conftest import EXIF_ORIENTATION
+
+    # smooth, and unlike itself under any turn or flip: a wrong orientation is far off
+    y, x = np.mgrid[0:24, 0:40]
+    pixels = np.stack([x * 6, y * 10, (x + y) * 3], axis=-1).astype(np.uint8)
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    Image.fromarray(pixels).save(path, quality=95, subsampling=0, exif=exif.tobytes())
+    stored = Image.fromarray(pixels)
+    stored.info["exif"] = exif.tobytes()
+    upright = np.array(ImageOps.exif_transpose(stored))
+    expected = torch.from_numpy(upright).permute(2, 0, 1)
+
+    torchvision_image = read_image(str(path))
+    pil_image = torch.from_numpy(np.array(read_pil_image(str(path)))).permute(2, 0, 1)
+    data, lengths, _, _, orientations = collate_files([(read_file_bytes(str(path)), 0, -1)])
+    assert orientations.tolist() == [orientation]
+    (device_image,) = decode_batch([data], torch.device("cpu"), orientations.tolist())
+    assert torch.equal(device_image, torchvision_image)
+    for image in (torchvision_image, pil_image):
+        assert image.shape == expected.shape == ((3, 24, 40) if orientation < 5 else (3, 40, 24))
+        assert (image.int() - expected.int()).abs().float().mean() < 2
+
+
+def test_the_exif_reader_takes_odd_files_as_upright():
+    from resnet_train.data.device_decode import jpeg_orientation
+
+    odd = [b"", b"\xff\xd8", b"\x89PNG\r\n\x1a\n" + bytes(100), b"\xff\xd8\xff\xe1\x00\x08Exif",
+           b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00\x2a\xff\xff\xff\xff"]  # fmt: skip
+    for data in odd:  # empty, cut short, not a JPEG, a short EXIF segment, an IFD past the end
+        assert jpeg_orientation(torch.tensor(list(data), dtype=torch.uint8)) == 1
 
 
 def test_device_decoder_gives_the_batches_the_worker_decoder_gives(tmp_path):
     # data.decoder=gpu decodes in the main process on the training device; here the device is
     # the CPU, where nvJPEG's place is taken by the same libjpeg-turbo the workers use, so the
     # batches (seeded random-resized crops, flips, JPEGs and PNGs) must be equal exactly.
-    root = make_image_folders(tmp_path, classes=2, per_class=4, jpeg_every=2)
+    root = make_image_folders(tmp_path, classes=2, per_class=4, jpeg_every=2,
+                              exif_orientations=True)  # fmt: skip
     assert len(list(root.rglob("*.jpg"))) == len(list(root.rglob("*.png"))) == 8
     common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=24",
               "data.eval_resize=28", "data.batch_size=3", "data.valid_ratio=0.25"]  # fmt: skip

@@ -4,7 +4,8 @@ The DataLoader workers only read files; the main process decodes each batch at o
 training device (nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`) and runs the same
 per-image transforms there, each image seeded as on the worker path, so a run gives the batches
 the CPU decoders give (up to the decoders' rounding). Files that are not JPEG are decoded on the
-CPU and moved.
+CPU and moved. nvJPEG does not apply a JPEG's EXIF orientation, as the CPU decoders do: the
+workers read it from the file's header, and the decoded image is turned here.
 """
 
 from __future__ import annotations
@@ -42,16 +43,75 @@ def read_file_bytes(path: str) -> torch.Tensor:
 
 def collate_files(
     batch: list[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Files of different lengths, as one byte tensor and their lengths (one shared-memory block
-    to send from a worker, not one per file), labels and sample seeds."""
+    to send from a worker, not one per file), labels, sample seeds and the JPEGs' EXIF
+    orientations (1 for upright or not a JPEG)."""
     files, labels, seeds = zip(*batch, strict=True)
     lengths = torch.tensor([len(f) for f in files])
-    return torch.cat(files), lengths, torch.tensor(labels), torch.tensor(seeds)
+    orientations = torch.tensor([jpeg_orientation(f) for f in files])
+    return torch.cat(files), lengths, torch.tensor(labels), torch.tensor(seeds), orientations
 
 
-def decode_batch(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """uint8 CHW RGB images on `device`: JPEGs decoded together there, the rest on the CPU."""
+# The bytes of a JPEG's start read for its EXIF orientation: the APP1 segment that holds it is
+# at most 64 KiB and comes before the image data, after at most an APP0 (JFIF) segment.
+EXIF_SCAN_BYTES = 2 * 65536
+EXIF_ORIENTATION_TAG = 0x0112
+
+
+def jpeg_orientation(data: torch.Tensor) -> int:
+    """The EXIF orientation (1 to 8) of a JPEG file's bytes: 1 where it has none or the file is
+    not a JPEG. Reads the markers before the image data, not the image."""
+    head = data[:EXIF_SCAN_BYTES].numpy().tobytes()
+    if head[:2] != b"\xff\xd8":
+        return 1
+    i = 2
+    while i + 4 <= len(head) and head[i] == 0xFF:
+        marker = head[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if marker in (0xD9, 0xDA):  # the end, or the image data: no EXIF before them
+            return 1
+        length = int.from_bytes(head[i + 2 : i + 4], "big")
+        if marker == 0xE1 and head[i + 4 : i + 10] == b"Exif\x00\x00":
+            return _tiff_orientation(head[i + 10 : i + 2 + length])
+        i += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+    for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry : entry + 2], order) == EXIF_ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)  # (a SHORT)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A CHW image as it is seen upright under its EXIF `orientation` (what PIL's
+    ImageOps.exif_transpose and torchvision's apply_exif_orientation do)."""
+    if orientation in (5, 6, 7, 8):  # stored a quarter turn off: rows and columns swap
+        image = image.transpose(-2, -1)
+        # 5: transposed; 6: turned a quarter clockwise; 7: transverse; 8: counter-clockwise
+        flips = {5: (), 6: (-1,), 7: (-2, -1), 8: (-2,)}[orientation]
+    else:  # 2: mirrored; 3: half a turn; 4: flipped upside down
+        flips = {1: (), 2: (-1,), 3: (-2, -1), 4: (-2,)}.get(orientation, ())
+    return image.flip(flips) if flips else image
+
+
+def decode_batch(
+    files: list[torch.Tensor], device: torch.device, orientations: list[int]
+) -> list[torch.Tensor]:
+    """uint8 CHW RGB images on `device`, upright: JPEGs decoded together there (and turned by
+    their `orientations`, from jpeg_orientation), the rest on the CPU."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     jpeg = [i for i, f in enumerate(files) if bytes(f[:3].tolist()) == JPEG_MAGIC]
@@ -59,10 +119,12 @@ def decode_batch(files: list[torch.Tensor], device: torch.device) -> list[torch.
     if jpeg:
         decoded = decode_jpeg([files[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
         for i, image in zip(jpeg, decoded, strict=True):
-            images[i] = image
+            images[i] = orient(image, orientations[i])
     for i, image in enumerate(images):
         if image is None:
-            images[i] = decode_image(files[i], mode=ImageReadMode.RGB).to(device)
+            images[i] = decode_image(
+                files[i], mode=ImageReadMode.RGB, apply_exif_orientation=True
+            ).to(device)
     return images
 
 
@@ -91,8 +153,9 @@ class DeviceDecodeLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for data, lengths, labels, seeds in self.loader:
-            images = decode_batch(list(data.split(lengths.tolist())), self.device)
+        for data, lengths, labels, seeds, orientations in self.loader:
+            files = list(data.split(lengths.tolist()))
+            images = decode_batch(files, self.device, orientations.tolist())
             out = []
             for image, seed in zip(images, seeds.tolist(), strict=True):
                 if seed < 0:  # evaluation: no randomness

@@ -24,6 +24,7 @@ from resnet_train.data.device_decode import (
     read_file_bytes,
     seeded,
 )
+from resnet_train.data.folders import read_image, read_pil_image
 from resnet_train.data.sampler import EpochSampler, ShardSampler
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
@@ -276,22 +277,6 @@ def _check_image_folders(root: Path) -> None:
             )
 
 
-def decode_image_file(path: str) -> torch.Tensor:
-    """An image file as a uint8 CHW RGB tensor, decoded by torchvision.io (libjpeg-turbo, libpng):
-    about 1.8 times the images/s of PIL + conversion for 500x375 JPEGs with the ImageNet training
-    transforms on this project's CPU. Files it cannot decode go through PIL."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-
-        with open(path, "rb") as f:
-            return pil_to_tensor(Image.open(f).convert("RGB"))
-
-
 def worker_count(cfg: DataConfig) -> int:
     """data.num_workers, or with null the CPUs this process may use, at most 16."""
     if cfg.num_workers is not None:
@@ -314,8 +299,8 @@ def _read_image_folders(
     for split in ("train", "val"):
         folder = root / split
         try:
-            loader = {"torchvision": decode_image_file, "gpu": read_file_bytes}.get(decoder)
-            sets.append(ImageFolder(str(folder), **({"loader": loader} if loader else {})))
+            loader = {"torchvision": read_image, "pil": read_pil_image, "gpu": read_file_bytes}
+            sets.append(ImageFolder(str(folder), loader=loader[decoder]))
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{folder} holds no readable class folders of images ({e})") from None
     train, val = sets
