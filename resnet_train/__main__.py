@@ -1,3 +1,3 @@
-from resnet_train.cli import run
+from resnet_train.start import run
 
 run()

@@ -557,6 +557,27 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert not any(run.glob("*.pt")) and not any(run.glob(".*tmp*"))  # none saved, none half
 
 
+CTRL_C_IN_AN_IMPORT = """
+import sys
+class CtrlC:  # a Ctrl-C that lands while Hydra is being imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "hydra":
+            raise KeyboardInterrupt
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["resnet-train", "experiment=smoke"]
+from resnet_train.start import run
+run()
+"""
+
+
+def test_a_ctrl_c_while_the_command_imports_its_libraries_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-c", CTRL_C_IN_AN_IMPORT], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 130
+    assert result.stderr == "resnet-train: interrupted while starting; nothing was written\n"
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_resumed_epoch_reports_the_rate_it_started_with(tmp_path, monkeypatch, caplog):
     import logging
 
