@@ -131,14 +131,20 @@ def describe_composition_error(error: Exception) -> str:
         key, _, value = override.partition("=")
         why = ("unquoted values of ASCII characters only" if not override.isascii() else
                "no unquoted value with these characters")  # fmt: skip
-        return (f"{override} is invalid: Hydra reads {why}; quote the value (in a shell: "
-                f"\"{key}='{value}'\")")  # fmt: skip
+        return f"{override} is invalid: Hydra reads {why}; quote the value (in a shell: " + (
+            shell_quoted(f"{key}='" + value.replace("'", "\\'") + "'") + ")"
+        )
     if lines and lines[0].startswith("Error parsing override"):
         return (f"{lines[0]}: quote a value with special characters (in a shell: "
                 "\"key='...'\")")  # fmt: skip
     if lines and lines[0].startswith("Config group override must be a string"):
         return f"{lines[0]}: a config group takes one of its options' names (group=OPTION)"
     return lines[0] if lines else type(error).__name__
+
+
+def shell_quoted(text: str) -> str:
+    """`text` in a shell's double quotes, as one argument that the shell passes on unchanged."""
+    return '"' + "".join("\\" + c if c in '\\"$`' else c for c in text) + '"'
 
 
 def check_bool_overrides(overrides: list[str]) -> None:

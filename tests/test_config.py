@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -202,6 +204,22 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
         assert result.stderr.strip() in (REPO / "README.md").read_text()
     # Nothing was written: no run directory, so no checkpoint.
     assert list(Path(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["x'y", 'x"y', "a$b'c", "p-é", "back\\slash`"])
+def test_the_quoting_a_lexer_error_advises_works_in_a_shell(tmp_path, value):
+    """Followed as printed, in a shell, the advice gives the value itself (for a value holding a
+    quote it advised a quoting that failed again)."""
+    import shlex
+
+    result = run_cli(*SMOKE, f"name={value}", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 2
+    advice = result.stderr.split("(in a shell: ", 1)[1].rstrip().removesuffix(")")
+    command = f"{shlex.quote(sys.executable)} -m resnet_train {' '.join(SMOKE)} {advice} --cfg job"
+    shown = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["name"] == value
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="trainer.device=auto is a GPU here")
