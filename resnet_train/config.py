@@ -108,9 +108,9 @@ class DataConfig:
     # DataLoader worker processes (data.loader=torch); null: one per CPU this process may use,
     # at most 16.
     num_workers: int | None = 2
-    # ImageFolder data: "torchvision" decodes with torchvision.io in the workers (faster than
-    # "pil"); "gpu": the workers only read files, the main process decodes each batch on the CUDA
-    # device (nvJPEG) and transforms it there.
+    # Image files: "torchvision" decodes with torchvision.io in the workers (faster than "pil");
+    # "gpu" (data=imagenet): the workers only read files, the main process decodes each batch
+    # on the CUDA device (nvJPEG) and transforms it there.
     decoder: str = "torchvision"
     # Share of the training set held out (stratified per class) for validation and model selection.
     valid_ratio: float = 0.1
@@ -594,6 +594,8 @@ def register_configs() -> None:
 
 
 DATASETS = ("cifar10", "cifar100", "imagenet", "imagefolder", "synthetic")
+# The most bytes a synthetic set's images (uint8) may take.
+SYNTHETIC_MAX_BYTES = 2**31
 # The data sets read from image files (of any size) rather than arrays.
 FILE_DATASETS = ("imagenet", "imagefolder")
 BALANCE = ("none", "sampler", "loss")
@@ -634,6 +636,22 @@ PRUNE_METHODS = ("auto", "blocks", "groups")
 # What a recipe puts in a path it cannot know (trainer.distill.teacher of a distillation
 # recipe, model.weights of a fine-tuning one): the command line must say which.
 REQUIRED = "REQUIRED"
+
+
+# data=imagefolder's split folders (resnet_train.data.folders reads them).
+TRAIN_FOLDER = "train"
+VALID_FOLDERS = ("val", "valid")
+
+
+def has_validation(d: DictConfig) -> bool:
+    """Whether the data has a validation split: data.valid_ratio > 0, or data=imagefolder's
+    own val/ (or valid/) folder beside train/, which is used whatever the ratio."""
+    if d.valid_ratio > 0:
+        return True
+    if d.name != "imagefolder" or d.root is None:
+        return False
+    root = Path(str(d.root)).expanduser()
+    return (root / TRAIN_FOLDER).is_dir() and any((root / f).is_dir() for f in VALID_FOLDERS)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -857,6 +875,12 @@ def _validate_data(cfg: DictConfig) -> None:
     _within("data.valid_ratio", d.valid_ratio, "[0, 1)")
     _optional("data.train_size", d.train_size, _at_least, 1)
     _optional("data.test_size", d.test_size, _at_least, 1)
+    if d.name == "synthetic":  # made in memory, uint8
+        most = SYNTHETIC_MAX_BYTES // (3 * d.image_size**2)
+        for key in ("train_size", "test_size"):
+            _check(d[key] is None or d[key] <= most, f"data.{key}", d[key],
+                   f"data=synthetic makes its images in memory: at most {most:,} of "
+                   f"{d.image_size}x{d.image_size} px (2 GiB)")  # fmt: skip
     _one_of("data.augment.crop", a.crop, CROPS)
     _within("data.augment.padding", a.padding, f"[0, {d.image_size}]")
     _optional("data.augment.autoaugment", a.autoaugment, _one_of, AUTOAUGMENT_POLICIES)
@@ -892,6 +916,14 @@ def _validate_data(cfg: DictConfig) -> None:
                     f"data.augment.{key}={a[key]} needs data.loader=torch: the tensor path "
                     "does crop with padding, flip and Cutout (MixUp and CutMix work on both)"
                 )
+        # (it was ignored there, while the DataLoader path resized: two test figures)
+        _check(
+            not d.eval_resize or d.eval_resize == d.image_size,
+            "data.eval_resize",
+            d.eval_resize,
+            "it needs data.loader=torch: the tensor path evaluates the images at their own size "
+            "(data.eval_resize=0)",
+        )
 
 
 def _validate_optim(o: DictConfig) -> None:
@@ -1000,7 +1032,7 @@ def _validate_trainer(cfg: DictConfig, models: list[str]) -> None:
     _optional("trainer.early_stopping.patience", es.patience, _at_least, 1)
     _at_least("trainer.early_stopping.min_delta", es.min_delta, 0)
     _check(
-        es.patience is None or cfg.data.valid_ratio > 0,
+        es.patience is None or has_validation(cfg.data),
         "trainer.early_stopping.patience",
         es.patience,
         "early stopping watches the validation set, and data.valid_ratio=0 has none; set "

@@ -59,15 +59,38 @@ def test_missing_cifar_without_download_names_the_path(tmp_path):
 
 def test_failed_download_says_where_it_looked_and_what_to_set(tmp_path, monkeypatch):
     def offline(name, root):
+        (root / "cifar-10-batches-py").mkdir(parents=True)  # as torchvision's download does
         raise OSError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(cifar_module, "_download", offline)
     with pytest.raises(DataError) as error:
+        load_cifar("cifar10", tmp_path / "new" / "data", train=True, download=True)
+    assert not (tmp_path / "new").exists()  # no empty folders left behind
+    with pytest.raises(DataError) as error:
         load_cifar("cifar10", tmp_path, train=True, download=True)
+    assert tmp_path.is_dir()  # (a folder that was there stays)
     message = str(error.value)
     assert f"not found in {tmp_path / 'cifar-10-batches-py'} and the download failed" in message
     assert "set data.root to the folder that contains cifar-10-batches-py/" in message
     assert "\n" not in message
+
+
+def test_imagenet_evaluates_at_its_image_size_over_0875_and_the_tensor_path_takes_no_resize():
+    """data=imagenet data.image_size=128 evaluated with a resize to 256 (the centre half of the
+    picture, at twice the training scale); the tensor path ignored data.eval_resize while the
+    DataLoader path applied it (two test figures for one config)."""
+    from resnet_train.data.settle import settle_data
+
+    for size, resize in ((224, 256), (128, 146), (160, 183)):
+        cfg = settle_data(compose_config("data=imagenet", f"data.image_size={size}"))
+        assert cfg.data.eval_resize == resize
+        steps = [type(t).__name__ for t in build_transform(cfg.data, train=False).transforms]
+        assert steps[:2] == ["Resize", "CenterCrop"]
+    with pytest.raises(ConfigError, match=r"data.eval_resize=64 is invalid: it needs "
+                       r"data.loader=torch"):  # fmt: skip
+        validate(compose_config("data=cifar10", "data.eval_resize=64"))
+    validate(compose_config("data=cifar10", "data.eval_resize=64", "data.loader=torch"))
+    validate(compose_config("data=cifar10", "data.eval_resize=32"))  # (no resize at 32 px)
 
 
 def test_corrupt_cifar_file_is_named(tmp_path):
@@ -110,6 +133,18 @@ def test_synthetic_data_is_made_from_the_seed():
     assert np.array_equal(a_images, b_images) and np.array_equal(a_labels, b_labels)
     assert not np.array_equal(a_images, c_images)
     assert a_images.shape == (64, 32, 32, 3) and np.bincount(a_labels).tolist() == [7] * 4 + [6] * 6
+    # made a chunk at a time, a set is what it was made at once (each chunk's noise follows)
+    images, labels = make_synthetic(2500, 3, 8, seed=5)
+    rng = np.random.default_rng(5)
+    templates = rng.uniform(0, 255, size=(3, 4, 4, 3)).repeat(2, axis=1).repeat(2, axis=2)
+    expected_labels = rng.permutation(np.arange(2500) % 3)
+    noise = rng.normal(0, 48, size=(2500, 8, 8, 3))
+    expected = np.clip(templates[expected_labels] + noise, 0, 255).astype(np.uint8)
+    assert np.array_equal(labels, expected_labels) and np.array_equal(images, expected)
+    # a set too large to make in memory is refused, naming the key (it was numpy's MemoryError)
+    with pytest.raises(ConfigError, match=r"data.train_size=100000000 is invalid: data=synthetic "
+                       r"makes its images in memory: at most 699,050 of 32x32 px"):  # fmt: skip
+        validate(compose_config("data=synthetic", "data.train_size=100000000"))
 
 
 @pytest.mark.parametrize("loader", ["torch", "tensor"])

@@ -89,6 +89,17 @@ def test_a_link_loop_or_a_second_link_to_an_image_reads_each_image_once(shapes):
     assert len({str(Path(f).resolve()) for f in every}) == len(every)  # each file once
 
 
+def test_early_stopping_takes_a_validation_folder_whatever_the_ratio(tmp_path):
+    """With its own val/ folder, data.valid_ratio is not used: data.valid_ratio=0 validates on
+    val/ (early stopping was refused for want of a validation split)."""
+    for split in ("train", "val"):
+        make_shape_folders(tmp_path / "own" / split, {"circle": 6, "square": 6}, formats=False)
+    args = ["data.valid_ratio=0", "trainer.early_stopping.patience=2"]
+    validate(folder_cfg(tmp_path / "own", *args))
+    with pytest.raises(ConfigError, match=r"trainer.early_stopping.patience=2 is invalid"):
+        validate(folder_cfg(tmp_path / "own" / "train", *args))  # (no val/ folder there)
+
+
 def test_split_folders_are_read_and_a_missing_split_is_carved_from_train(tmp_path):
     for split, n in (("train", 12), ("val", 3), ("test", 4)):
         make_shape_folders(tmp_path / "a" / split, {"circle": n, "bar": n}, formats=False)
@@ -162,6 +173,20 @@ def test_bad_folders_are_one_line_errors_naming_what_to_fix(tmp_path):
     Image.new("RGB", (8, 8)).save(loose / "a.png")
     with pytest.raises(DataError, match=r"holds no class folders \(1 images lie in it"):
         scan_folders(str(loose), 0.1, 0.1, 0, False)
+    # a class named as a split (CIFAR-100 has "train"): the error says so
+    for named, message in (
+        ("train", r"train holds no class folders \(4 images lie in it"),
+        ("test", r"has a val/ or test/ folder but no train/ folder"),
+    ):
+        make_shape_folders(tmp_path / f"vehicles-{named}", {"circle": 4, "square": 4},
+                           formats=False)  # fmt: skip
+        (tmp_path / f"vehicles-{named}" / "square").rename(tmp_path / f"vehicles-{named}" / named)
+        with pytest.raises(
+            DataError,
+            match=message + r".*train/, val/, valid/, test/ name the "
+            r"splits: a class of one of these names needs its folder renamed",
+        ):
+            scan_folders(str(tmp_path / f"vehicles-{named}"), 0.1, 0.1, 0, False)
     for key, value, allowed in (
         ("data.root", None, "give data.root=DIR"),
         ("data.balance", "oversample", "allowed: none, sampler, loss"),
@@ -200,6 +225,50 @@ def test_unreadable_images_stop_the_scan_naming_the_file_or_are_left_out(shapes)
     every = [f for s in ("train", "valid", "test") for f in getattr(found, s)[0]]
     assert str(bad) not in every and str(cut) not in every
     assert len(every) == sum(COUNTS.values())
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_an_image_cut_short_is_found_before_anything_is_written(tmp_path, suffix):
+    """A JPEG or PNG cut short (a download that stopped) has a good header: it was met only when
+    a batch held it; in a test/ folder, after the whole training, and removing it then made the
+    run's resume refused (its files changed). Its missing end marker has it decoded at the scan."""
+    root = tmp_path / "split"
+    for split, counts in (
+        ("train", {"circle": 12, "square": 12}),
+        ("test", {"circle": 4, "square": 4}),
+    ):
+        make_shape_folders(root / split, counts)
+    picture = Image.open(root / "test" / "circle" / "circle_000.png").convert("RGB")
+    picture.save(root / "test" / "circle" / f"whole{suffix}")
+    data = (root / "test" / "circle" / f"whole{suffix}").read_bytes()
+    cut = root / "test" / "circle" / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    # a whole file with bytes after its end (some cameras add them) is no cut file
+    (root / "test" / "square" / f"tail{suffix}").write_bytes(data + bytes(4000))
+    result = run_cli(*SMALL_IMAGES, f"data.root={root}", "trainer.epochs=1", "name=r",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"resnet-train: error: {cut} is not a readable image (")
+    assert result.stderr.rstrip().endswith("remove it, or set data.skip_bad=true to leave such "
+                                           "files out")  # fmt: skip
+    assert not (tmp_path / "outputs").exists()
+    found = scan_folders(str(root), 0.1, 0.1, 0, True)
+    assert [Path(p).name for p, _ in found.skipped] == [cut.name]
+    assert str(root / "test" / "square" / f"tail{suffix}") in found.test[0]
+
+
+def test_data_decoder_pil_reads_ones_own_folder_with_pil(shapes, monkeypatch):
+    """data.decoder=pil was ignored for data=imagefolder: torchvision.io read it all the same."""
+    from resnet_train.data import folders
+
+    batches = {}
+    for decoder in ("torchvision", "pil"):
+        cfg = settle_data(folder_cfg(shapes, f"data.decoder={decoder}", "data.mean=[0.5,0.5,0.5]",
+                                     "data.std=[0.25,0.25,0.25]"))  # fmt: skip
+        batches[decoder] = next(iter(build_loaders(cfg.data, 0, torch.device("cpu")).test))[0]
+        monkeypatch.setattr(folders, "read_image", None)  # (torchvision's reader, gone)
+    # the same pictures, up to the JPEG decoders' rounding
+    assert (batches["pil"] - batches["torchvision"]).abs().mean() * 0.25 * 255 < 1
 
 
 def test_grayscale_palette_and_rgba_images_are_read_as_rgb(tmp_path):

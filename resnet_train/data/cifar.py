@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +73,12 @@ def cifar_files(name: str, root: str | Path, train: bool, download: bool) -> lis
         raise DataError(f"{name} not found: {missing[0]} is missing; "
                         f"{_where_to_look(folder, names, root)}")  # fmt: skip
     if missing and download:
+        made = [p for p in (root, *root.parents) if not p.exists()]  # (made by the download)
         try:
             _download(name, root)
         except Exception as e:  # network errors come in many types; all mean the same here
+            if made:  # the folders it made, and what it left in them, are not kept
+                shutil.rmtree(made[-1], ignore_errors=True)
             raise DataError(
                 f"{name} not found in {root / folder} and the download failed "
                 f"({type(e).__name__}: {e}); {_where_to_look(folder, names, root)}"

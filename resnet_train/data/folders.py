@@ -7,10 +7,11 @@ folder is carved from `train/` by its ratio. Classes are the class folders' name
 order (the labels 0, 1, ...), and every split must hold every class.
 
 Files whose names do not end in an image extension are ignored (notes, .DS_Store). Every image's
-header is read once when the folders are scanned, so a file that is not an image is found before
-training: an error that names it, or, with `data.skip_bad=true`, left out and listed in the log.
-With skip_bad, each image is also decoded once, so that a file with a good header and a broken
-body is left out too. Grayscale, palette and RGBA images are converted to RGB when read.
+header is read once when the folders are scanned, and a JPEG or PNG without its end marker (cut
+short) is decoded, so a file that is not an image is found before training: an error that names
+it, or, with `data.skip_bad=true`, left out and listed in the log. With skip_bad, each image is
+also decoded once, so that a file with a good header and a broken body is left out too.
+Grayscale, palette and RGBA images are converted to RGB when read.
 
 The test split of one folder does not depend on the run's seed: every run on the same folder is
 tested on the same images. The validation split does, as CIFAR's does.
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from resnet_train.config import TRAIN_FOLDER, VALID_FOLDERS
 from resnet_train.errors import ConfigError, DataError
 
 log = logging.getLogger("resnet_train")
@@ -38,9 +40,12 @@ log = logging.getLogger("resnet_train")
 # The file names read as images (torchvision's ImageFolder's list); case does not matter.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # The names of the split folders of the second layout.
-TRAIN_FOLDER = "train"
-VALID_FOLDERS = ("val", "valid")
 TEST_FOLDER = "test"
+SPLIT_FOLDERS = (TRAIN_FOLDER, *VALID_FOLDERS, TEST_FOLDER)
+RESERVED = (
+    f" ({', '.join(f + '/' for f in SPLIT_FOLDERS)} name the splits: a class of one of these "
+    "names needs its folder renamed, e.g. train_/)"
+)
 # The seed of the test split carved from one folder: the same for every run.
 TEST_SPLIT_SEED = 0
 
@@ -49,52 +54,74 @@ def is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def read_image(path: str) -> torch.Tensor:
+# What an unreadable image's error advises: data=imagefolder checks its files before training
+# (data.skip_bad leaves the bad ones out); data=imagenet reads its files as it trains.
+SKIP_BAD = "remove it, or set data.skip_bad=true to leave such files out"
+REMOVE = "remove it (data=imagenet reads its files as it trains; data=imagefolder checks them)"
+
+
+def read_image(path: str, remedy: str = SKIP_BAD) -> torch.Tensor:
     """An image file as a uint8 RGB CHW tensor, turned upright as its EXIF orientation says (a
     phone's photo is stored sideways with a tag that every viewer follows), by torchvision.io
     (libjpeg-turbo, libpng: about 1.8 times the images/s of PIL for 500x375 JPEGs with the
     ImageNet training transforms on this project's CPU), else PIL; DataError naming the file
-    when neither can read it."""
+    and the `remedy` when neither can read it."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     try:
         return decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError:
         pass
-    try:
-        from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.transforms.functional import pil_to_tensor
 
-        return pil_to_tensor(read_pil_image(path))
+    return pil_to_tensor(read_pil_image(path, remedy))
+
+
+def read_pil_image(path: str, remedy: str = SKIP_BAD) -> Any:
+    """data.decoder=pil: an image file as an RGB PIL image, turned upright as its EXIF
+    orientation says (as read_image does); DataError naming the file when PIL cannot read it."""
+    from PIL import Image, ImageOps
+
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return ImageOps.exif_transpose(image).convert("RGB")
     except Exception as e:
         raise DataError(
-            f"{path} is not a readable image ({type(e).__name__}: {e}); remove it, or set "
-            "data.skip_bad=true to leave such files out"
+            f"{path} is not a readable image ({type(e).__name__}: {e}); {remedy}"
         ) from None
 
 
-def read_pil_image(path: str) -> Any:
-    """data.decoder=pil: an image file as an RGB PIL image, turned upright as its EXIF
-    orientation says (as read_image does)."""
-    from PIL import Image, ImageOps
-
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return ImageOps.exif_transpose(image).convert("RGB")
+# The end marker each format's last bytes hold (JPEG's EOI, PNG's IEND chunk), looked for in
+# the file's last TAIL_BYTES (some cameras write a few bytes after it).
+END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+TAIL_BYTES = 1024
 
 
 def check_image(path: Path, decode: bool) -> str | None:
     """Why `path` cannot be used as an image (None when it can): its header is read, and with
-    `decode` the whole image."""
+    `decode` the whole image. A JPEG or PNG whose end marker is missing (a download or a copy cut
+    short) is decoded whole too, to be sure: such a file was met only when a batch held it, by
+    then after the run's training, at its test."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 (the header is parsed on open)
-            if decode:
+            if decode or _cut_short(path, image.format):
                 image.convert("RGB")
     except Exception as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _cut_short(path: Path, image_format: str | None) -> bool:
+    marker = END_MARKERS.get(image_format or "")
+    if marker is None:
+        return False
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
+        return marker not in f.read()
 
 
 def readable_images(
@@ -118,17 +145,25 @@ def readable_images(
 
 
 class FolderImages(Dataset):
-    """Image files and their labels, served as (uint8 RGB CHW tensor, label)."""
+    """Image files and their labels, served as (uint8 RGB CHW tensor, label), decoded by
+    torchvision.io (data.decoder=torchvision) or PIL (pil)."""
 
-    def __init__(self, files: list[str], labels: np.ndarray, classes: list[str]) -> None:
+    def __init__(
+        self, files: list[str], labels: np.ndarray, classes: list[str], decoder: str = "torchvision"
+    ) -> None:
         self.files = files
         self.targets = labels
         self.classes = classes
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.decoder == "pil":
+            from torchvision.transforms.functional import pil_to_tensor
+
+            return pil_to_tensor(read_pil_image(self.files[i])), int(self.targets[i])
         return read_image(self.files[i]), int(self.targets[i])
 
 
@@ -145,9 +180,9 @@ class FolderSplits:
     skipped: list[tuple[str, str]]  # (file, why)
     sources: dict[str, str]  # split -> where its images come from (for the log)
 
-    def dataset(self, split: str) -> FolderImages:
+    def dataset(self, split: str, decoder: str = "torchvision") -> FolderImages:
         files, labels = getattr(self, split)
-        return FolderImages(files, labels, self.classes)
+        return FolderImages(files, labels, self.classes, decoder)
 
 
 def _class_folders(folder: Path) -> list[Path]:
@@ -189,6 +224,7 @@ def _scan_split(
             + (f" ({len(loose)} images lie in it directly)" if loose else "")
             + ": data=imagefolder reads DIR/<class>/<image>, or DIR/train/<class>/<image> with "
             "optional val/ and test/; set data.root to such a folder"
+            + (RESERVED if loose and folder.name in SPLIT_FOLDERS else "")
         )
     if classes is None and len(class_dirs) < 2:
         raise DataError(
@@ -270,6 +306,7 @@ def scan_files(root_name: str, skip_bad: bool) -> FolderFiles:
             raise DataError(
                 f"{root} has a val/ or test/ folder but no train/ folder: put the training "
                 "images' class folders in train/, or make every folder in it a class folder"
+                + RESERVED
             )
         layout = "one folder"
         classes, files, labels = _scan_split(root, skip_bad, skipped, None)

@@ -24,7 +24,7 @@ from resnet_train.data.device_decode import (
     read_file_bytes,
     seeded,
 )
-from resnet_train.data.folders import read_image, read_pil_image
+from resnet_train.data.folders import REMOVE, read_image, read_pil_image
 from resnet_train.data.sampler import EpochSampler, ShardSampler
 from resnet_train.data.split import stratified_split, stratified_subset
 from resnet_train.data.synthetic import make_synthetic
@@ -197,7 +197,7 @@ def _folder_splits(cfg: DataConfig, seed: int) -> Splits:
     from resnet_train.data.folders import scan
 
     found = scan(cfg, seed)
-    train, valid, test = (found.dataset(s) for s in ("train", "valid", "test"))
+    train, valid, test = (found.dataset(s, cfg.decoder) for s in ("train", "valid", "test"))
     where = f"the {{part}} split of {found.root}"
     fit, test_idx = _subsets(cfg, train.targets, test.targets, seed, where)
     if cfg.num_classes is not None and cfg.num_classes != len(found.classes):
@@ -299,8 +299,10 @@ def _read_image_folders(
     for split in ("train", "val"):
         folder = root / split
         try:
-            loader = {"torchvision": read_image, "pil": read_pil_image, "gpu": read_file_bytes}
-            sets.append(ImageFolder(str(folder), loader=loader[decoder]))
+            readers = {"torchvision": read_image, "pil": read_pil_image}
+            loader = (read_file_bytes if decoder == "gpu" else
+                      functools.partial(readers[decoder], remedy=REMOVE))  # fmt: skip
+            sets.append(ImageFolder(str(folder), loader=loader))
         except (FileNotFoundError, OSError) as e:
             raise DataError(f"{folder} holds no readable class folders of images ({e})") from None
     train, val = sets

@@ -18,6 +18,14 @@ def make_synthetic(
     scale = -(-image_size // 4)
     templates = coarse.repeat(scale, axis=1).repeat(scale, axis=2)[:, :image_size, :image_size]
     labels = rng.permutation(np.arange(num_images) % num_classes).astype(np.int64)
-    noise = rng.normal(0, 48, size=(num_images, image_size, image_size, 3))
-    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    images = np.empty((num_images, image_size, image_size, 3), dtype=np.uint8)
+    # made a chunk at a time (the same draws as at once): the float64 noise of a whole set took
+    # 24 times its size in memory
+    for start in range(0, num_images, CHUNK_IMAGES):
+        part = labels[start : start + CHUNK_IMAGES]
+        noise = rng.normal(0, 48, size=(len(part), image_size, image_size, 3))
+        images[start : start + len(part)] = np.clip(templates[part] + noise, 0, 255)
     return images, labels
+
+
+CHUNK_IMAGES = 1024

@@ -148,7 +148,7 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
     batch = int(cfg.data.batch_size)
     workers = min(worker_count(cfg.data), math.ceil(len(files) / batch))
     positions = np.arange(len(files))  # each image's label is its place in the list
-    images_set = FolderImages([str(f) for f in files], positions, names)
+    images_set = FolderImages([str(f) for f in files], positions, names, cfg.data.decoder)
     loader = DataLoader(TransformedSubset(images_set, positions, predict_transform(trained)),
                         batch_size=batch, num_workers=workers)  # fmt: skip
     memory = torch.channels_last if trained.channels_last else torch.contiguous_format
