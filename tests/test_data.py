@@ -280,7 +280,7 @@ def test_every_decoder_turns_a_photo_upright_as_its_exif_orientation_says(tmp_pa
 
     torchvision_image = read_image(str(path))
     pil_image = torch.from_numpy(np.array(read_pil_image(str(path)))).permute(2, 0, 1)
-    data, lengths, _, _, orientations = collate_files([(read_file_bytes(str(path)), 0, -1)])
+    data, lengths, _, _, orientations, _ = collate_files([(read_file_bytes(str(path)), 0, -1, 0)])
     assert orientations.tolist() == [orientation]
     (device_image,) = decode_batch([data], torch.device("cpu"), orientations.tolist())
     assert torch.equal(device_image, torchvision_image)
@@ -323,6 +323,22 @@ def test_device_decoder_gives_the_batches_the_worker_decoder_gives(tmp_path):
             for (images, labels), (ref_images, ref_labels) in zip(got, expected, strict=True):
                 assert images.shape[1:] == (3, 24, 24) and images.dtype == torch.float32
                 assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+
+
+def test_an_unreadable_file_is_one_line_naming_it_with_every_decoder(tmp_path):
+    """data=imagenet reads its files as it trains: a file cut short stopped the run with a
+    traceback (PIL's decoder, the device decoder) that did not name it."""
+    root = make_image_folders(tmp_path, classes=2, per_class=4, jpeg_every=2)
+    bad = root / "val" / "n00000001" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    common = ["data=imagenet", f"data.root={root}", "data.num_classes=2", "data.image_size=24",
+              "data.eval_resize=28", "data.batch_size=8", "data.valid_ratio=0.25",
+              "data.num_workers=0"]  # fmt: skip
+    for decoder in ("torchvision", "pil", "gpu"):  # (gpu: the device decoder, on the CPU here)
+        loaders = build_loaders(compose_config(*common, f"data.decoder={decoder}").data, 0, CPU)
+        with pytest.raises(DataError, match=rf"^{bad} is not a readable image \(.*\); remove it "
+                           r"\(data=imagenet reads its files as it trains"):  # fmt: skip
+            list(loaders.test)
 
 
 def test_device_decoder_needs_image_files_and_a_cuda_device():

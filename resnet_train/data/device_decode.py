@@ -42,15 +42,16 @@ def read_file_bytes(path: str) -> torch.Tensor:
 
 
 def collate_files(
-    batch: list[tuple[torch.Tensor, int, int]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch: list[tuple[torch.Tensor, int, int, int]],
+) -> tuple[torch.Tensor, ...]:
     """Files of different lengths, as one byte tensor and their lengths (one shared-memory block
-    to send from a worker, not one per file), labels, sample seeds and the JPEGs' EXIF
-    orientations (1 for upright or not a JPEG)."""
-    files, labels, seeds = zip(*batch, strict=True)
+    to send from a worker, not one per file), labels, sample seeds, the JPEGs' EXIF
+    orientations (1 for upright or not a JPEG) and the files' places in the data set."""
+    files, labels, seeds, places = zip(*batch, strict=True)
     lengths = torch.tensor([len(f) for f in files])
     orientations = torch.tensor([jpeg_orientation(f) for f in files])
-    return torch.cat(files), lengths, torch.tensor(labels), torch.tensor(seeds), orientations
+    return (torch.cat(files), lengths, torch.tensor(labels), torch.tensor(seeds), orientations,
+            torch.tensor(places))  # fmt: skip
 
 
 # The bytes of a JPEG's start read for its EXIF orientation: the APP1 segment that holds it is
@@ -153,9 +154,12 @@ class DeviceDecodeLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for data, lengths, labels, seeds, orientations in self.loader:
+        for data, lengths, labels, seeds, orientations, places in self.loader:
             files = list(data.split(lengths.tolist()))
-            images = decode_batch(files, self.device, orientations.tolist())
+            try:
+                images = decode_batch(files, self.device, orientations.tolist())
+            except RuntimeError as e:
+                raise self._unreadable(files, places.tolist(), e) from None
             out = []
             for image, seed in zip(images, seeds.tolist(), strict=True):
                 if seed < 0:  # evaluation: no randomness
@@ -164,3 +168,18 @@ class DeviceDecodeLoader:
                     with seeded(seed):
                         out.append(self.transform(image))
             yield torch.stack(out), labels.to(self.device, non_blocking=True)
+
+    def _unreadable(self, files: list[torch.Tensor], places: list[int], error: Exception) -> Any:
+        """The DataError of a batch that did not decode, naming the first file of it that the
+        CPU decoders cannot read either."""
+        from resnet_train.data.folders import REMOVE, read_image
+        from resnet_train.errors import DataError
+
+        paths = [self.dataset.path(place) for place in places]
+        for path in paths:
+            try:
+                read_image(path, remedy=REMOVE)
+            except DataError as e:
+                return e
+        return DataError(f"a batch of {', '.join(paths)} did not decode on {self.device} "
+                         f"({type(error).__name__}: {error})")  # fmt: skip

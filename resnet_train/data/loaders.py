@@ -72,7 +72,8 @@ class TransformedSubset(Dataset):
 
 class FileBytesSubset(Dataset):
     """data.decoder=gpu: the images `indices` of a data set whose loader reads raw file bytes,
-    served undecoded as (bytes, label, sample seed or -1); DeviceDecodeLoader does the rest."""
+    served undecoded as (bytes, label, sample seed or -1, place in the data set);
+    DeviceDecodeLoader does the rest."""
 
     def __init__(self, base: Any, indices: np.ndarray) -> None:
         self.base = base
@@ -81,10 +82,14 @@ class FileBytesSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, int, int, int]:
         i, seed = i if isinstance(i, tuple) else (i, -1)
         data, label = self.base[int(self.indices[i])]
-        return data, label, seed
+        return data, label, seed, int(self.indices[i])
+
+    def path(self, place: int) -> str:
+        """The file of the base data set's image `place` (an ImageFolder's)."""
+        return str(self.base.samples[place][0])
 
 
 @dataclass
