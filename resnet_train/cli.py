@@ -237,9 +237,12 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             check_weights(cfg)
         teacher = None
         if cfg.trainer.distill.teacher is not None:
+            from resnet_train.data.loaders import class_names
             from resnet_train.engine.distill import load_teacher
 
-            teacher = load_teacher(cfg)
+            # (the data's class names, but ImageNet's: its million files are walked later)
+            names = None if cfg.data.name == "imagenet" else class_names(cfg.data, cfg.seed)
+            teacher = load_teacher(cfg, names)
         _check_run_dir(cfg, run_dir, teacher)
         _check_steps(cfg)
     except UserError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -268,6 +269,47 @@ def test_bad_distillation_settings_fail_in_one_line_before_anything_is_written(
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("resnet-train: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_of_other_classes_is_refused_and_one_of_other_normalisation_is_fed_so(
+    teacher, tmp_path, monkeypatch, capsys
+):
+    """A teacher trained on other classes (as many) was taken silently; one trained with another
+    mean and std saw the student's images normalised for the student."""
+    from resnet_train.cli import precheck
+    from resnet_train.engine.distill import load_teacher
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path, "cifar10", per_file=10)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]  # fmt: skip
+    with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names}, f)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:  # synthetic class0..class9 against CIFAR-10's names
+        precheck(["model=resnet20", "data=cifar10", f"data.root={tmp_path}",
+                  f"trainer.distill.teacher={teacher}", "hydra.run.dir=run"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err == (
+        f"resnet-train: error: trainer.distill.teacher={teacher} is invalid: it was trained on "
+        "other classes (class0, class1, class2, class3, ... (10)) than the student's data "
+        "(airplane, automobile, bird, cat, ... (10)); a teacher teaches its own classes' names, "
+        "in its own order\n"
+    )
+    assert not (tmp_path / "run").exists()
+    # trained with mean 0.5 and std 0.25 (data=synthetic's), taught with other ones
+    own = load_teacher(compose_config(*TINY, f"trainer.distill.teacher={teacher}")).model
+    other = ["data.mean=[0.4,0.45,0.5]", "data.std=[0.2,0.3,0.25]"]
+    renormalised = load_teacher(
+        compose_config(*TINY, *other, f"trainer.distill.teacher={teacher}")
+    ).model
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    as_trained = (pixels - 0.5) / 0.25
+    as_given = (pixels - torch.tensor([0.4, 0.45, 0.5]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.2, 0.3, 0.25]
+    ).view(1, 3, 1, 1)
+    torch.testing.assert_close(renormalised(as_given), own(as_trained), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(own(as_given), own(as_trained), atol=1e-3)
 
 
 def test_a_teacher_keeps_its_own_stem_and_an_unknown_architecture_is_one_line(tmp_path):

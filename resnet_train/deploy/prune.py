@@ -114,20 +114,29 @@ def prune_blocks(
 
 
 def prune_groups(
-    model: nn.Module, ratio: float, importance: str, image_size: int, round_to: int = 1
-) -> None:
-    """Torch-Pruning's dependency groups, each pruned by ratio (the classifier's outputs kept)."""
+    model: nn.Module, ratio: float, importance: str, image_size: int, round_to: int = 1,
+    seed: int = 0,
+) -> None:  # fmt: skip
+    """Torch-Pruning's dependency groups (the classifier's outputs kept), each keeping kept()
+    of its channels, as prune_blocks' layers do; random importance drawn from `seed`."""
     tp = require("torch_pruning", "prune.method=groups")
     scorer = {
         "l1": lambda: tp.importance.MagnitudeImportance(p=1),
         "l2": lambda: tp.importance.MagnitudeImportance(p=2),
         "random": lambda: tp.importance.RandomImportance(),
     }[importance]()
+    # Each group's ratio, by the width of the conv that leads it (every conv of a group has that
+    # width): Torch-Pruning keeps int(width x (1 - ratio)) channels, rounded *down* to its
+    # round_to (0.3 of 64 kept 40, not 48), so it is given the ratio that keeps kept()'s count
+    # (the half channel keeps int() off a float error below it).
+    ratios = {m: 1 - (kept(m.out_channels, ratio, round_to) + 0.5) / m.out_channels
+              for m in model.modules() if isinstance(m, nn.Conv2d)}  # fmt: skip
     example = torch.randn(1, 3, image_size, image_size)
     pruner = tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio,
-                                  ignored_layers=[model.fc],
-                                  round_to=round_to if round_to > 1 else None)  # fmt: skip
-    pruner.step()
+                                  pruning_ratio_dict=ratios, ignored_layers=[model.fc])  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # (RandomImportance draws from torch's generator)
+        torch.manual_seed(seed)
+        pruner.step()
 
 
 def method_for(cfg: DictConfig, model: nn.Module) -> str:
@@ -268,7 +277,7 @@ def _prune(model: nn.Module, cfg: DictConfig, method: str) -> tuple[dict, nn.Mod
     if method == "blocks":
         prune_blocks(model, p.ratio, p.importance, cfg.seed, p.round_to)
     else:
-        prune_groups(model, p.ratio, p.importance, cfg.data.image_size, p.round_to)
+        prune_groups(model, p.ratio, p.importance, cfg.data.image_size, p.round_to, cfg.seed)
     if not sum(t.numel() for t in model.parameters()) < parameters:
         why = (
             "its blocks' convs are grouped (ResNeXt): use prune.method=groups"

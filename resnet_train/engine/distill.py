@@ -11,6 +11,7 @@ teacher is refused.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from resnet_train.models.build import apply_pruned_widths
 from resnet_train.models.registry import create_model, list_models
 from resnet_train.models.weights import file_sha256, load_state, read_weights
 
+log = logging.getLogger("resnet_train")
 KEY = "trainer.distill.teacher"
 # The model settings a teacher checkpoint's own run decided (besides its classes).
 MODEL_KEYS = ("shortcut", "zero_init_residual", "stride_in_1x1")
@@ -42,12 +44,21 @@ class Teacher:
         return {"path": str(self.path), "sha256": self.sha256, "model": self.name}
 
 
-def load_teacher(cfg: DictConfig) -> Teacher:
+def load_teacher(cfg: DictConfig, classes: list[str] | None = None) -> Teacher:
     """The teacher of cfg.trainer.distill, on the CPU, in eval mode and frozen. Raises
     CheckpointError (unreadable file, weights of another architecture) or ConfigError (another
-    number of classes than the student's data) naming the key."""
+    number of classes than the student's data, or other classes by name: `classes`, the data's)
+    naming the key. A checkpoint's teacher trained with another mean and std than the student's
+    data is given its images as it was trained on them."""
     kd = cfg.trainer.distill
     weights = read_weights(kd.teacher, key=KEY)
+    teacher_classes = (weights.checkpoint or {}).get("classes")
+    if classes and teacher_classes and list(teacher_classes) != list(classes):
+        raise ConfigError(
+            f"{KEY}={kd.teacher} is invalid: it was trained on other classes "
+            f"({_names(teacher_classes)}) than the student's data ({_names(classes)}); a teacher "
+            "teaches its own classes' names, in its own order"
+        )
     saved = (weights.config or {}).get("model") or {}
     name = saved.get("name") or kd.teacher_model or cfg.model.name
     if saved and kd.teacher_model is not None and kd.teacher_model != name:
@@ -80,7 +91,34 @@ def load_teacher(cfg: DictConfig) -> Teacher:
         hint = "" if saved else " (set trainer.distill.teacher_model to its architecture)"
         raise CheckpointError(f"{e}{hint}") from None
     model.eval().requires_grad_(False)
+    data = (weights.config or {}).get("data") or {}
+    mean, std = data.get("mean"), data.get("std")
+    if (isinstance(mean, list) and isinstance(std, list)
+            and (list(mean), list(std)) != (list(cfg.data.mean), list(cfg.data.std))):  # fmt: skip
+        log.info("the teacher was trained with data.mean=%s data.std=%s: its images are "
+                 "normalised so", mean, std)  # fmt: skip
+        model = Renormalized(model, (cfg.data.mean, cfg.data.std), (mean, std))
     return Teacher(model, name, weights.path, file_sha256(weights.path))
+
+
+def _names(classes: list[str], shown: int = 4) -> str:
+    return ", ".join(classes[:shown]) + (f", ... ({len(classes)})" if len(classes) > shown else "")
+
+
+class Renormalized(nn.Module):
+    """A model trained on images normalised with other mean and std than the ones it is given:
+    (x x std + mean - its mean) / its std, per channel, before it."""
+
+    def __init__(self, model: nn.Module, given: tuple, its: tuple) -> None:
+        super().__init__()
+        self.model = model
+        given_mean, given_std, mean, std = (torch.tensor(list(v)).view(1, 3, 1, 1)
+                                            for v in (*given, *its))  # fmt: skip
+        self.register_buffer("scale", given_std / std)
+        self.register_buffer("shift", (given_mean - mean) / std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images * self.scale.to(images.dtype) + self.shift.to(images.dtype))
 
 
 def check_same_teacher(saved: dict[str, Any] | None, teacher: Teacher | None, where: Path) -> None:

@@ -976,7 +976,7 @@ def _build_run(
     run.data_files = data_fingerprint(cfg.data, cfg.seed)
     monitor = run.monitor
     if tc.distill.teacher is not None:
-        run.teacher = load_teacher(cfg)
+        run.teacher = load_teacher(cfg, classes)
         run.teacher.model.to(device, memory_format=memory_format)
         kd = tc.distill
         t.objective = DistillLoss(t.objective, run.teacher.model, kd.temperature, kd.alpha)
