@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -240,7 +241,9 @@ def test_torchvision_weights_file_loads_and_fine_tunes(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(same(x), reference(x))
-    tuned = create_model("resnet18", num_classes=10, weights=path)
+    with pytest.warns(UserWarning, match=r"its classifier of 1000 classes was replaced by a new "
+                      r"one of num_classes=10 \(for fine-tuning\)"):  # fmt: skip
+        tuned = create_model("resnet18", num_classes=10, weights=path)
     assert tuned.fc.out_features == 10
     assert torch.equal(tuned.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
     # On 32 px data the model takes the CIFAR stem, which an ImageNet file does not fit.
@@ -251,6 +254,41 @@ def test_torchvision_weights_file_loads_and_fine_tunes(tmp_path):
         "model=resnet18", "data=synthetic", f"model.weights={path}", "model.stem=imagenet"
     )
     assert torch.equal(build_model(cfg).conv1.weight, reference.conv1.weight.data)
+
+
+def test_create_model_with_ones_own_checkpoint_builds_the_model_it_holds(tmp_path):
+    """create_model(name, weights=a 12-class checkpoint) gave 10 outputs, a new random
+    classifier and no word of it; one of a shortcut-B or pruned model failed to load."""
+    import warnings
+
+    from resnet_train.deploy.prune import prune_groups
+    from resnet_train.models.channels import channel_record
+
+    pytest.importorskip("torch_pruning")
+    model = create_model("resnet20", num_classes=12, shortcut="B").eval()
+    reference = copy.deepcopy(model)
+    prune_groups(model, 0.3, "l1", 32, 8)
+    x = torch.randn(2, 3, 32, 32)
+    for name, net, extra in (
+        ("run.pt", reference, {}),
+        ("pruned.pt", model, {"channels": channel_record(model, reference)}),
+    ):
+        state = {"model": net.state_dict(), "config": {"model": {"name": "resnet20",
+                 "shortcut": "B", "stem": "cifar"}}, **extra}  # fmt: skip
+        torch.save(state, tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no classifier replaced)
+            loaded = create_model("resnet20", weights=tmp_path / name).eval()
+        assert loaded.fc.out_features == 12
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), net(x))
+    for bad, message in (
+        (dict(num_classes=0), "num_classes=0 is invalid: must be an integer >= 1"),
+        (dict(num_classes=-1), "num_classes=-1 is invalid"),
+        (dict(dropout=-1.0), r"dropout=-1.0 is invalid: must be in \[0, 1\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            create_model("resnet20", **bad)
 
 
 def test_weights_of_another_model_are_refused_with_the_keys(tmp_path):

@@ -22,14 +22,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from resnet_train.errors import CheckpointError, ConfigError
-from resnet_train.models.build import apply_pruned_widths
+from resnet_train.models.build import apply_pruned_widths, options_of
 from resnet_train.models.registry import create_model, list_models
 from resnet_train.models.weights import file_sha256, load_state, read_weights
 
 log = logging.getLogger("resnet_train")
 KEY = "trainer.distill.teacher"
-# The model settings a teacher checkpoint's own run decided (besides its classes).
-MODEL_KEYS = ("shortcut", "zero_init_residual", "stride_in_1x1")
 
 
 @dataclass
@@ -78,12 +76,7 @@ def load_teacher(cfg: DictConfig, classes: list[str] | None = None) -> Teacher:
         )
     if name not in list_models():
         raise CheckpointError(f"{KEY}={kd.teacher} holds a {name!r}, not a model of this version")
-    options = {k: saved[k] for k in MODEL_KEYS if saved.get(k) is not None}
-    # the stem its weights have: a 7x7 first conv is the ImageNet stem
-    stem = saved.get("stem") or (
-        "imagenet" if weights.state.get("conv1.weight", torch.zeros(1)).shape[-1] == 7 else "cifar"
-    )
-    model = create_model(name, num_classes=classes, stem=stem, **options)
+    model = create_model(name, **options_of(weights))
     apply_pruned_widths(model, weights, KEY)
     try:
         load_state(model, weights, replace_classifier=False, key=KEY)

@@ -129,3 +129,42 @@ def _apply_widths(model: nn.Module, channels: dict | None, source: object) -> No
         apply_channels(model, channels)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+# The model settings a resnet-train checkpoint's own run decided (besides its classes and stem).
+SAVED_MODEL_KEYS = ("shortcut", "zero_init_residual", "stride_in_1x1", "dropout")
+
+
+def options_of(weights) -> dict:
+    """create_model's options that a weights file (a WeightsFile) fixes: its classes (the
+    classifier's rows), its stem (its run's, or a 7x7 first conv: ImageNet's) and a resnet-train
+    checkpoint's model settings (shortcut, ...)."""
+    saved = (weights.config or {}).get("model") or {}
+    options = {k: saved[k] for k in SAVED_MODEL_KEYS if saved.get(k) is not None}
+    conv1 = weights.state.get("conv1.weight")
+    stem = "imagenet" if conv1 is not None and conv1.shape[-1] == 7 else "cifar"
+    options["stem"] = saved.get("stem") or stem
+    if "fc.weight" in weights.state:
+        options["num_classes"] = int(weights.state["fc.weight"].shape[0])
+    return options
+
+
+def model_from_file(name: str, path, **kwargs) -> nn.Module:
+    """create_model(name, weights=path, **kwargs): the model the file holds, its widths (a
+    pruned model's), classes, stem and settings as the file has them, unless kwargs say
+    otherwise; a num_classes other than the file's gets a new classifier (fine-tuning), with a
+    warning."""
+    import warnings
+
+    from resnet_train.models.weights import load_state, read_weights
+
+    weights = read_weights(path, key="weights")
+    model = create_model(name, **{**options_of(weights), **kwargs})
+    apply_pruned_widths(model, weights, "weights")
+    if load_state(model, weights, replace_classifier=True, key="weights", model_name=name):
+        warnings.warn(
+            f"{path}: its classifier of {options_of(weights)['num_classes']} classes was replaced "
+            f"by a new one of num_classes={kwargs['num_classes']} (for fine-tuning)",
+            stacklevel=3,
+        )
+    return model
