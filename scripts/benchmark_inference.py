@@ -38,9 +38,9 @@ from resnet_train.deploy.export import INPUT, export_onnx, onnx_session  # noqa:
 from resnet_train.deploy.fold import fold_batchnorm  # noqa: E402
 from resnet_train.deploy.quantize import quantize_int8  # noqa: E402
 from resnet_train.models import create_model  # noqa: E402
-from resnet_train.models.build import apply_pruned_widths  # noqa: E402
+from resnet_train.models.build import options_of  # noqa: E402
 from resnet_train.models.summary import summarize  # noqa: E402
-from resnet_train.models.weights import load_state, read_weights  # noqa: E402
+from resnet_train.models.weights import read_weights  # noqa: E402
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 SECTION = "## Inference on the CPU"
@@ -72,7 +72,9 @@ def cpu_name() -> str:
     return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
-def calibration_images(root: Path | None, n: int = 512) -> np.ndarray:
+def calibration_images(root: Path | None, mean: list[float], std: list[float],
+                       n: int = 512) -> np.ndarray:  # fmt: skip
+    """CIFAR-10 training images (random ones without the data), normalised with mean and std."""
     batch = root.expanduser() / "cifar-10-batches-py" / "data_batch_1" if root else None
     if batch is not None and batch.is_file():
         import pickle
@@ -82,27 +84,33 @@ def calibration_images(root: Path | None, n: int = 512) -> np.ndarray:
         x = rows.reshape(-1, 3, 32, 32).astype(np.float32) / 255
     else:
         x = np.random.default_rng(0).random((n, 3, 32, 32), dtype=np.float32)
-    mean, std = (np.array(v, np.float32).reshape(1, 3, 1, 1) for v in (MEAN, STD))
-    return (x - mean) / std
+    mean_, std_ = (np.array(v, np.float32).reshape(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean_) / std_
 
 
 def load_model(name: str, weights: Path | None) -> torch.nn.Module:
-    """The model, with its weights if given (a pruned model's file gives its widths too)."""
-    model = create_model(name, num_classes=10, stem="cifar")
-    if weights is not None:
-        file = read_weights(weights, key="--weights")
-        apply_pruned_widths(model, file, "--weights")
-        load_state(model, file, replace_classifier=False, key="--weights")
-    return model.eval()
+    """The model; with a weights file, the model it holds (its classes, widths, shortcut)."""
+    if weights is None:
+        return create_model(name, num_classes=10, stem="cifar").eval()
+    return create_model(name, weights=weights).eval()
+
+
+def normalisation(weights: Path | None) -> tuple[list[float], list[float]]:
+    """The mean and std the weights' run trained with (CIFAR-10's without a run's record)."""
+    data = ((read_weights(weights, key="--weights").config or {}).get("data") or {}
+            if weights is not None else {})  # fmt: skip
+    mean, std = data.get("mean"), data.get("std")
+    return (mean, std) if isinstance(mean, list) and isinstance(std, list) else (MEAN, STD)
 
 
 def model_label(name: str, weights: Path | None) -> str:
     """The model's name; for a pruned model, its MACs and how many fewer than unpruned."""
     model = load_model(name, weights)
-    if not getattr(model, "channels", None):
+    if weights is None or not getattr(model, "channels", None):
         return name
     macs = summarize(model, 32).macs
-    full = summarize(create_model(name, num_classes=10, stem="cifar"), 32).macs
+    unpruned = options_of(read_weights(weights, key="--weights"))  # (without its widths)
+    full = summarize(create_model(name, **unpruned), 32).macs
     return f"{name} pruned ({macs / 1e6:.1f}M MACs, {100 * (1 - macs / full):.0f}% fewer)"
 
 
@@ -114,7 +122,7 @@ def variants(
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
     fp32, int8 = tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx"
     export_onnx(folded, torch.randn(2, 3, 32, 32), fp32)
-    x = calibration_images(data_root)
+    x = calibration_images(data_root, *normalisation(weights))
     quantize_int8(fp32, int8, (x[i : i + 64] for i in range(0, len(x), 64)), INPUT)
     # Without spinning: ONNX Runtime's idle threads would busy-wait through PyTorch's turns.
     sessions = {
@@ -174,6 +182,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.weights and len(args.weights) != len(args.models):
         fail("--weights takes one checkpoint per model in --models")
+    if min(args.batches) < 1:
+        fail(f"--batches {' '.join(map(str, args.batches))} is invalid: each must be >= 1")
+    if not args.seconds > 0:
+        fail(f"--seconds {args.seconds} is invalid: must be > 0")
     check_options(fail, output=args.output)  # (as the other benchmarks: with or without --write)
     import onnxruntime
 

@@ -205,8 +205,10 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
     result = run_program(*args)  # without --write: printed only
     assert result.returncode == 0, result.stderr
     assert "| ONNX Runtime int8 |" in result.stdout and table.read_text() == before
-    # the second run, of a pruned model, appends below the first one's rows
-    for extra in ([], ["--weights", str(pruned_weights(tmp_path))]):
+    # the second run, of a pruned model, appends below the first one's rows; the third, of a
+    # pruned checkpoint with the projection shortcut (B), builds that model (it failed to load)
+    for extra in ([], ["--weights", str(pruned_weights(tmp_path))],
+                  ["--weights", str(pruned_weights(tmp_path, shortcut="B"))]):  # fmt: skip
         result = run_program(*args, "--write", *extra)
         assert result.returncode == 0, result.stderr
     assert "int8 / ONNX Runtime fp32" in result.stdout
@@ -215,33 +217,51 @@ def test_inference_benchmark_adds_one_row_per_variant_to_its_own_section(tmp_pat
     rows = [line for line in lines if "| resnet20" in line]
     variants = ["eager fp32", "eager channels_last", "eager BN folded", "ONNX Runtime fp32",
                 "ONNX Runtime int8"]  # fmt: skip
-    assert [row.split(" | ")[5] for row in rows] == variants * 2
+    assert [row.split(" | ")[5] for row in rows] == variants * 3
     assert all(" | resnet20 | " in row for row in rows[:5])
     # a pruned model is named with its MACs and how many fewer than unpruned
-    assert all("| resnet20 pruned (" in row and "M MACs, 49% fewer) |" in row for row in rows[5:])
+    assert all("| resnet20 pruned (" in row and "M MACs, 49% fewer) |" in row for row in rows[5:10])
+    assert all("| resnet20 pruned (" in row and "M MACs, 55% fewer) |" in row for row in rows[10:])
     for row in rows:
         cells = row.split(" | ")
         assert float(cells[6]) > 0 and cells[8].startswith("4: ")
     assert lines.count("## Inference on the CPU") == 1
 
 
-def pruned_weights(folder: Path) -> Path:
-    """A ResNet-20 with half of each block's inner channels, as task=prune saves it."""
+def pruned_weights(folder: Path, shortcut: str = "A") -> Path:
+    """A ResNet-20 as task=prune saves it: with shortcut A, half of each block's inner channels
+    pruned (blocks); with B, 0.3 of each dependency group (groups, round_to 8)."""
     import copy
 
     import torch
 
-    from resnet_train.deploy.prune import prune_blocks
+    from resnet_train.deploy.prune import prune_blocks, prune_groups
     from resnet_train.models import create_model
     from resnet_train.models.channels import channel_record
 
-    model = create_model("resnet20")
+    model = create_model("resnet20", shortcut=shortcut)
     reference = copy.deepcopy(model)
-    prune_blocks(model, 0.5, "l1", seed=0)
-    weights = folder / "pruned.pt"
-    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference)},
-               weights)  # fmt: skip
+    if shortcut == "A":
+        prune_blocks(model, 0.5, "l1", seed=0)
+    else:
+        prune_groups(model, 0.3, "l1", 32, 8)
+    weights = folder / f"pruned-{shortcut}.pt"
+    config = {"model": {"name": "resnet20", "shortcut": shortcut, "stem": "cifar"},
+              "data": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}  # fmt: skip
+    torch.save({"model": model.state_dict(), "channels": channel_record(model, reference),
+                "config": config}, weights)  # fmt: skip
     return weights
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--batches", "0", "4"], "--batches 0 4 is invalid: each must be >= 1"),
+     (["--seconds", "-1"], "--seconds -1.0 is invalid: must be > 0")],
+)  # fmt: skip
+def test_inference_benchmark_refuses_bad_options_in_one_line(option, message):
+    result = run_program("scripts/benchmark_inference.py", *option)
+    assert result.returncode == 2
+    assert result.stderr == f"benchmark_inference.py: error: {message}\n"
 
 
 def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_path):
