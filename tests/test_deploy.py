@@ -459,6 +459,22 @@ def test_export_pt2_loads_back_with_its_metadata(trained):
     assert float((got - want).norm() / want.norm()) <= 1e-4
 
 
+def test_an_exports_metadata_gives_the_models_output_width(tmp_path):
+    """model.num_classes=12 on 10 classes: the metadata said "N x 10" of a 12-logit output."""
+    fit(compose_config(*TINY, "model.num_classes=12"), tmp_path / "outputs" / "wide")
+    r = run_cli("task=export", f"model.weights={tmp_path / 'outputs' / 'wide' / 'best.pt'}",
+                "export.format=pt2", "name=ex12", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    extra = {"resnet_train.json": ""}
+    program = torch.export.load(str(tmp_path / "outputs" / "ex12" / "model.pt2"), extra_files=extra)
+    meta = json.loads(extra["resnet_train.json"])
+    assert len(meta["class_names"]) == 10
+    assert meta["output"].startswith("logits: float32 N x 12, one logit per class of class_names")
+    assert meta["output"].endswith("; the last 2 belong to no class of the data")
+    with torch.no_grad():
+        assert program.module()(real_images(2)).shape == (2, 12)
+
+
 @pytest.mark.slow
 def test_an_export_that_fails_its_check_leaves_no_file(trained):
     work = trained.parents[1]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.fold import fold_batchnorm, pad_shortcuts_as_convs
@@ -50,6 +51,10 @@ def relative_error(got: torch.Tensor | np.ndarray, want: torch.Tensor) -> float:
 
 def metadata(trained: Trained, names: list[str]) -> dict[str, Any]:
     d = trained.cfg.data
+    outputs = [m for m in trained.model.modules() if isinstance(m, nn.Linear)][-1].out_features
+    # (model.num_classes above the data's: the logits past the names belong to no class)
+    unnamed = (f"; the last {outputs - len(names)} belong to no class of the data"
+               if outputs > len(names) else "")  # fmt: skip
     return {
         "model": trained.cfg.model.name,
         "data": d.name,
@@ -60,8 +65,8 @@ def metadata(trained: Trained, names: list[str]) -> dict[str, Any]:
         "std": [float(v) for v in d.std],
         "input": f"{INPUT}: float32 N x 3 x {d.image_size} x {d.image_size}, RGB scaled to [0, 1], "
         "then (x - mean) / std per channel",
-        "output": f"{OUTPUT}: float32 N x {len(names)}, one logit per class (softmax for "
-        "probabilities)",
+        "output": f"{OUTPUT}: float32 N x {outputs}, one logit per class of class_names, in "
+        f"its order (softmax for probabilities){unnamed}",
         "source": str(trained.weights.path),
         "source_sha256": trained.sha256,
     }
