@@ -1018,6 +1018,13 @@ def _validate_trainer(cfg: DictConfig, models: list[str]) -> None:
     _within("trainer.label_smoothing", t.label_smoothing, "[0, 1)")
     _optional("trainer.clip_grad_norm", t.clip_grad_norm, _positive)
     _optional("trainer.clip_grad_value", t.clip_grad_value, _positive)
+    _check(
+        t.clip_grad_value is None or t.clip_grad_norm is None,
+        "trainer.clip_grad_value",
+        t.clip_grad_value,
+        f"clip by the norm (trainer.clip_grad_norm={t.clip_grad_norm}) or by the value, not "
+        "both: set the other to null",
+    )
     _at_least("trainer.accumulate_steps", t.accumulate_steps, 1)
     _one_of("trainer.early_stopping.monitor", es.monitor, MONITORS)
     _optional("trainer.early_stopping.mode", es.mode, _one_of, ("max", "min"))

@@ -141,6 +141,95 @@ def test_goyal_warm_up_keeps_absolute_milestones():
     assert lrs[60] == pytest.approx(0.001) and lrs[80] == pytest.approx(0.0001)
 
 
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_a_milestone_at_the_warm_ups_end_divides_the_rate_there(interval):
+    """Milestones [1, 2] with a 1-unit warm-up: the one at 1 was dropped (said to fall within
+    the warm-up), and the rest of the run trained 10 times too fast."""
+    from resnet_train.engine.plan import plan_steps
+
+    cfg = compose_config("schedule=multistep", "schedule.milestones=[1,2]", "schedule.gamma=0.1",
+                         "schedule.warmup=1", f"schedule.interval={interval}", "optim.lr=0.1",
+                         "trainer.epochs=3")  # fmt: skip
+    optimizer = _fresh()
+    lrs = _lrs(build_scheduler(cfg.schedule, optimizer, 3, 1), optimizer, 3)
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])
+    assert not any("warm-up" in note for note in plan_steps(cfg, 32).notes)
+    early = compose_config("schedule=multistep", "schedule.milestones=[1,3]", "schedule.warmup=2",
+                           "trainer.epochs=4")  # fmt: skip
+    assert any("schedule.milestones [1] fall within the warm-up" in note
+               for note in plan_steps(early, 32).notes)  # fmt: skip
+
+
+def test_schedule_keys_the_schedule_does_not_read_are_said():
+    """schedule=step with schedule.min_lr=0.05 trained down to 0.001, without a word."""
+    from resnet_train.engine.plan import unused_keys
+
+    assert unused_keys(compose_config("schedule=step", "schedule.min_lr=0.05")) == [
+        "schedule.min_lr=0.05 does nothing with schedule=step (only schedule=cosine or "
+        "cosine_restarts reads it)"
+    ]
+    assert unused_keys(
+        compose_config("schedule=cosine", "schedule.pct_start=0.5", "schedule.step_size=5")
+    ) == [  # fmt: skip
+        "schedule.step_size=5 does nothing with schedule=cosine (only schedule=step reads it)",
+        "schedule.pct_start=0.5 does nothing with schedule=cosine (only schedule=onecycle reads "
+        "it)",
+    ]
+    for name in ("constant", "step", "multistep", "cosine", "cosine_restarts", "onecycle"):
+        assert unused_keys(compose_config(f"schedule={name}")) == []
+
+
+@pytest.mark.parametrize(("steps", "first", "peak"), [(3, 0.1, 0.1), (4, 0.004, 0.0812),
+                                                      (40, 0.004, 0.1)])  # fmt: skip
+def test_the_onecycle_line_gives_the_rates_its_steps_train_at(steps, first, peak):
+    """A 3-step run starts at the peak and a 4-step one never reaches it: the line said
+    0.004 -> 0.1 -> 4e-07 for both."""
+    from resnet_train.optim import onecycle_rates
+
+    cfg = compose_config("schedule=onecycle", "optim.lr=0.1").schedule
+    rates = onecycle_rates(cfg, 0.1, 1, steps)
+    optimizer = _fresh(0.1)
+    lrs = _lrs(build_scheduler(cfg, optimizer, 1, steps), optimizer, steps)
+    assert rates == (lrs[0], max(lrs), lrs[-1])
+    assert rates[:2] == pytest.approx((first, peak), rel=1e-3)
+
+
+def test_the_gradient_norm_is_logged_before_a_value_clip_and_one_clip_at_a_time(tmp_path):
+    """train/grad_norm with trainer.clip_grad_value was the norm after clipping (1.015 of 3.23);
+    both clips at once applied both, silently."""
+    from resnet_train.config import validate
+    from resnet_train.errors import ConfigError
+
+    common = [*SMOKE, "data.train_size=64", "trainer.log_every_steps=1", "data.loader=torch"]
+    fit(compose_config(*common), tmp_path / "plain")
+    fit(compose_config(*common, "trainer.clip_grad_value=0.001"), tmp_path / "clipped")
+    plain, clipped = (scalars(tmp_path / r)["train/grad_norm"] for r in ("plain", "clipped"))
+    assert clipped[0][1] == pytest.approx(plain[0][1], rel=1e-5)  # the first step: the same
+    with pytest.raises(
+        ConfigError,
+        match=r"trainer.clip_grad_value=0.001 is invalid: clip by "
+        r"the norm \(trainer.clip_grad_norm=5.0\) or by the value, not both",
+    ):
+        validate(compose_config(*common, "trainer.clip_grad_value=0.001",
+                                "trainer.clip_grad_norm=5"))  # fmt: skip
+
+
+def test_the_progress_lines_show_the_rate_of_the_step_they_follow(tmp_path, caplog):
+    """A warm-up's first line said step 2's rate (0.0325 where step 1 trained at 0.01), and the
+    last line of a one-cycle run a rate no step used."""
+    import logging
+
+    cfg = compose_config(*SMOKE, "data.train_size=160", "schedule.interval=step",
+                         "schedule.warmup=4", "trainer.log_every_steps=1")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        fit(cfg, tmp_path)
+    shown = [float(r.message.split("  lr ")[1].split()[0]) for r in caplog.records
+             if "  batch " in r.message and "  lr " in r.message]  # fmt: skip
+    logged = [value for _, value in scalars(tmp_path)["lr"]]
+    assert len(shown) == len(logged) > 4
+    assert shown == pytest.approx(logged, rel=1e-3)
+
+
 def test_training_logs_the_per_step_onecycle_rate_torch_would_give(tmp_path):
     cfg = compose_config(*SMOKE, "data.train_size=160", "trainer.epochs=2", "schedule=onecycle",
                          "optim.lr=0.2")  # fmt: skip

@@ -417,15 +417,21 @@ def test_ema_weights_can_be_selected_for_best_pt(tmp_path):
     assert not torch.equal(best["model"]["conv1.weight"], last["model"]["conv1.weight"])
 
 
-def test_ema_weights_selected_without_a_validation_set_are_the_tested_best_pt(tmp_path):
+def test_ema_weights_selected_without_a_validation_set_are_the_tested_best_pt(tmp_path, caplog):
     """data.valid_ratio=0 and trainer.ema.select=ema: nothing to choose with, so the last
     epoch's EMA weights are the result: best.pt holds them (what eval and export read) and the
     test uses them; last.pt keeps the raw weights to resume from. (They were dropped: the test
     used the raw weights.) Resumed from another directory, best.pt comes along."""
     ema_only = ["trainer.ema.decay=0.5", "trainer.ema.select=ema", "data.valid_ratio=0",
                 "data.train_size=64", "data.test_size=32"]  # fmt: skip
-    metrics = fit(compose_config(*SMOKE, *ema_only), tmp_path / "a")
+    with caplog.at_level(logging.INFO, logger="resnet_train"):
+        metrics = fit(compose_config(*SMOKE, *ema_only), tmp_path / "a")
     assert metrics["selected_weights"] == "ema" and metrics["selected_checkpoint"] == "best.pt"
+    # the start said so (it said the last checkpoint would be kept)
+    assert (
+        "no model selection; the last epoch's EMA weights are kept (best.pt) and evaluated "
+        "on the test set" in caplog.text
+    )
     best, last = (load_checkpoint(tmp_path / "a" / n) for n in ("best.pt", "last.pt"))
     assert best["weights"] == "ema" and last["weights"] == "raw"
     for key, value in best["model"].items():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from resnet_train.config import FLOORED_SCHEDULES, DistillConfig
+from resnet_train.config import FLOORED_SCHEDULES, DistillConfig, ScheduleConfig
 from resnet_train.data.sampler import epoch_length
 from resnet_train.errors import ConfigError
 from resnet_train.optim import effective_lr
@@ -27,6 +27,20 @@ class StepPlan:
     notes: list[str] = field(default_factory=list)  # said at the start of the run
 
 
+# The schedule keys and the schedules that read them (milestones: above, with its own note).
+SCHEDULE_KEYS = {
+    "step_size": ("step",),
+    "gamma": ("step", "multistep"),
+    "min_lr": FLOORED_SCHEDULES,
+    "restart_period": ("cosine_restarts",),
+    "restart_mult": ("cosine_restarts",),
+    "pct_start": ("onecycle",),
+    "div_factor": ("onecycle",),
+    "final_div_factor": ("onecycle",),
+    "cycle_momentum": ("onecycle",),
+}
+
+
 def unused_keys(cfg: DictConfig) -> list[str]:
     """Optimizer, schedule and distillation keys set to values that the chosen optimizer or
     schedule, or a run without a teacher, never reads."""
@@ -37,6 +51,11 @@ def unused_keys(cfg: DictConfig) -> list[str]:
     if s.milestones and s.name != "multistep":
         notes.append(f"schedule.milestones does nothing with schedule={s.name} (only "
                      "schedule=multistep reads it)")  # fmt: skip
+    defaults = ScheduleConfig()
+    for key, readers in SCHEDULE_KEYS.items():
+        if s.name not in readers and s[key] != getattr(defaults, key):
+            notes.append(f"schedule.{key}={s[key]} does nothing with schedule={s.name} (only "
+                         f"schedule={' or '.join(readers)} reads it)")  # fmt: skip
     kd, defaults = cfg.trainer.distill, DistillConfig()
     changed = [k for k in ("temperature", "alpha") if kd[k] != getattr(defaults, k)]
     if kd.teacher is None and changed:
@@ -85,7 +104,7 @@ def plan_steps(cfg: DictConfig, fit_images: int, world: int = 1) -> StepPlan:
     unit = "optimizer steps" if s.interval == "step" else "epochs"
     if s.name == "multistep":
         late = [m for m in s.milestones if m >= length]
-        early = [m for m in s.milestones if m <= s.warmup]
+        early = [m for m in s.milestones if m < s.warmup]  # (one at its end applies)
         if late:
             notes.append(
                 f"schedule.milestones {late} are at or beyond the end of this run's {length} "

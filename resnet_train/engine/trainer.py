@@ -70,6 +70,7 @@ from resnet_train.optim import (
     depends_on_length,
     group_lrs,
     main_lr,
+    onecycle_rates,
     rebuild_scheduler,
 )
 from resnet_train.precision import autocast, channels_last_for
@@ -223,6 +224,8 @@ class Training:
     memory_format: torch.memory_format = torch.contiguous_format
     # Per-step scalars not yet written: (step, time, lr, {group: lr}); see flush_step_scalars.
     step_scalars: list[tuple[int, float, float, dict[str, float]]] = field(default_factory=list)
+    # The learning rate the last optimizer step took (what the progress lines show).
+    step_lr: float | None = None
     # Under torchrun: the DistributedDataParallel wrapper of `model` and this process's place.
     ddp: nn.Module | None = None
     dist: Dist = field(default_factory=Dist)
@@ -348,7 +351,8 @@ class ProgressLines:
             "%s  batch %d/%d  loss %.4f acc %.2f%%  %.0f img/s  lr %.4g  epoch left %s  run "
             "left %s",
             desc, first + done, n_batches, sums.loss.item() / max(sums.seen, 1),
-            100 * sums.correct.item() / max(sums.seen, 1), rate, main_lr(t.optimizer),
+            100 * sums.correct.item() / max(sums.seen, 1), rate,
+            main_lr(t.optimizer) if t.step_lr is None else t.step_lr,
             duration(epoch_left), duration(run_left),
         )  # fmt: skip
 
@@ -439,13 +443,13 @@ def _optimizer_step(t: Training, log_now: bool, desc: str) -> None:
         t.guard = FiniteGuard(t.device)
     if fp16 and (cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now):
         t.scaler.unscale_(t.optimizer)  # clipping and norms see the true gradients
-    if cfg.clip_grad_value:
-        torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
     grad_norm = None
     if cfg.clip_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-    elif log_now:
+    elif log_now:  # (before a value clip: train/grad_norm is the norm before clipping)
         grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if cfg.clip_grad_value:
+        torch.nn.utils.clip_grad_value_(params, cfg.clip_grad_value)
     if not fp16:
         bad = t.guard.watch(t.sums.loss, grads)
         if t.optimizer.defaults.get("fused"):
@@ -457,11 +461,12 @@ def _optimizer_step(t: Training, log_now: bool, desc: str) -> None:
         # (the forward pass overflowed, or the weights did) stops the run as in fp32 and bf16.
         t.guard.watch(t.sums.loss, [])
     t.global_step = step
+    t.step_lr = main_lr(t.optimizer)  # (before a per-step schedule moves it)
     if t.writer is not None:
         if layer_norms_now:
             _log_grad_norms(t)
-        # This step's rates (before a per-step schedule moves them), written at the next flush.
-        t.step_scalars.append((step, time.time(), main_lr(t.optimizer), group_lrs(t.optimizer)))
+        # This step's rates, written at the next flush.
+        t.step_scalars.append((step, time.time(), t.step_lr, group_lrs(t.optimizer)))
     scale = t.scaler._scale.clone() if fp16 and t.scaler._scale is not None else None
     t.scaler.step(t.optimizer)
     t.scaler.update()
@@ -1124,17 +1129,18 @@ def _describe(run: _Run) -> None:
         top = configured_momentum(optimizer)
         log.info(
             "one-cycle: learning rate %.4g -> %.4g -> %.4g; momentum %s",
-            lr / cfg.schedule.div_factor, lr,
-            lr / cfg.schedule.div_factor / cfg.schedule.final_div_factor,
+            *onecycle_rates(cfg.schedule, lr, tc.epochs, steps_per_epoch),
             f"cycles {top:g} -> {cycled_momentum_floor(top):g} -> {top:g}"
             if cfg.schedule.cycle_momentum
             else f"stays {top:g} (schedule.cycle_momentum=false)",
         )  # fmt: skip
     if loaders.valid is None:
         log.info(
-            "no validation set (data.valid_ratio=%s): no model selection; the last checkpoint "
-            "is kept and evaluated on the test set",
+            "no validation set (data.valid_ratio=%s): no model selection; %s",
             cfg.data.valid_ratio,
+            "the last epoch's EMA weights are kept (best.pt) and evaluated on the test set"
+            if _ema_without_validation(run)
+            else "the last checkpoint is kept and evaluated on the test set",
         )
     if run.teacher is not None:
         kd = tc.distill
