@@ -566,6 +566,10 @@ def _read_overrides(overrides: list[str]) -> list[tuple[str, str, bool]]:
     return read
 
 
+# Where configs/train.yaml puts the sweeps' folders (hydra.sweep.dir), from the working folder.
+SWEEPS = Path("outputs") / "multirun"
+
+
 def _sweep_name(_root_: DictConfig) -> str:
     overrides, params = _sweep_overrides(_root_)
     kept = sorted(line for key, line, _ in _read_overrides(overrides) if key not in MAY_CHANGE)
@@ -578,7 +582,15 @@ def _sweep_name(_root_: DictConfig) -> str:
         payload["teachers"] = teachers
     model = "models" if "model" in swept else str(_root_.model.name)
     data = "data" if "data" in swept else str(_root_.data.name)
-    return "-".join([_safe(model), _safe(data), _digest(payload)])
+    name = "-".join([_safe(model), _safe(data), _digest(payload)])
+    # A sweep begun before its values were read in a canonical order was named by its overrides
+    # as spelt (optim.lr=0.1,0.05): relaunched, it finds its folder under that name.
+    spelt = {**payload, "overrides": sorted(o for o in overrides if _override_key(o) not in
+                                            MAY_CHANGE)}  # fmt: skip
+    earlier = "-".join([_safe(model), _safe(data), _digest(spelt)])
+    if earlier != name and (SWEEPS / earlier).is_dir() and not (SWEEPS / name).exists():
+        return earlier
+    return name
 
 
 def _override_key(override: str) -> str:

@@ -536,7 +536,7 @@ def test_a_distilled_run_is_named_by_its_teachers_contents_not_its_path(tmp_path
     assert run_dir_name("model=resnet20", "data=cifar10", f"trainer.distill.teacher={moved}") == kd
 
 
-def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_path):
+def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_path, monkeypatch):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
@@ -560,6 +560,18 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_
     assert name("optim.lr=0.05,0.1", "seed=0") == first
     assert name("seed=6,5") == name("seed=5,6") == name("seed=range(5,7)")
     assert name("seed=5,6,7") != name("seed=5,6")
+    # a sweep begun under the earlier naming (its overrides as spelt) finds its folder again
+    canonical = name("seed=6,5")
+    monkeypatch.chdir(tmp_path)
+    assert name("seed=6,5") == canonical  # (no folder of either name: the canonical one)
+    from resnet_train import config
+
+    spelt = {"base": config.training_identity(compose_hydra(*SMOKE)), "overrides": ["seed=6,5"],
+             "params": None}  # fmt: skip
+    earlier = f"resnet20-synthetic-{config._digest(spelt)}"
+    assert earlier != canonical
+    (tmp_path / "outputs" / "multirun" / earlier).mkdir(parents=True)
+    assert name("seed=6,5") == earlier and name("seed=5,6") == canonical
     assert name(params={"optim.lr": "interval(0.01, 0.1)"}) != name(
         params={"optim.lr": "interval(0.01, 0.5)"}
     )
