@@ -400,12 +400,27 @@ def training_identity(root: DictConfig) -> dict[str, Any]:
             else root[k] for k in keys}  # fmt: skip
     flat = {k: v for k, v in flatten(tree).items() if k not in MAY_CHANGE}
     flat["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    if flat.get("data.name") == "imagenet" and flat.get("data.eval_resize") is None:
+        # (what null stands for: the number configs/data/imagenet.yaml gave before, 256 at
+        # 224 px, so that a run begun then keeps its folder)
+        flat["data.eval_resize"] = settled_eval_resize(flat["data.image_size"],
+                                                       flat["data.augment.crop"])  # fmt: skip
     teacher = flatten(tree).get(TEACHER_KEY)
     if teacher is not None:
         # a distilled run differs from a plain one, and from one with another teacher: the
         # teacher's contents name the run (its path may change on resume)
         flat[TEACHER_KEY] = _file_identity(str(teacher))
     return flat
+
+
+# The centre crop's share of the resized image in the ImageNet protocol (224 of 256).
+CROP_RATIO = 0.875
+
+
+def settled_eval_resize(image_size: int, crop: str) -> int:
+    """What data.eval_resize=null stands for: image_size / 0.875 (256 for 224, the ImageNet
+    protocol) when training crops with random_resized, else image_size (small images)."""
+    return round(image_size / CROP_RATIO) if crop == "random_resized" else int(image_size)
 
 
 def _file_identity(path: str) -> str:

@@ -200,7 +200,7 @@ def onecycle_rates(
     peak falls between steps (4 steps: 0.081 of 0.1), or the run starts at it (3 steps)."""
     import torch
 
-    total = epochs * steps_per_epoch
+    total = epochs * (steps_per_epoch if cfg.interval == "step" else 1)
     nominal = (lr / cfg.div_factor, lr, lr / cfg.div_factor / cfg.final_div_factor)
     if total > ONECYCLE_SIMULATED_STEPS:
         return nominal

@@ -80,7 +80,13 @@ def test_imagenet_evaluates_at_its_image_size_over_0875_and_the_tensor_path_take
     picture, at twice the training scale); the tensor path ignored data.eval_resize while the
     DataLoader path applied it (two test figures for one config)."""
     from resnet_train.data.settle import settle_data
+    from tests.conftest import run_dir_name
 
+    # a run begun when imagenet.yaml said 256 keeps its folder: null is named as what it means
+    assert run_dir_name("data=imagenet") == run_dir_name("data=imagenet", "data.eval_resize=256")
+    assert run_dir_name("data=imagenet", "data.image_size=128") == run_dir_name(
+        "data=imagenet", "data.image_size=128", "data.eval_resize=146"
+    )
     for size, resize in ((224, 256), (128, 146), (160, 183)):
         cfg = settle_data(compose_config("data=imagenet", f"data.image_size={size}"))
         assert cfg.data.eval_resize == resize

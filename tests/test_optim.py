@@ -192,6 +192,11 @@ def test_the_onecycle_line_gives_the_rates_its_steps_train_at(steps, first, peak
     lrs = _lrs(build_scheduler(cfg, optimizer, 1, steps), optimizer, steps)
     assert rates == (lrs[0], max(lrs), lrs[-1])
     assert rates[:2] == pytest.approx((first, peak), rel=1e-3)
+    # stepped per epoch: the run's epochs are its steps (it counted batches, and failed)
+    per_epoch = compose_config("schedule=onecycle", "schedule.interval=epoch").schedule
+    optimizer = _fresh(0.1)
+    lrs = _lrs(build_scheduler(per_epoch, optimizer, steps, 7), optimizer, steps)
+    assert onecycle_rates(per_epoch, 0.1, steps, 7) == (lrs[0], max(lrs), lrs[-1])
 
 
 def test_the_gradient_norm_is_logged_before_a_value_clip_and_one_clip_at_a_time(tmp_path):

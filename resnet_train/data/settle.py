@@ -20,12 +20,10 @@ import logging
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_train.config import IMAGENET_MEAN, IMAGENET_STD
+from resnet_train.config import IMAGENET_MEAN, IMAGENET_STD, settled_eval_resize
 from resnet_train.models.weights import WeightsFile
 
 log = logging.getLogger("resnet_train")
-# The centre crop's share of the resized image in the ImageNet protocol (224 of 256).
-CROP_RATIO = 0.875
 _stats_cache: dict[str, dict[str, list[float]]] = {}
 
 
@@ -48,8 +46,7 @@ def settle_data(cfg: DictConfig) -> DictConfig:
         d.num_classes = len(scan(d, cfg.seed).classes)
         check_classifier(cfg)
     if d.eval_resize is None:
-        random_resized = d.augment.crop == "random_resized"
-        d.eval_resize = round(d.image_size / CROP_RATIO) if random_resized else d.image_size
+        d.eval_resize = settled_eval_resize(d.image_size, d.augment.crop)
     asked = {k: d[k] for k in ("mean", "std") if d[k] is None or d[k] == "auto"}
     if not asked:
         return cfg
