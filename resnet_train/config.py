@@ -587,7 +587,11 @@ SWEEPS = Path("outputs") / "multirun"
 
 def _sweep_name(_root_: DictConfig) -> str:
     overrides, params = _sweep_overrides(_root_)
-    kept = sorted(line for key, line, _ in _read_overrides(overrides) if key not in MAY_CHANGE)
+    # Values in a canonical order, but for a search (Optuna's params): its study keeps a
+    # choice's values in the order given, and refuses another order in the same folder.
+    read = _read_overrides(overrides) if params is None else [
+        (_override_key(o), o, False) for o in overrides]  # fmt: skip
+    kept = sorted(line for key, line, _ in read if key not in MAY_CHANGE)
     swept = swept_in(overrides, params)
     # teachers by their contents, as a run's name has them
     teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY

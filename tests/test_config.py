@@ -560,6 +560,9 @@ def test_each_sweep_gets_a_directory_of_its_own_that_a_relaunch_finds_again(tmp_
     assert name("optim.lr=0.05,0.1", "seed=0") == first
     assert name("seed=6,5") == name("seed=5,6") == name("seed=range(5,7)")
     assert name("seed=5,6,7") != name("seed=5,6")
+    # a search keeps its values' order (its study refuses a choice in another order)
+    search = {"optim.lr": "interval(0.01, 0.1)"}
+    assert name("seed=choice(1,0)", params=search) != name("seed=choice(0,1)", params=search)
     # a sweep begun under the earlier naming (its overrides as spelt) finds its folder again
     canonical = name("seed=6,5")
     monkeypatch.chdir(tmp_path)

@@ -286,17 +286,25 @@ def test_a_teacher_of_other_classes_is_refused_and_one_of_other_normalisation_is
     with open(tmp_path / "cifar-10-batches-py" / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names}, f)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:  # synthetic class0..class9 against CIFAR-10's names
-        precheck(["model=resnet20", "data=cifar10", f"data.root={tmp_path}",
-                  f"trainer.distill.teacher={teacher}", "hydra.run.dir=run"])  # fmt: skip
+    fruit = tmp_path / "fruit.pt"  # a teacher of ten named classes, not CIFAR-10's
+    state = torch.load(teacher, weights_only=False)
+    state["classes"] = ["apple", "banana", "cherry", "date", "elder", "fig", "grape", "kiwi",
+                        "lime", "mango"]  # fmt: skip
+    torch.save(state, fruit)
+    student = ["model=resnet20", "data=cifar10", f"data.root={tmp_path}", "hydra.run.dir=run"]
+    with pytest.raises(SystemExit) as stop:
+        precheck([*student, f"trainer.distill.teacher={fruit}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err == (
-        f"resnet-train: error: trainer.distill.teacher={teacher} is invalid: it was trained on "
-        "other classes (class0, class1, class2, class3, ... (10)) than the student's data "
+        f"resnet-train: error: trainer.distill.teacher={fruit} is invalid: it was trained on "
+        "other classes (apple, banana, cherry, date, ... (10)) than the student's data "
         "(airplane, automobile, bird, cat, ... (10)); a teacher teaches its own classes' names, "
         "in its own order\n"
     )
     assert not (tmp_path / "run").exists()
+    # class0, class1, ... name no classes (synthetic data, a CIFAR folder without its names)
+    assert load_teacher(compose_config(*student, f"trainer.distill.teacher={teacher}"),
+                        names).name == "resnet32"  # fmt: skip
     # trained with mean 0.5 and std 0.25 (data=synthetic's), taught with other ones
     own = load_teacher(compose_config(*TINY, f"trainer.distill.teacher={teacher}")).model
     other = ["data.mean=[0.4,0.45,0.5]", "data.std=[0.2,0.3,0.25]"]

@@ -51,7 +51,7 @@ def load_teacher(cfg: DictConfig, classes: list[str] | None = None) -> Teacher:
     kd = cfg.trainer.distill
     weights = read_weights(kd.teacher, key=KEY)
     teacher_classes = (weights.checkpoint or {}).get("classes")
-    if classes and teacher_classes and list(teacher_classes) != list(classes):
+    if _named(classes) and _named(teacher_classes) and list(teacher_classes) != list(classes):
         raise ConfigError(
             f"{KEY}={kd.teacher} is invalid: it was trained on other classes "
             f"({_names(teacher_classes)}) than the student's data ({_names(classes)}); a teacher "
@@ -92,6 +92,12 @@ def load_teacher(cfg: DictConfig, classes: list[str] | None = None) -> Teacher:
                  "normalised so", mean, std)  # fmt: skip
         model = Renormalized(model, (cfg.data.mean, cfg.data.std), (mean, std))
     return Teacher(model, name, weights.path, file_sha256(weights.path))
+
+
+def _named(classes: list[str] | None) -> bool:
+    """Whether the classes have names: class0, class1, ... stand for none (a data set without
+    its names file, synthetic data)."""
+    return bool(classes) and list(classes) != [f"class{i}" for i in range(len(classes))]
 
 
 def _names(classes: list[str], shown: int = 4) -> str:
