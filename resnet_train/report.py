@@ -175,7 +175,8 @@ def unstarted_jobs(sweep: Path, jobs: list[Job]) -> list[Job]:
     from hydra.core.override_parser.types import Override
 
     overrides, params = _command(sweep)
-    lines = overrides + [f"{k}={v}" for k, v in (params or {}).items()]
+    given = {_override_key(o) for o in overrides}  # (the command line wins over the params)
+    lines = overrides + [f"{k}={v}" for k, v in (params or {}).items() if k not in given]
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except Exception:  # (not a grid Hydra reads)

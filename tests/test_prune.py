@@ -124,6 +124,23 @@ def test_groups_pruning_keeps_what_blocks_pruning_keeps_of_each_width(name, roun
     assert 0.4 < macs < 0.55  # inputs and outputs both shrink: about half the MACs go
 
 
+def test_groups_pruning_keeps_the_nearest_multiple_of_a_grouped_convs_groups():
+    """ResNeXt-50's 128-channel grouped conv (32 groups) kept 64 of 128 at ratio 0.3 (Torch-
+    Pruning rounds down to the groups): the nearest multiple, 96."""
+    pytest.importorskip("torch_pruning")
+    model = create_model("resnext50_32x4d", num_classes=10, stem="cifar")
+    reference = copy.deepcopy(model)
+    prune_groups(model, 0.3, "l1", 32, 8)
+    widths = sorted(
+        {
+            (a.out_channels, b.out_channels)
+            for a, b in zip(reference.modules(), model.modules(), strict=True)
+            if isinstance(a, nn.Conv2d) and a.groups > 1
+        }
+    )
+    assert widths == [(128, 96), (256, 192), (512, 352), (1024, 704)]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("prune")

@@ -107,6 +107,10 @@ def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
         jobs = list(csv.DictReader(f))
     never = [(j["model"], j["seed"]) for j in jobs if j["failure"] == "never started"]
     assert sorted(never) == [("resnet32", "0"), ("resnet32", "1"), ("resnet32", "2")]
+    # a key both in the sweeper's params and on the command line: the command line's values
+    record["hydra"]["sweeper"]["params"] = {"seed": "5,6"}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
+    assert "6 jobs (2 finished, 3 never started), swept: seed, model" in report(sweep)
     # an Optuna search's space is no grid: nothing is made up
     record["hydra"]["sweeper"]["params"] = {"optim.lr": "interval(0.01, 0.1)"}
     record["hydra"]["overrides"]["task"] = ["trainer.epochs=1"]

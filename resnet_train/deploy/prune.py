@@ -20,6 +20,7 @@ prune.json records parameters, MACs and accuracy on eval.split before and after.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,16 @@ def prune_groups(
     # width): Torch-Pruning keeps int(width x (1 - ratio)) channels, rounded *down* to its
     # round_to (0.3 of 64 kept 40, not 48), so it is given the ratio that keeps kept()'s count
     # (the half channel keeps int() off a float error below it).
-    ratios = {m: 1 - (kept(m.out_channels, ratio, round_to) + 0.5) / m.out_channels
-              for m in model.modules() if isinstance(m, nn.Conv2d)}  # fmt: skip
+    # A grouped conv (ResNeXt's) and the conv that feeds it keep a multiple of its groups too,
+    # the nearest (Torch-Pruning rounds down to it: 128 channels in 32 groups kept 64).
+    units = {m: round_to for m in model.modules() if isinstance(m, nn.Conv2d)}
+    for block in model.modules():
+        grouped = getattr(block, "conv2", None)
+        if isinstance(grouped, nn.Conv2d) and grouped.groups > 1:
+            for conv in (block.conv1, grouped):
+                units[conv] = math.lcm(round_to, grouped.groups)
+    ratios = {m: 1 - (kept(m.out_channels, ratio, unit) + 0.5) / m.out_channels
+              for m, unit in units.items()}  # fmt: skip
     example = torch.randn(1, 3, image_size, image_size)
     pruner = tp.pruner.MetaPruner(model, example, importance=scorer, pruning_ratio=ratio,
                                   pruning_ratio_dict=ratios, ignored_layers=[model.fc])  # fmt: skip
