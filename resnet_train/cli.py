@@ -131,15 +131,24 @@ def describe_composition_error(error: Exception) -> str:
         key, _, value = override.partition("=")
         why = ("unquoted values of ASCII characters only" if not override.isascii() else
                "no unquoted value with these characters")  # fmt: skip
-        return f"{override} is invalid: Hydra reads {why}; quote the value (in a shell: " + (
-            shell_quoted(f"{key}='" + value.replace("'", "\\'") + "'") + ")"
-        )
+        return (f"{override} is invalid: Hydra reads {why}; quote the value (in a shell: "
+                f"{shell_quoted(f'{key}={hydra_quoted(value)}')})")  # fmt: skip
     if lines and lines[0].startswith("Error parsing override"):
         return (f"{lines[0]}: quote a value with special characters (in a shell: "
                 "\"key='...'\")")  # fmt: skip
     if lines and lines[0].startswith("Config group override must be a string"):
         return f"{lines[0]}: a config group takes one of its options' names (group=OPTION)"
     return lines[0] if lines else type(error).__name__
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as a quoted string of Hydra's grammar: a quote escaped by a backslash, and the
+    backslashes before a quote (the closing one included) doubled."""
+    import re
+
+    inner = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    inner = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, inner)
+    return f"'{inner}'"
 
 
 def shell_quoted(text: str) -> str:

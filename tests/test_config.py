@@ -206,7 +206,7 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, override, 
     assert list(Path(tmp_path).iterdir()) == []
 
 
-@pytest.mark.parametrize("value", ["x'y", 'x"y', "a$b'c", "p-é", "back\\slash`"])
+@pytest.mark.parametrize("value", ["x'y", 'x"y', "a$b'c", "p-é", "back\\slash`", "x'y\\", "a\\'b"])
 def test_the_quoting_a_lexer_error_advises_works_in_a_shell(tmp_path, value):
     """Followed as printed, in a shell, the advice gives the value itself (for a value holding a
     quote it advised a quoting that failed again)."""
