@@ -295,6 +295,43 @@ def test_every_decoder_turns_a_photo_upright_as_its_exif_orientation_says(tmp_pa
         assert (image.int() - expected.int()).abs().float().mean() < 2
 
 
+def test_an_exif_tag_after_an_xmp_and_large_segments_turns_the_photo_alike_everywhere(tmp_path):
+    """torchvision's own reading missed an EXIF segment after an XMP one, and the device
+    decoder's stopped at 128 KiB of segments (an ICC profile can be larger): both turn it now,
+    as PIL does."""
+    import struct
+
+    from PIL import Image
+
+    from resnet_train.data.device_decode import collate_files, decode_batch, read_file_bytes
+    from resnet_train.data.folders import read_image, read_pil_image
+    from tests.conftest import EXIF_ORIENTATION
+
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    y, x = np.mgrid[0:24, 0:40]
+    pixels = np.stack([x * 6, y * 10, (x + y) * 3], axis=-1).astype(np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(pixels).save(path, quality=95, subsampling=0, exif=exif.tobytes())
+    data = path.read_bytes()
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    xmp = segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta/>")
+    large = b"".join(segment(0xED, bytes(60000)) for _ in range(4))  # 240 KB before the EXIF
+    path.write_bytes(data[:2] + xmp + large + data[2:])
+    files, _, _, _, orientations, _ = collate_files([(read_file_bytes(str(path)), 0, -1, 0)])
+    assert orientations.tolist() == [6]
+    (device,) = decode_batch([files], torch.device("cpu"), orientations.tolist())
+    pil = torch.from_numpy(np.array(read_pil_image(str(path)))).permute(2, 0, 1)
+    torchvision_image = read_image(str(path))
+    assert torch.equal(device, torchvision_image)
+    for image in (torchvision_image, pil):
+        assert image.shape == (3, 40, 24)
+        assert (image.int() - pil.int()).abs().float().mean() < 2
+
+
 def test_the_exif_reader_takes_odd_files_as_upright():
     from resnet_train.data.device_decode import jpeg_orientation
 

@@ -255,6 +255,12 @@ def test_an_image_cut_short_is_found_before_anything_is_written(tmp_path, suffix
     found = scan_folders(str(root), 0.1, 0.1, 0, True)
     assert [Path(p).name for p, _ in found.skipped] == [cut.name]
     assert str(root / "test" / "square" / f"tail{suffix}") in found.test[0]
+    if suffix == ".jpg":  # a JPEG's trailer (a motion photo's video) is read past, not decoded
+        from resnet_train.data.folders import check_image
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Image.Image, "convert", None)  # (a decode would fail here)
+            assert check_image(root / "test" / "square" / f"tail{suffix}", decode=False) is None
 
 
 def test_data_decoder_pil_reads_ones_own_folder_with_pil(shapes, monkeypatch):

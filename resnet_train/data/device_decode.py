@@ -4,8 +4,9 @@ The DataLoader workers only read files; the main process decodes each batch at o
 training device (nvJPEG through `torchvision.io.decode_jpeg(device="cuda")`) and runs the same
 per-image transforms there, each image seeded as on the worker path, so a run gives the batches
 the CPU decoders give (up to the decoders' rounding). Files that are not JPEG are decoded on the
-CPU and moved. nvJPEG does not apply a JPEG's EXIF orientation, as the CPU decoders do: the
-workers read it from the file's header, and the decoded image is turned here.
+CPU and moved. nvJPEG does not apply a JPEG's EXIF orientation: the workers read it from the
+file's segments (jpeg_orientation, which the CPU decoder uses too), and the decoded image is
+turned here.
 """
 
 from __future__ import annotations
@@ -54,16 +55,14 @@ def collate_files(
             torch.tensor(places))  # fmt: skip
 
 
-# The bytes of a JPEG's start read for its EXIF orientation: the APP1 segment that holds it is
-# at most 64 KiB and comes before the image data, after at most an APP0 (JFIF) segment.
-EXIF_SCAN_BYTES = 2 * 65536
 EXIF_ORIENTATION_TAG = 0x0112
 
 
 def jpeg_orientation(data: torch.Tensor) -> int:
     """The EXIF orientation (1 to 8) of a JPEG file's bytes: 1 where it has none or the file is
-    not a JPEG. Reads the markers before the image data, not the image."""
-    head = data[:EXIF_SCAN_BYTES].numpy().tobytes()
+    not a JPEG. Walks the segments before the image data (an XMP or ICC segment may come
+    first, of any length), not the image."""
+    head = memoryview(data.numpy())  # (no copy)
     if head[:2] != b"\xff\xd8":
         return 1
     i = 2
@@ -76,7 +75,7 @@ def jpeg_orientation(data: torch.Tensor) -> int:
             return 1
         length = int.from_bytes(head[i + 2 : i + 4], "big")
         if marker == 0xE1 and head[i + 4 : i + 10] == b"Exif\x00\x00":
-            return _tiff_orientation(head[i + 10 : i + 2 + length])
+            return _tiff_orientation(bytes(head[i + 10 : i + 2 + length]))
         i += 2 + length
     return 1
 

@@ -68,8 +68,15 @@ def read_image(path: str, remedy: str = SKIP_BAD) -> torch.Tensor:
     and the `remedy` when neither can read it."""
     from torchvision.io import ImageReadMode, decode_image, read_file
 
+    from resnet_train.data.device_decode import JPEG_MAGIC, jpeg_orientation, orient
+
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        data = read_file(path)
+        # A JPEG's orientation read as the device decoder reads it (torchvision's own reading
+        # missed an EXIF segment after an XMP one); other formats' by torchvision.
+        jpeg = bytes(data[:3].tolist()) == JPEG_MAGIC
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=not jpeg)
+        return orient(image, jpeg_orientation(data)) if jpeg else image
     except RuntimeError:
         pass
     from torchvision.transforms.functional import pil_to_tensor
@@ -116,12 +123,37 @@ def check_image(path: Path, decode: bool) -> str | None:
 
 
 def _cut_short(path: Path, image_format: str | None) -> bool:
+    """Whether a JPEG or PNG may be cut short: its end marker is not in its last bytes, and for
+    a JPEG (a phone's photo may carry kilobytes to megabytes after its image: a motion photo's
+    video) not after the start of its image data either."""
     marker = END_MARKERS.get(image_format or "")
     if marker is None:
         return False
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-        return marker not in f.read()
+        if marker in f.read():
+            return False
+        if image_format != "JPEG":
+            return True
+        f.seek(0)
+        data = f.read()
+    start = _jpeg_image_data(data)
+    return start is None or data.rfind(marker) < start
+
+
+def _jpeg_image_data(data: bytes) -> int | None:
+    """Where a JPEG's image data starts (its SOS segment), past the segments before it (whose
+    embedded thumbnails hold end markers of their own); None where the segments do not lead
+    there."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        if data[i + 1] == 0xFF:  # a fill byte
+            i += 1
+        elif data[i + 1] == 0xDA:
+            return i
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
 
 
 def readable_images(
