@@ -442,7 +442,8 @@ def report(sweep: Path, out: Path | None = None) -> str:
     trials = read_trials(sweep)
     if trials is None:
         unstarted = unstarted_jobs(sweep, jobs)
-        keys += [k for job in unstarted for k in job.overrides if k not in keys]
+        for job in unstarted:
+            keys += [k for k in job.overrides if k not in keys]
         jobs += unstarted
     groups = group_jobs(jobs, keys)
     out = out or sweep

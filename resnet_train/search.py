@@ -65,7 +65,7 @@ def continue_study(impl: Any) -> int:
     wanted = impl.n_trials
     impl.n_trials = max(0, wanted - finished)
     log.info(
-        "continuing study %s (%s): %d trials finished, %d killed ones run again first, %d to run",
+        "continuing study %s (%s): %d trials finished, %d killed run again first, %d to run",
         study.study_name,
         storage,
         finished,

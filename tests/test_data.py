@@ -332,6 +332,21 @@ def test_an_exif_tag_after_an_xmp_and_large_segments_turns_the_photo_alike_every
         assert (image.int() - pil.int()).abs().float().mean() < 2
 
 
+def test_a_webp_photo_is_turned_upright_by_the_default_decoder_too(tmp_path):
+    """torchvision decodes a WebP but leaves its EXIF tag unread: it went in sideways."""
+    from PIL import Image, features
+
+    from resnet_train.data.folders import read_image
+    from tests.conftest import EXIF_ORIENTATION
+
+    if not features.check("webp"):
+        pytest.skip("PIL without WebP")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "p.webp", exif=exif.tobytes())
+    assert read_image(str(tmp_path / "p.webp")).shape == (3, 40, 24)
+
+
 def test_the_exif_reader_takes_odd_files_as_upright():
     from resnet_train.data.device_decode import jpeg_orientation
 

@@ -473,6 +473,17 @@ def test_an_exports_metadata_gives_the_models_output_width(tmp_path):
     assert meta["output"].endswith("; the last 2 belong to no class of the data")
     with torch.no_grad():
         assert program.module()(real_images(2)).shape == (2, 12)
+    # predict names those two outputs as no class (it called them class10 and class11)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(tmp_path / "a.png")
+    r = run_cli("task=predict", f"model.weights={tmp_path / 'outputs' / 'wide' / 'best.pt'}",
+                f"predict.inputs={tmp_path / 'a.png'}", "predict.top_k=12", "name=p12",
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "outputs" / "p12" / "predictions.csv").read_text()
+    assert "(no class: output 10)" in table and "(no class: output 11)" in table
+    assert "class10" not in table
 
 
 @pytest.mark.slow

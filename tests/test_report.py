@@ -101,6 +101,8 @@ def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
     text = report(sweep)
     assert "6 jobs (2 finished, 3 never started), swept: seed, model" in text
+    with open(sweep / "jobs.csv") as f:
+        assert next(csv.reader(f))[:3] == ["job", "seed", "model"]  # each key once
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("resnet")}
     assert "2/3" in rows["resnet20"] and "0/3 (3 not started)" in rows["resnet32"]
     with open(sweep / "jobs.csv") as f:
@@ -108,6 +110,15 @@ def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
     never = [(j["model"], j["seed"]) for j in jobs if j["failure"] == "never started"]
     assert sorted(never) == [("resnet32", "0"), ("resnet32", "1"), ("resnet32", "2")]
     # a key both in the sweeper's params and on the command line: the command line's values
+    # a sweep stopped in its first job: the keys of the jobs that never started, once each
+    first = tmp_path / "first"
+    make_job(first, "a", ["seed=0"], None, 0)
+    (first / "multirun.yaml").write_text(
+        yaml.safe_dump(
+            {"hydra": {"overrides": {"task": ["seed=0,1,2"]}, "sweeper": {"params": None}}}
+        )
+    )
+    assert "3 jobs (0 finished, 2 never started), swept: seed\n" in report(first)
     record["hydra"]["sweeper"]["params"] = {"seed": "5,6"}
     (sweep / "multirun.yaml").write_text(yaml.safe_dump(record))
     assert "6 jobs (2 finished, 3 never started), swept: seed, model" in report(sweep)
@@ -259,7 +270,7 @@ def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_pat
         proc.wait()
     again = run_cli(*search, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "1 trials finished, 1 killed ones run again first, 2 to run" in again.stdout
+    assert "1 trials finished, 1 killed run again first, 2 to run" in again.stdout
     assert "setup plugin" not in again.stdout + (tmp_path / "first.log").read_text()  # alembic's
 
     storage = f"sqlite:///{sweep / 'optuna.db'}"
@@ -300,7 +311,7 @@ def test_an_optuna_search_records_a_diverging_trial_as_failed_and_goes_on(tmp_pa
     # Their outcome is known: relaunched, the search has nothing left to run.
     again = run_cli(*search, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "2 trials finished, 0 killed ones run again first, 0 to run" in again.stdout
+    assert "2 trials finished, 0 killed run again first, 0 to run" in again.stdout
     assert ("nothing to run: study resnet-train has its 2 trials (2 of them failed: a relaunch "
             "does not run them again); hydra.sweeper.n_trials=4 runs 2 more in it, or a new "
             "name= starts a new search") in again.stdout + again.stderr  # fmt: skip

@@ -74,7 +74,10 @@ def read_image(path: str, remedy: str = SKIP_BAD) -> torch.Tensor:
         data = read_file(path)
         # A JPEG's orientation read as the device decoder reads it (torchvision's own reading
         # missed an EXIF segment after an XMP one); other formats' by torchvision.
-        jpeg = bytes(data[:3].tolist()) == JPEG_MAGIC
+        head = bytes(data[:12].tolist())
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":  # (torchvision leaves its tag unread)
+            raise RuntimeError("a WebP: read by PIL")
+        jpeg = head[:3] == JPEG_MAGIC
         image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=not jpeg)
         return orient(image, jpeg_orientation(data)) if jpeg else image
     except RuntimeError:

@@ -165,7 +165,8 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
     seconds = time.perf_counter() - start
     probs = torch.cat(probabilities)
     outputs = probs.shape[1]
-    labels = names + [f"class{i}" for i in range(len(names), outputs)]
+    # (model.num_classes above the data's: logits that belong to no class, named as such)
+    labels = names + [f"(no class: output {i})" for i in range(len(names), outputs)]
     k = min(int(p.top_k), outputs)
     top = probs.topk(k, dim=1)
     rows = []
