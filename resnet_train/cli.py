@@ -541,6 +541,12 @@ def train(cfg: DictConfig) -> float | None:
         print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
         FAILED_JOBS.append(message)
         return None
+    except Exception as e:
+        # A stop signal that a library wrapped in its own error (torch's ONNX exporter does):
+        # the interruption itself, not a failed job (Hydra printed "Error executing job" first).
+        if (interrupt := _interrupt_in_chain(e)) is not None:
+            raise interrupt from None
+        raise
 
 
 def run_single(cfg: DictConfig) -> None:

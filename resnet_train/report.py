@@ -259,17 +259,24 @@ def table_rows(groups: list[Group], keys: list[str]) -> tuple[list[str], list[li
         rows.append([
             *(g.values[k] for k in shown),
             ",".join(seeds),
-            f"{len(g.finished())}/{len(g.jobs)}"
-            + (f" ({failed} failed)" if (failed := sum(j.failure is not None for j in g.jobs))
-               else "")
-            + (f" ({unstarted} not started)" if (unstarted := sum(not j.started for j in g.jobs))
-               else ""),
+            f"{len(g.finished())}/{len(g.jobs)}" + _unfinished(g.jobs),
             _pm(*g.stat("valid", "acc")),
             _pm(*g.stat("valid", "loss")),
             _pm(*g.stat("test", "acc")),
             _pm(*_images_per_s(g)),
         ])  # fmt: skip
     return header, rows
+
+
+def _unfinished(jobs: list[Job]) -> str:
+    """Why jobs have no figures: " (1 failed, 1 unfinished, 2 not started)", or nothing."""
+    counts = {
+        "failed": sum(j.failure is not None for j in jobs),
+        "unfinished": sum(j.started and j.metrics is None and j.failure is None for j in jobs),
+        "not started": sum(not j.started for j in jobs),
+    }
+    parts = [f"{n} {what}" for what, n in counts.items() if n]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _images_per_s(g: Group) -> tuple[float | None, float | None]:

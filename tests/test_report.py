@@ -55,7 +55,7 @@ def test_report_groups_seeds_sorts_by_validation_and_writes_csv_and_png(sweep):
     std32 = statistics.stdev([55.0, 58.0])
     assert f"56.50 ± {std32:.2f}" in table[0] and "0,1" in table[0] and "2/2" in table[0]
     assert "40.00" in table[2] and "±" not in table[2].split("40.00")[1].split()[0]
-    assert table[3].split()[2:4] == ["0/1", "-"]  # unfinished: listed, not ranked
+    assert table[3].split()[2:6] == ["0/1", "(1", "unfinished)", "-"]  # listed, not ranked
 
     with open(sweep / "report.csv") as f:
         rows = list(csv.DictReader(f))
@@ -104,7 +104,7 @@ def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
     with open(sweep / "jobs.csv") as f:
         assert next(csv.reader(f))[:3] == ["job", "seed", "model"]  # each key once
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("resnet")}
-    assert "2/3" in rows["resnet20"] and "0/3 (3 not started)" in rows["resnet32"]
+    assert "2/3 (1 unfinished)" in rows["resnet20"] and "0/3 (3 not started)" in rows["resnet32"]
     with open(sweep / "jobs.csv") as f:
         jobs = list(csv.DictReader(f))
     never = [(j["model"], j["seed"]) for j in jobs if j["failure"] == "never started"]
