@@ -403,7 +403,9 @@ def _holds(job: Job, params: dict[str, Any]) -> bool:
     return bool(params) and all(_same(job.overrides.get(k), v) for k, v in params.items())
 
 
-def trial_rows(trials: list[Trial], jobs: list[Job]) -> tuple[list[str], list[list[str]]]:
+def trial_rows(
+    trials: list[Trial], jobs: list[Job], exact: bool = False
+) -> tuple[list[str], list[list[str]]]:
     """One row per Optuna trial: finished ones by their value (the validation accuracy, best
     first), then the failed, killed and waiting ones by number. A trial's job is the folder
     whose overrides hold its parameters (a killed trial and its re-run share one)."""
@@ -425,12 +427,16 @@ def trial_rows(trials: list[Trial], jobs: list[Job]) -> tuple[list[str], list[li
         test = job.figure("test", "acc") if job else None
         rows.append([
             str(t.number), state(t),
-            *(_short(t.params.get(k)) for k in keys),
+            *(_exact(t.params.get(k)) if exact else _short(t.params.get(k)) for k in keys),
             "-" if t.value is None else f"{t.value:.2f}",
             "-" if test is None or t.state != "COMPLETE" else f"{test:.2f}",
             job.path.name if job else "-",
         ])  # fmt: skip
     return header, rows
+
+
+def _exact(value: Any) -> str:
+    return "-" if value is None else repr(value) if isinstance(value, float) else str(value)
 
 
 def _short(value: Any) -> str:
@@ -457,8 +463,8 @@ def report(sweep: Path, out: Path | None = None) -> str:
     out.mkdir(parents=True, exist_ok=True)
     if trials is not None:
         header, rows = trial_rows(trials, jobs)
-        with open(out / "trials.csv", "w", newline="") as f:
-            csv.writer(f).writerows([header, *rows])
+        with open(out / "trials.csv", "w", newline="") as f:  # (the parameters as drawn)
+            csv.writer(f).writerows([header, *trial_rows(trials, jobs, exact=True)[1]])
         finished = sum(t.state == "COMPLETE" for t in trials)
         heading = [
             f"{sweep}: Optuna study of {len(trials)} trials ({finished} finished), "

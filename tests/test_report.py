@@ -294,6 +294,12 @@ def test_an_optuna_search_killed_and_relaunched_finishes_its_trials_once(tmp_pat
     assert values == sorted(values, reverse=True)
     assert values[0] == pytest.approx(max(t.value for t in done), abs=0.01)
     assert (sweep / "trials.csv").is_file() and _png_size(sweep / "report.png")[0] > 0
+    # trials.csv holds each trial's parameters as drawn (4 digits: not the trial to rerun)
+    with open(sweep / "trials.csv") as f:
+        written = {int(r["trial"]): r for r in csv.DictReader(f)}
+    for t in trials:
+        for key, value in t.params.items():
+            assert float(written[t.number][key]) == value
 
 
 def test_an_optuna_search_records_a_diverging_trial_as_failed_and_goes_on(tmp_path):
