@@ -642,7 +642,8 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     was Hydra's many-line message, exit 1, after the jobs before it had run). A value out of its
     range is that job's error, as the sweep goes on, unless every job would be refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Override
+
+    from resnet_train.config import sweep_values
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -659,13 +660,10 @@ def check_sweep_overrides(overrides: list[str]) -> None:
         if not o.is_sweep_override():
             base.append(o.input_line)
             continue
-        if not o.is_discrete_sweep():  # interval(): a search space (Optuna)
+        # (interval(), an Optuna search space, and glob(), left to Hydra: no values here)
+        if (read := sweep_values(o)) is None:
             continue
-        try:
-            values = [f"{o.get_key_element()}={Override._get_value_element_as_str(v)}"
-                      for v in o.sweep_iterator()]  # fmt: skip
-        except Exception:  # glob() needs the config loader: left to Hydra
-            continue
+        values = [f"{o.get_key_element()}={v}" for v in read]
         if o.get_key_element() == "name" and len(values) > 1:
             _fail(
                 f"{o.input_line} is invalid: name= names the sweep's folder "

@@ -560,25 +560,32 @@ def _read_overrides(overrides: list[str]) -> list[tuple[str, str, bool]]:
     sweep over a list of values is that list in sorted order (seed=6,5, seed=5,6 and
     seed=range(5,7) run the same jobs); any other override is kept as written."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Override
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # (a grammar error: the command itself is refused elsewhere)
-        return [(_override_key(o), o, "," in o or "(" in o) for o in overrides]
+        return [(override_key(o), o, "," in o or "(" in o) for o in overrides]
     read = []
     for o in parsed:
         line = o.input_line or ""
-        key = _override_key(line)
-        if o.is_sweep_override() and o.is_discrete_sweep():
-            try:
-                values = [Override._get_value_element_as_str(v) for v in o.sweep_iterator()]
-            except Exception:  # glob() needs the config loader
-                values = None
-            if values is not None:
-                line = line.split("=", 1)[0] + "=" + ",".join(sorted(values))
-        read.append((key, line, o.is_sweep_override()))
+        if (values := sweep_values(o)) is not None:
+            line = line.split("=", 1)[0] + "=" + ",".join(sorted(values))
+        read.append((override_key(line), line, o.is_sweep_override()))
     return read
+
+
+def sweep_values(override: Any) -> list[str] | None:
+    """The values of a parsed override (Hydra's Override) that sweeps over a list, a range or a
+    choice, as written on a command line; None for any other (and for glob(), which needs the
+    config loader)."""
+    from hydra.core.override_parser.types import Override
+
+    if not (override.is_sweep_override() and override.is_discrete_sweep()):
+        return None
+    try:
+        return [Override._get_value_element_as_str(v) for v in override.sweep_iterator()]
+    except Exception:  # glob()
+        return None
 
 
 # Where configs/train.yaml puts the sweeps' folders (hydra.sweep.dir), from the working folder.
@@ -590,11 +597,11 @@ def _sweep_name(_root_: DictConfig) -> str:
     # Values in a canonical order, but for a search (Optuna's params): its study keeps a
     # choice's values in the order given, and refuses another order in the same folder.
     read = _read_overrides(overrides) if params is None else [
-        (_override_key(o), o, False) for o in overrides]  # fmt: skip
+        (override_key(o), o, False) for o in overrides]  # fmt: skip
     kept = sorted(line for key, line, _ in read if key not in MAY_CHANGE)
     swept = swept_in(overrides, params)
     # teachers by their contents, as a run's name has them
-    teachers = sorted(_file_identity(path) for o in overrides if _override_key(o) == TEACHER_KEY
+    teachers = sorted(_file_identity(path) for o in overrides if override_key(o) == TEACHER_KEY
                       for path in o.split("=", 1)[1].split(","))  # fmt: skip
     payload = {"base": training_identity(_root_), "overrides": kept, "params": params}
     if teachers:
@@ -604,7 +611,7 @@ def _sweep_name(_root_: DictConfig) -> str:
     name = "-".join([_safe(model), _safe(data), _digest(payload)])
     # A sweep begun before its values were read in a canonical order was named by its overrides
     # as spelt (optim.lr=0.1,0.05): relaunched, it finds its folder under that name.
-    spelt = {**payload, "overrides": sorted(o for o in overrides if _override_key(o) not in
+    spelt = {**payload, "overrides": sorted(o for o in overrides if override_key(o) not in
                                             MAY_CHANGE)}  # fmt: skip
     earlier = "-".join([_safe(model), _safe(data), _digest(spelt)])
     if earlier != name and (SWEEPS / earlier).is_dir() and not (SWEEPS / name).exists():
@@ -612,7 +619,8 @@ def _sweep_name(_root_: DictConfig) -> str:
     return name
 
 
-def _override_key(override: str) -> str:
+def override_key(override: str) -> str:
+    """The key an override sets (+key=, ~key= and key= alike)."""
     return override.split("=", 1)[0].lstrip("+~")
 
 

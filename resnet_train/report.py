@@ -24,7 +24,14 @@ from typing import Any
 
 import yaml
 
-from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE, flatten, swept_in
+from resnet_train.config import (
+    MAY_CHANGE,
+    SWEEPABLE_MAY_CHANGE,
+    flatten,
+    override_key,
+    sweep_values,
+    swept_in,
+)
 from resnet_train.search import Trial, read_trials
 
 SEED = "seed"
@@ -170,12 +177,12 @@ def unstarted_jobs(sweep: Path, jobs: list[Job]) -> list[Job]:
     that have no folder: an interrupted sweep's jobs that never started. None for an Optuna
     search (no grid), a glob() or where the grid cannot be read."""
     import itertools
+    import math
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import Override
 
     overrides, params = _command(sweep)
-    given = {_override_key(o) for o in overrides}  # (the command line wins over the params)
+    given = {override_key(o) for o in overrides}  # (the command line wins over the params)
     lines = overrides + [f"{k}={v}" for k, v in (params or {}).items() if k not in given]
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
@@ -185,31 +192,16 @@ def unstarted_jobs(sweep: Path, jobs: list[Job]) -> list[Job]:
     for o in parsed:
         if o.is_hydra_override() or not o.is_sweep_override():
             continue
-        if not o.is_discrete_sweep():  # interval(): a search space
+        if (values := sweep_values(o)) is None:  # interval() (a search space), glob()
             return []
-        try:
-            values = [Override._get_value_element_as_str(v) for v in o.sweep_iterator()]
-        except Exception:  # glob() needs the config loader
-            return []
-        axes.append([(_override_key(o.input_line or ""), v) for v in values])
-    if not axes or _grid_size(axes) > MAX_GRID:
+        axes.append([(override_key(o.input_line or ""), v) for v in values])
+    if not axes or math.prod(len(axis) for axis in axes) > MAX_GRID:
         return []
     missing = []
     for combination in itertools.product(*axes):
         if not any(all(_same_value(j.overrides.get(k), v) for k, v in combination) for j in jobs):
             missing.append(Job(sweep, dict(combination), None, started=False))
     return missing
-
-
-def _grid_size(axes: list[list]) -> int:
-    size = 1
-    for axis in axes:
-        size *= len(axis)
-    return size
-
-
-def _override_key(line: str) -> str:
-    return line.split("=", 1)[0].lstrip("+~")
 
 
 def _same_value(given: str | None, value: str) -> bool:

@@ -58,6 +58,22 @@ def collate_files(
 EXIF_ORIENTATION_TAG = 0x0112
 
 
+def jpeg_segments(data: Any) -> Iterator[tuple[int, int, int]]:
+    """(marker, start, length) of each segment of a JPEG's bytes (bytes or a memoryview) before
+    its image data, the SOS segment (0xDA) last; nothing past a byte that is not a marker."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        yield marker, i, length
+        if marker in (0xD9, 0xDA):  # the end, or the image data
+            return
+        i += 2 + length
+
+
 def jpeg_orientation(data: torch.Tensor) -> int:
     """The EXIF orientation (1 to 8) of a JPEG file's bytes: 1 where it has none or the file is
     not a JPEG. Walks the segments before the image data (an XMP or ICC segment may come
@@ -65,18 +81,9 @@ def jpeg_orientation(data: torch.Tensor) -> int:
     head = memoryview(data.numpy())  # (no copy)
     if head[:2] != b"\xff\xd8":
         return 1
-    i = 2
-    while i + 4 <= len(head) and head[i] == 0xFF:
-        marker = head[i + 1]
-        if marker == 0xFF:  # a fill byte
-            i += 1
-            continue
-        if marker in (0xD9, 0xDA):  # the end, or the image data: no EXIF before them
-            return 1
-        length = int.from_bytes(head[i + 2 : i + 4], "big")
+    for marker, i, length in jpeg_segments(head):
         if marker == 0xE1 and head[i + 4 : i + 10] == b"Exif\x00\x00":
             return _tiff_orientation(bytes(head[i + 10 : i + 2 + length]))
-        i += 2 + length
     return 1
 
 

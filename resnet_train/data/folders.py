@@ -148,15 +148,9 @@ def _jpeg_image_data(data: bytes) -> int | None:
     """Where a JPEG's image data starts (its SOS segment), past the segments before it (whose
     embedded thumbnails hold end markers of their own); None where the segments do not lead
     there."""
-    i = 2
-    while i + 4 <= len(data) and data[i] == 0xFF:
-        if data[i + 1] == 0xFF:  # a fill byte
-            i += 1
-        elif data[i + 1] == 0xDA:
-            return i
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
+    from resnet_train.data.device_decode import jpeg_segments
+
+    return next((i for marker, i, _ in jpeg_segments(data) if marker == 0xDA), None)
 
 
 def readable_images(
