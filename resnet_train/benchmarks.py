@@ -98,17 +98,31 @@ def check_options(
     output: Path | None = None,
     model: str | None = None,
     device: str | None = None,
+    files: Iterable[tuple[str, Path | None]] = (),
+    folders: Iterable[tuple[str, Path | None]] = (),
+    model_flag: str = "--model",
 ) -> torch.device | None:
-    """Call fail (one line, status 2) on the first bad option, before any work: a count below
-    its least value ((flag, value, least)), an --output whose folder does not exist, an unknown
-    --model, a --device that is not the CPU or an available CUDA device. Returns the device."""
+    """Call fail (one line, status 2) on the first bad option, before any work (so that no
+    measurement is lost to a path found wrong at its end): a count below its least value
+    ((flag, value, least)); an --output (or another file to write, `files`: (flag, path)) that is
+    a folder or whose folder does not exist; a folder to write in (`folders`) that is a file; an
+    unknown --model; a --device that is not the CPU or an available CUDA device. Returns the
+    device."""
     for flag, value, least in counts:
         if value < least:
             fail(f"{flag} {value}: must be at least {least}")
-    if output is not None and not output.expanduser().resolve().parent.is_dir():
-        fail(f"--output {output}: the folder {output.parent} does not exist")
+    for flag, path in (("--output", output), *files):
+        if path is None:
+            continue
+        if path.expanduser().is_dir():
+            fail(f"{flag} {path}: is a folder; give a file to write")
+        if not path.expanduser().resolve().parent.is_dir():
+            fail(f"{flag} {path}: the folder {path.parent} does not exist")
+    for flag, path in folders:
+        if path is not None and path.expanduser().exists() and not path.expanduser().is_dir():
+            fail(f"{flag} {path}: is a file; give a folder (made if it does not exist)")
     if model is not None and model not in list_models():
-        fail(f"--model {model!r} is unknown: one of {', '.join(list_models())}")
+        fail(f"{model_flag} {model!r} is unknown: one of {', '.join(list_models())}")
     if device is None:
         return None
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
@@ -67,6 +68,8 @@ class Group:
         xs = [v for j in self.finished() if (v := j.figure(split, name)) is not None]
         if not xs:
             return None, None
+        if not all(math.isfinite(x) for x in xs):  # a diverged job: its nan or inf shows
+            return statistics.fmean(xs), None
         return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None
 
 
@@ -82,8 +85,10 @@ def read_job(folder: Path) -> Job | None:
     metrics_file = folder / "metrics.json"
     try:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-    except ValueError as e:
-        raise ReportError(f"{metrics_file} is not readable JSON ({e})") from None
+    except (ValueError, OSError) as e:  # listed as failed; the other jobs are reported
+        return Job(folder, overrides, None, f"its metrics.json is not readable JSON ({e})")
+    if metrics is not None and not isinstance(metrics, dict):
+        return Job(folder, overrides, None, "its metrics.json does not hold a JSON object")
     return Job(folder, overrides, metrics, None if metrics else _failure(folder))
 
 

@@ -160,7 +160,8 @@ def bookkeeping(args: argparse.Namespace, device: torch.device) -> dict:
 
     def model_and_optimizer():
         torch.manual_seed(0)
-        model = create_model(args.model, num_classes=args.classes, stem="cifar").to(device)
+        stem = "cifar" if args.image_size <= 64 else "imagenet"  # (the real batches' model)
+        model = create_model(args.model, num_classes=args.classes, stem=stem).to(device)
         return model, fused_sgd(model)
 
     tiny = random_batches(steps, args.bookkeeping_batch, args.bookkeeping_size, args.classes,
@@ -299,7 +300,15 @@ def main() -> None:
                    ("--bookkeeping-repeats", args.bookkeeping_repeats, 2),
                    ("--bookkeeping-batch", args.bookkeeping_batch, 1),
                    ("--bookkeeping-size", args.bookkeeping_size, 8)]  # fmt: skip
-    device = check_options(fail, counts, args.output, args.model, args.device)
+    device = check_options(
+        fail,
+        counts,
+        args.output,
+        args.model,
+        args.device,
+        files=[("--json", args.json)],
+        folders=[("--profile", args.profile)],
+    )
     if args.compile_mode != "default" and not args.compile:
         fail(f"--compile-mode {args.compile_mode} needs --compile")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"

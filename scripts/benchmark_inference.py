@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import math
 import os
 import platform
 import statistics
@@ -184,8 +185,13 @@ def main() -> None:
         fail("--weights takes one checkpoint per model in --models")
     if min(args.batches) < 1:
         fail(f"--batches {' '.join(map(str, args.batches))} is invalid: each must be >= 1")
-    if not args.seconds > 0:
-        fail(f"--seconds {args.seconds} is invalid: must be > 0")
+    if not 0 < args.seconds < math.inf:
+        fail(f"--seconds {args.seconds} is invalid: must be a number > 0")
+    for name in args.models:
+        check_options(fail, model=name, model_flag="--models")
+    for weights in args.weights:
+        if not weights.expanduser().is_file():
+            fail(f"--weights {weights}: no such file")
     check_options(fail, output=args.output)  # (as the other benchmarks: with or without --write)
     import onnxruntime
 

@@ -108,9 +108,12 @@ def run_side(side: str, args, scratch: Path, index: int) -> dict[str, float]:
     """One process of one side; its phases in seconds."""
     out = scratch / f"{side}-{index}.json"
     if side == "resnet-train":
+        from resnet_train.cli import hydra_quoted  # (a root with a comma or a quote)
+
         run_dir = scratch / f"run-{index}"
         command = [sys.executable, "-m", "resnet_train", "model=resnet20", "data=cifar10",
-                   f"data.root={args.data_root}", "data.valid_ratio=0", "data.batch_size=128",
+                   f"data.root={hydra_quoted(str(args.data_root))}", "data.valid_ratio=0",
+                   "data.batch_size=128",
                    f"trainer.epochs={args.epochs}", "trainer.device=cpu", f"seed={index}",
                    "trainer.progress=false", f"hydra.run.dir={run_dir}"]  # fmt: skip
     else:
@@ -173,8 +176,9 @@ def main() -> None:
     if args.bare:
         bare(args.data_root, args.bare_out, args.epochs, args.seed)
         return
-    if not args.output.expanduser().resolve().parent.is_dir():
-        fail(f"--output {args.output}: the folder {args.output.parent} does not exist")
+    from resnet_train.benchmarks import check_options
+
+    check_options(fail, output=args.output)
     if not (args.data_root / "cifar-10-batches-py" / "data_batch_1").is_file():
         fail(f"--data-root {args.data_root} holds no cifar-10-batches-py/ (the python version)")
     if args.repeats < 1 or args.epochs < 1:

@@ -71,7 +71,8 @@ def make_variant(name: str, args: argparse.Namespace, device: torch.device) -> T
     precision, channels_last, compiled = parse_variant(name)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)  # the same initial weights for every variant
-    model = create_model(args.model, num_classes=args.classes, stem="cifar")
+    stem = "cifar" if args.image_size <= 64 else "imagenet"  # (as the trainer chooses)
+    model = create_model(args.model, num_classes=args.classes, stem=stem)
     model = model.to(device, memory_format=memory)
     cfg = TrainerConfig(device=str(device), precision=precision, progress=False)
     t = make_training(model, fused_sgd(model), cfg, device, memory_format=memory)

@@ -26,11 +26,30 @@ OWN = {"ring": 48, "bar": 30, "square": 18, "triangle": 10}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", type=Path, help="the folder to make (replaced if it exists)")
+    parser.add_argument(
+        "out",
+        type=Path,
+        help="the folder to make: a new or empty one, or one this script made (it is replaced)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    if args.out.exists() or args.out.is_symlink():
+        if not args.out.is_dir() or args.out.is_symlink():
+            parser.exit(2, f"make_shape_folders.py: {args.out} exists and is not a folder\n")
+        ours = {"pretrain", "own", "new"}
+        others = sorted(p.name for p in args.out.iterdir() if p.name not in ours)
+        if others:
+            parser.exit(
+                2,
+                f"make_shape_folders.py: {args.out} holds other files than a data set this script"
+                f" made ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); give a new"
+                " or empty folder\n",
+            )
+        for name in ours:
+            if (args.out / name).is_dir() and not (args.out / name).is_symlink():
+                shutil.rmtree(args.out / name)
+            elif (args.out / name).exists() or (args.out / name).is_symlink():
+                (args.out / name).unlink()
     make_shape_folders(args.out / "pretrain", PRETRAIN, seed=args.seed + 1)
     make_shape_folders(args.out / "own", OWN, seed=args.seed + 2)
     new = args.out / "new"

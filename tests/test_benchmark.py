@@ -114,6 +114,16 @@ def test_variants_benchmark_times_each_variant_and_adds_its_rows(tmp_path):
         ("", ["--output", "no/such/x.md"], "--output no/such/x.md: the folder no/such "),
         ("", ["--device", "meta"], "--device 'meta': use cpu or cuda"),
         ("inference", ["--output", "no/such/x.md"], "--output no/such/x.md: the folder "),
+        # paths that failed only after the measurements (their figures lost)
+        ("", ["--output", "scripts"], "--output scripts: is a folder; give a file to write"),
+        ("", ["--json", "no/such/x.json"], "--json no/such/x.json: the folder no/such "),
+        ("", ["--profile", "README.md"], "--profile README.md: is a file; give a folder"),
+        ("variants", ["--output", "scripts"], "--output scripts: is a folder"),
+        ("inference", ["--models", "resnet20", "resnet19"], "--models 'resnet19' is unknown"),
+        ("inference", ["--models", "resnet20", "--weights", "no/such.pt"],
+         "--weights no/such.pt: no such file"),
+        ("inference", ["--seconds", "inf"], "--seconds inf is invalid: must be a number > 0"),
+        ("process", ["--data-root", ".", "--output", "scripts"], "--output scripts: is a folder"),
     ],
 )  # fmt: skip
 def test_benchmarks_reject_a_bad_option_in_one_line_before_any_work(script, args, message):
@@ -155,7 +165,7 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
     result = subprocess.run(
         [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
          "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0",
-         "--recipe-overrides", "data.augment.cutout=4"],
+         "--recipe-overrides", "data.augment.cutout=4", "trainer.epochs=1"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -173,7 +183,7 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
     cuda_tests = (REPO / "tests" / "test_cuda.py").read_text().count("\ndef test_")
     assert results["tests"]["skipped"] >= cuda_tests and results["tests"]["failed"] == 0
     (seed,) = results["recipe"]["seeds"]
-    assert [e["epoch"] for e in seed["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in seed["epochs"]] == [1]  # the variant's epochs, not --tiny's 2
     assert all(0 <= e["test_acc"] <= 100 for e in seed["epochs"])
     assert seed["train_seconds"] > 0 and seed["test_acc"] == seed["epochs"][-1]["test_acc"]
     for name in ("resnet50", "resnet18"):
@@ -256,7 +266,7 @@ def pruned_weights(folder: Path, shortcut: str = "A") -> Path:
 @pytest.mark.parametrize(
     ("option", "message"),
     [(["--batches", "0", "4"], "--batches 0 4 is invalid: each must be >= 1"),
-     (["--seconds", "-1"], "--seconds -1.0 is invalid: must be > 0")],
+     (["--seconds", "-1"], "--seconds -1.0 is invalid: must be a number > 0")],
 )  # fmt: skip
 def test_inference_benchmark_refuses_bad_options_in_one_line(option, message):
     result = run_program("scripts/benchmark_inference.py", *option)
@@ -270,17 +280,47 @@ def test_gpu_proof_with_its_budget_spent_reports_the_parts_it_did_not_start(tmp_
     make_cifar(tmp_path / "data", "cifar10", per_file=10)
     result = subprocess.run(
         [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
-         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0", "--budget", "0",
+         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0", "--budget", "1",
          "--parts", "recipe", "resnet18"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # (it exited 0: parts missing)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["recipe"]["seeds"][0]["exit"] is None and results["resnet18"]["exit"] is None
     assert "not started, the time budget is spent" in (tmp_path / "out" / "proof.log").read_text()
     table = (tmp_path / "out" / "results.md").read_text()
-    assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit None\)", table)
-    assert re.search(r"\| resnet18 +\| did not finish \(exit None\)", table), table
+    assert re.search(r"\| fast recipe seed 0 +\| not run \(the time budget was spent\)", table)
+    assert re.search(r"\| resnet18 +\| not run \(the time budget was spent\) ", table), table
+    for budget in ("0", "-5", "inf"):
+        refused = run_program(
+            "scripts/gpu_proof.py",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--tiny",
+            "--budget",
+            budget,
+        )
+        assert refused.returncode == 2 and not (tmp_path / "o2").exists()
+        assert f"--budget {float(budget):g} is invalid: must be a number of seconds > 0" in (
+            refused.stderr
+        )
+
+
+def test_gpu_proof_exits_1_when_a_part_fails(tmp_path):
+    """A seed whose run failed was a row "did not finish (exit 2) | NO", with status 0."""
+    from tests.conftest import make_cifar
+
+    make_cifar(tmp_path / "data", "cifar10", per_file=10)
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0", "--parts", "recipe",
+         "--recipe-overrides", "optim.lr=-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"\| fast recipe seed 0 +\| did not finish \(exit 2\) ", result.stdout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

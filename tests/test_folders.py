@@ -25,7 +25,7 @@ from resnet_train.errors import CheckpointError, ConfigError, DataError
 from resnet_train.models import create_model
 from resnet_train.models.freeze import freeze
 from resnet_train.optim import build_optimizer, build_scheduler, group_lrs, main_lr
-from tests.conftest import compose_config, make_shape_folders, run_cli
+from tests.conftest import REPO, compose_config, make_shape_folders, run_cli, run_program
 from tests.test_train import scalars
 
 # An imbalanced set of one's own: 30, 24 and 10 pictures.
@@ -751,3 +751,20 @@ def test_predict_with_a_torchvision_file_needs_no_folder(tmp_path):
     assert record["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert record["preprocessing"]["resize"] == round(64 / 0.875)
     assert "(the first 0 above)" not in result.stdout
+
+
+def test_shape_folders_script_replaces_only_a_data_set_it_made(tmp_path):
+    """`make_shape_folders.py .` deleted everything in the current folder, then failed."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for target in (".", str(mine / "notes.txt")):
+        result = run_program(str(REPO / "scripts" / "make_shape_folders.py"), target, cwd=mine)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    for _ in range(2):  # a new folder, then the same one again: made, then replaced
+        result = run_program(str(REPO / "scripts" / "make_shape_folders.py"), "demo", cwd=mine)
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in (mine / "demo").iterdir()) == ["new", "own", "pretrain"]
+        assert len(list((mine / "demo" / "new").iterdir())) == 12

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -279,16 +280,37 @@ def test_create_model_with_ones_own_checkpoint_builds_the_model_it_holds(tmp_pat
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # (no classifier replaced)
             loaded = create_model("resnet20", weights=tmp_path / name).eval()
-        assert loaded.fc.out_features == 12
+            # None, as for the options left out: the file's (it built a new 10-class head)
+            forwarded = create_model("resnet20", weights=tmp_path / name, num_classes=None)
+        assert loaded.fc.out_features == 12 and forwarded.fc.out_features == 12
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), net(x))
+            torch.testing.assert_close(forwarded.eval()(x), net(x))
+
+
+def test_create_model_refuses_bad_options_naming_them(tmp_path):
+    """Each was a deep torch error, a silent default (stem="") or accepted ("yes")."""
     for bad, message in (
         (dict(num_classes=0), "num_classes=0 is invalid: must be an integer >= 1"),
         (dict(num_classes=-1), "num_classes=-1 is invalid"),
+        (dict(num_classes=True), "num_classes=True is invalid"),
         (dict(dropout=-1.0), r"dropout=-1.0 is invalid: must be in \[0, 1\)"),
+        (dict(dropout="0.1"), r"dropout='0.1' is invalid"),
+        (dict(stem=""), "stem='' is invalid: allowed: cifar, imagenet"),
+        (dict(shortcut="b"), "shortcut='b' is invalid: allowed: A, B, none"),
+        (dict(stride_in_1x1="yes"), "stride_in_1x1='yes' is invalid: must be True or False"),
+        (dict(weights=tmp_path), "is a folder: give a weights file in it"),
     ):
         with pytest.raises(ValueError, match=message):
             create_model("resnet20", **bad)
+    with pytest.raises(TypeError, match=r"unknown option 'device'.*\.to\(device\)"):
+        create_model("resnet20", device="cpu")
+    with pytest.raises(TypeError, match="weights=123 is invalid"):
+        create_model("resnet20", weights=123)
+    # the config's check, in the API: a plain net whose blocks all start at zero cannot learn
+    with pytest.raises(ValueError, match="zero_init_residual=True is invalid without shortcuts"):
+        create_model("plain20", zero_init_residual=True)
+    assert create_model("resnet20", num_classes=np.int64(4)).fc.out_features == 4
 
 
 def test_weights_of_another_model_are_refused_with_the_keys(tmp_path):

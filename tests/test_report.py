@@ -213,10 +213,39 @@ def test_a_sweep_over_a_key_that_may_change_on_resume_keeps_its_jobs_apart(tmp_p
     assert len(list(folder.glob("*/metrics.json"))) == 2
     out = run_program("resnet_train.report", str(folder), cwd=tmp_path)
     assert "2 jobs (2 finished), swept: data.num_workers" in out.stdout, out.stdout
-    # a damaged metrics.json is named (it was a bare JSON error)
+    # a damaged metrics.json: that job is listed as failed, saying why; the others are reported
     (next(folder.glob("*/metrics.json"))).write_text('{"test": ')
     out = run_program("resnet_train.report", str(folder), cwd=tmp_path)
-    assert out.returncode == 2 and "/metrics.json is not readable JSON (" in out.stderr
+    assert out.returncode == 0, out.stderr
+    assert "2 jobs (1 finished), swept: data.num_workers" in out.stdout, out.stdout
+    with open(folder / "jobs.csv") as f:
+        jobs = list(csv.DictReader(f))
+    assert sum("its metrics.json is not readable JSON (" in j["failure"] for j in jobs) == 1, jobs
+
+
+def test_a_diverged_job_shows_its_nan_and_a_foreign_metrics_file_is_a_failed_job(tmp_path):
+    """A job whose test loss was nan (the trainer writes it, warning) made the report crash in
+    statistics.stdev; a metrics.json that holds a list made it crash in .get."""
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        make_job(sweep, f"seed-{seed}", [f"seed={seed}", "optim.lr=0.1"], 50.0 + seed, 49.0)
+        make_job(sweep, f"lr-{seed}", [f"seed={seed}", "optim.lr=9"], 10.0, 10.0)
+    bad = json.loads((sweep / "lr-1" / "metrics.json").read_text())
+    bad["test"]["loss"] = float("nan")
+    bad["valid"]["loss"] = float("inf")
+    (sweep / "lr-1" / "metrics.json").write_text(json.dumps(bad))
+    make_job(sweep, "lr-2", ["seed=2", "optim.lr=9"], None, 0)
+    (sweep / "lr-2" / "metrics.json").write_text("[]")
+    text = report(sweep)
+    assert "5 jobs (4 finished), swept: seed, optim.lr" in text, text
+    row = next(line for line in text.splitlines() if line.startswith("9 "))
+    assert "10.00 ± 0.00" in row and "(1 failed)" in row, row
+    with open(sweep / "report.csv") as f:
+        rows = {r["optim.lr"]: r for r in csv.DictReader(f)}
+    assert rows["9"]["test_loss_mean"] == "nan" and rows["9"]["test_loss_std"] == ""
+    with open(sweep / "jobs.csv") as f:
+        jobs = {j["job"]: j for j in csv.DictReader(f)}
+    assert jobs["lr-2"]["failure"] == "its metrics.json does not hold a JSON object"
 
 
 def _png_size(path: Path) -> tuple[int, int]:

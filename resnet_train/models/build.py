@@ -67,8 +67,8 @@ def check_model(cfg: DictConfig) -> None:
     from resnet_train.models.freeze import freeze
 
     m = cfg.model
-    with torch.device("meta"):
-        model = create_model(m.name, **model_options(cfg))
+    with torch.device("meta"):  # (zero_init_residual is judged below, in the config's words)
+        model = create_model(m.name, **{**model_options(cfg), "zero_init_residual": False})
     block = getattr(model, "block", None)
     preact = block is not None and block.preact  # (not zeroed: model_notes says so)
     if m.zero_init_residual and getattr(model, "shortcut", None) == "none" and not preact:

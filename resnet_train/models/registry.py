@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,14 +30,49 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
     a warning (fine-tuning)."""
     if name not in _MODELS:
         raise ValueError(f"model {name!r} is unknown: allowed: {', '.join(list_models())}")
-    classes = kwargs.get("num_classes")
-    if classes is not None and (not isinstance(classes, int) or classes < 1):
-        raise ValueError(f"num_classes={classes!r} is invalid: must be an integer >= 1")
-    dropout = kwargs.get("dropout")
-    if dropout is not None and not 0 <= dropout < 1:
-        raise ValueError(f"dropout={dropout!r} is invalid: must be in [0, 1)")
+    kwargs = check_options(kwargs)
     if weights is not None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(f"weights={weights!r} is invalid: give the path of a weights file")
+        if Path(weights).expanduser().is_dir():
+            raise ValueError(f"weights={weights} is a folder: give a weights file in it")
         from resnet_train.models.build import model_from_file
 
         return model_from_file(name, weights, **kwargs)
     return _MODELS[name](**kwargs)
+
+
+OPTIONS = ("num_classes", "stem", "shortcut", "zero_init_residual", "stride_in_1x1", "dropout")
+
+
+def check_options(kwargs: dict) -> dict:
+    """create_model's keyword options, checked; those given as None (the model's default, or
+    the weights file's) left out."""
+    from resnet_train.models.resnet import SHORTCUTS
+
+    unknown = [k for k in kwargs if k not in OPTIONS]
+    if unknown:
+        hint = " (a model moves to a device with .to(device))" if unknown[0] == "device" else ""
+        raise TypeError(
+            f"create_model() got an unknown option {unknown[0]!r}: allowed: {', '.join(OPTIONS)}"
+            + hint
+        )
+    out = {k: v for k, v in kwargs.items() if v is not None}
+    classes = out.get("num_classes")
+    if classes is not None:
+        if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 1:
+            raise ValueError(f"num_classes={classes!r} is invalid: must be an integer >= 1")
+        out["num_classes"] = int(classes)
+    dropout = out.get("dropout")
+    if dropout is not None:
+        real = isinstance(dropout, numbers.Real) and not isinstance(dropout, bool)
+        if not real or not 0 <= dropout < 1:
+            raise ValueError(f"dropout={dropout!r} is invalid: must be in [0, 1)")
+        out["dropout"] = float(dropout)
+    for key, allowed in (("stem", ("cifar", "imagenet")), ("shortcut", SHORTCUTS)):
+        if key in out and out[key] not in allowed:
+            raise ValueError(f"{key}={out[key]!r} is invalid: allowed: {', '.join(allowed)}")
+    for key in ("zero_init_residual", "stride_in_1x1"):
+        if key in out and not isinstance(out[key], bool):
+            raise ValueError(f"{key}={out[key]!r} is invalid: must be True or False")
+    return out

@@ -247,6 +247,12 @@ class ResNet(nn.Module):
             raise ValueError(f"shortcut={shortcut!r} is invalid: allowed: {', '.join(SHORTCUTS)}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem={stem!r} is invalid: allowed: cifar, imagenet")
+        if zero_init_residual and shortcut == "none" and not block.preact:
+            raise ValueError(
+                "zero_init_residual=True is invalid without shortcuts (shortcut='none'): it "
+                "zeroes the last BatchNorm of every block, and with no shortcut to carry the "
+                "input past it the network's output is constant and it cannot learn"
+            )
         self.block = block
         self.shortcut = shortcut
         self.groups = groups
