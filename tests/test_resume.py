@@ -927,3 +927,39 @@ def test_a_resume_that_only_tests_keeps_the_runs_figures_and_says_an_early_stop(
         metrics = fit(compose_config(*longer), run)
     assert metrics["epochs_done"] == 2 and metrics["stopped_early"].startswith("early stopping:")
     assert metrics["stopped_early"] in caplog.text
+
+
+def test_a_run_shortened_to_where_it_is_keeps_that_length_and_not_past_a_mid_epoch_save(
+    tmp_path, monkeypatch
+):
+    """trainer.epochs lowered on a stopped run finishes it without a step, so without a save:
+    the next resume=auto without trainer.epochs (a requeue, the same command) took last.pt's old
+    length and trained on, rewriting metrics.json and best.pt. And a length that ends before a
+    checkpoint saved inside an epoch tested weights past that end as "epoch N"."""
+    from resnet_train.engine.resume import override_keys
+
+    stop_at(monkeypatch, "flushed:2:USR1", SMALL, tmp_path / "run")  # 2 of 3 epochs done
+    shorter = [*SMALL[:-3], "trainer.epochs=1", *SMALL[-2:], "resume=auto"]
+    metrics = fit(compose_config(*shorter), tmp_path / "run", override_keys(shorter))
+    assert (metrics["epochs_done"], metrics["epochs_total"]) == (2, 1)
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["config"]["trainer"]["epochs"] == 1 and last["epoch"] == 2
+    tested = (tmp_path / "run" / "metrics.json").read_bytes()
+    plain = [a for a in SMALL if not a.startswith("trainer.epochs=")] + ["resume=auto"]
+    again = fit(compose_config(*plain), tmp_path / "run", override_keys(plain))
+    assert again["epochs_done"] == 2 and len(again["history"]) == 2  # not trained on
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == tested
+
+    stop_at(monkeypatch, "step:9:USR1", SMALL, tmp_path / "mid")  # inside epoch 3
+    point = load_checkpoint(tmp_path / "mid" / "last.pt")
+    assert point["epoch"] == 2 and point["batch_in_epoch"] > 0
+    before = sorted(p.name for p in (tmp_path / "mid").iterdir())
+    two = [*SMALL[:-3], "trainer.epochs=2", *SMALL[-2:], "resume=auto"]
+    with pytest.raises(CheckpointError, match=r"trainer.epochs=2 ends before .*last.pt, saved "
+                       r"\d+ batches into epoch 3: .* give trainer.epochs=3 or more"):  # fmt: skip
+        fit(compose_config(*two), tmp_path / "mid", override_keys(two))
+    assert sorted(p.name for p in (tmp_path / "mid").iterdir()) == before
+    result = run_cli(*two, "hydra.run.dir=mid", cwd=tmp_path)  # refused before Hydra writes
+    assert result.returncode == 2 and "ends before" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "mid").iterdir()) == before

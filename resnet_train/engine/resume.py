@@ -318,7 +318,17 @@ def finished_metrics(run_dir: Path, point: ResumePoint) -> dict[str, Any] | None
 
 def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
     """resume=PATH from a run that has trained all it will: refused (resume=auto on its own
-    finished run is a command that does nothing, not an error)."""
+    finished run is a command that does nothing, not an error). So is a trainer.epochs that
+    ends before a checkpoint saved inside an epoch: its weights are past that end (tested, they
+    were reported as the last epoch's)."""
+    epoch, batch = point.state["epoch"], point.state.get("batch_in_epoch", 0)
+    if batch and epoch >= cfg.trainer.epochs:
+        raise CheckpointError(
+            f"trainer.epochs={cfg.trainer.epochs} ends before {point.path}, saved {batch} "
+            f"batches into epoch {epoch + 1}: its weights are past epoch "
+            f"{cfg.trainer.epochs}'s end; give trainer.epochs={epoch + 1} or more to finish "
+            "that epoch"
+        )
     if cfg.resume != "auto" and finished(point, cfg):
         epoch = point.state["epoch"]
         if epoch < cfg.trainer.epochs:
@@ -331,6 +341,24 @@ def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
             f"resume={cfg.resume} already finished epoch {epoch} of "
             f"trainer.epochs={cfg.trainer.epochs}; raise trainer.epochs to train further"
         )
+
+
+def record_run_length(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> list[str]:
+    """A run found finished by a new length (trainer.epochs lowered to where it is, or an early
+    stopping patience that has run out) trains no step, so saves no checkpoint: last.pt is
+    written again with the new config, so that a later resume=auto without those keys (a
+    requeue, the same command) keeps them, rather than the old length that trained on. Returns
+    the keys recorded, as key=value."""
+    saved = flatten(point.state["config"])
+    changed = [f"{key}={_shown(OmegaConf.select(cfg, key))}" for key in RUN_LENGTH_KEYS
+               if key in saved and saved[key] != OmegaConf.select(cfg, key)]  # fmt: skip
+    if changed and point.path.parent.resolve() == run_dir.resolve():
+        from resnet_train.engine.checkpoint import save_checkpoint
+
+        state = {**point.state, "config": to_dict(cfg)}
+        save_checkpoint(state, run_dir / CHECKPOINT_NAMES[0], run_dir / CHECKPOINT_NAMES[1])
+        return changed
+    return []
 
 
 # What a run leaves besides its checkpoints: a directory that holds them holds a run.

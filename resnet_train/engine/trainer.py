@@ -53,6 +53,7 @@ from resnet_train.engine.resume import (
     finished_note,
     keep_run_length,
     own_run_length,
+    record_run_length,
     restore_rng,
     set_aside_unread,
 )
@@ -869,7 +870,9 @@ def _fit(
                     log.info("drew the missing %s", run_dir / "curves.png")
             return done
         # trained all its epochs but not tested (stopped before, or metrics.json is of the
-        # run before it was extended): test it now
+        # run before it was extended, or shortened now): test it now
+        if d.main and (recorded := record_run_length(cfg, run_dir, point)):
+            log.info("last.pt records %s, the run's length from now on", ", ".join(recorded))
 
     run = _build_run(cfg, run_dir, d, device, point)
     _describe(run)
