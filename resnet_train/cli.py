@@ -41,7 +41,7 @@ from resnet_train.config import (
     schema,
     validate,
 )
-from resnet_train.errors import UserError
+from resnet_train.errors import ConfigError, UserError
 from resnet_train.launch import CHECKED_ENV, split_launch_args
 
 CONFIG_MODULE = "resnet_train.configs"
@@ -160,8 +160,6 @@ def check_bool_overrides(overrides: list[str]) -> None:
     """A yes/no key takes true or false: OmegaConf would read 2, -1, yes, on or 1 as true."""
     from omegaconf.nodes import BooleanNode
 
-    from resnet_train.errors import ConfigError
-
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or override.startswith("~"):
@@ -212,6 +210,11 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             del cfg["hydra"]
         validate(cfg)
         complete(cfg)
+        if cfg.task != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(
+                f"task={cfg.task} runs in one process (every process did all of it, writing "
+                "the same files): start it without --nproc-per-node or torchrun"
+            )
         if cfg.task == "summary":
             if cfg.model.weights is not None:  # a checkpoint's own model and data, as eval's
                 from resnet_train.deploy.source import adopt_config, given_keys, own_choices
@@ -253,6 +256,7 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             names = None if cfg.data.name == "imagenet" else class_names(cfg.data, cfg.seed)
             teacher = load_teacher(cfg, names)
         _check_run_dir(cfg, run_dir, teacher)
+        _check_other_process_count(composed, run_dir)
         _check_steps(cfg)
     except UserError as e:
         _fail(e)
@@ -284,7 +288,6 @@ def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
     from resnet_train.data import check_data
     from resnet_train.data.loaders import read_splits, split_indices
     from resnet_train.deploy.source import given_keys, load_trained, require
-    from resnet_train.errors import ConfigError
 
     if cfg.task == "export" and cfg.export.format == "onnx":
         require("onnx", "export.format=onnx")
@@ -349,6 +352,36 @@ def _check_steps(cfg: DictConfig) -> None:
 
     splits = read_splits(cfg.data, cfg.seed)
     plan_steps(cfg, len(splits.fit), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _check_other_process_count(composed: DictConfig, run_dir: Path) -> None:
+    """An unnamed run's folder is named by its process count too, so resume=auto with another
+    count found no checkpoint and started a new run beside the stopped one: refused, naming
+    both counts, as for a named run."""
+    from resnet_train.config import run_name_for_world
+    from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
+    from resnet_train.errors import CheckpointError
+
+    if composed.get("name") or composed.resume != "auto" or composed.get("task") != "train":
+        return
+    if any((run_dir / n).exists() for n in CHECKPOINT_NAMES):
+        return
+    prefix = run_dir.name.rsplit("-", 1)[0] + "-"
+    parent = run_dir.parent
+    siblings = {p.name for p in parent.glob(f"{prefix}*")} if parent.is_dir() else set()
+    if not siblings:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for other in range(1, 1025):
+        name = run_name_for_world(composed, other)
+        if other != world and name in siblings:
+            if any((parent / name / n).exists() for n in CHECKPOINT_NAMES):
+                raise CheckpointError(
+                    f"resume=auto: {parent / name} holds this run, saved by {other} "
+                    f"process(es); this run has {world}: resume it with torchrun "
+                    f"--nproc_per_node x nodes = {other} (an unnamed run's folder is named by "
+                    "its process count too)"
+                )
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
@@ -419,8 +452,35 @@ def run_train(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> float | N
         metrics = fit(cfg, run_dir, override_keys(overrides))
     except Preempted as stop:  # fit() has logged where the checkpoint is
         sys.exit(INTERRUPTED_EXIT_CODE if stop.signum == signal.SIGINT else PREEMPTED_EXIT_CODE)
+    except RuntimeError as e:
+        if (reason := _peer_lost(e)) is None:
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"resnet-train: error: process {rank}: another process of the run ended "
+              f"({reason}); the run continues from its last checkpoint with the same command "
+              "and resume=auto", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     valid = metrics.get("valid")
     return valid["acc"] if valid else None
+
+
+def _peer_lost(error: RuntimeError) -> str | None:
+    """Under DDP, the words of a collective's error that says another process went away (a
+    SIGKILL, a crash): a page of gloo or NCCL traceback otherwise; None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(error)
+    for words in (
+        "Connection reset by peer",
+        "Connection closed by peer",
+        "Broken pipe",
+        "Socket Timeout",
+        "NCCL communicator was aborted",
+        "remote process exited",
+    ):
+        if words.lower() in text.lower():
+            return words
+    return None
 
 
 def run_summary(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:

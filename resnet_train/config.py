@@ -392,14 +392,15 @@ def _digest(payload: Any) -> str:
     ]
 
 
-def training_identity(root: DictConfig) -> dict[str, Any]:
+def training_identity(root: DictConfig, world: int | None = None) -> dict[str, Any]:
     """What makes a run train differently: every resolved key of the job's config except the
-    ones that may change on resume, and the process count (torchrun's WORLD_SIZE)."""
+    ones that may change on resume, and the process count (`world`, or torchrun's
+    WORLD_SIZE)."""
     keys = [k for k in root if k != "hydra"]
     tree = {k: OmegaConf.to_container(root[k], resolve=True) if isinstance(root[k], DictConfig)
             else root[k] for k in keys}  # fmt: skip
     flat = {k: v for k, v in flatten(tree).items() if k not in MAY_CHANGE}
-    flat["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    flat["world_size"] = world if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if flat.get("data.name") == "imagenet" and flat.get("data.eval_resize") is None:
         # (what null stands for: the number configs/data/imagenet.yaml gave before, 256 at
         # 224 px, so that a run begun then keeps its folder)
@@ -461,7 +462,13 @@ def run_name(name: str | None, *, _root_: DictConfig) -> str:
     resume=auto finds the run again; any config that trains differently gets another."""
     if name:
         return str(name)
-    identity = training_identity(_root_)
+    return run_name_for_world(_root_, None)
+
+
+def run_name_for_world(root: DictConfig, world: int | None) -> str:
+    """An unnamed run's directory name (run_name) for `world` processes (None: this one's)."""
+    _root_ = root
+    identity = training_identity(_root_, world)
     # A sweep's job: the keys that may change on resume but that this sweep varies (trainer.
     # epochs=10,20) name its jobs too, or they would share one folder.
     swept = OmegaConf.get_cache(_root_).get("sweep_name", {}).get("swept", ())

@@ -10,6 +10,8 @@ failed child (a page of traceback, status 1). `torchrun ... -m resnet_train` wor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -49,15 +51,22 @@ def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    said = io.StringIO()
     try:
-        args = torchrun.parse_args([*launch_args, "-m", "resnet_train", *overrides])
+        with contextlib.redirect_stderr(said):  # argparse's usage text: its error line is kept
+            args = torchrun.parse_args([*launch_args, "-m", "resnet_train", *overrides])
         nproc = torchrun.determine_local_world_size(args.nproc_per_node)
         min_nodes, max_nodes = torchrun.parse_min_max_nnodes(args.nnodes)
-    except (SystemExit, ValueError) as e:  # argparse has printed its usage line
-        _fail(f"{' '.join(launch_args)} is invalid: torchrun's options are expected ({e})")
+    except (SystemExit, ValueError) as e:
+        lines = [line for line in said.getvalue().splitlines() if ": error: " in line]
+        reason = lines[-1].split(": error: ", 1)[1] if lines else str(e)
+        _fail(f"{' '.join(launch_args)} is invalid: torchrun's options are expected ({reason})")
     if nproc < 1:
         _fail(f"--nproc-per-node={args.nproc_per_node} is invalid: must be a number of processes "
               ">= 1 (or gpu, cpu, auto)")  # fmt: skip
+    if not 1 <= min_nodes <= max_nodes:
+        _fail(f"--nnodes={args.nnodes} is invalid: a number of machines >= 1, or MIN:MAX with "
+              "1 <= MIN <= MAX")  # fmt: skip
     world = nproc * min_nodes if min_nodes == max_nodes else None
     os.environ["WORLD_SIZE"] = str(world or nproc)  # the run's directory and step plan use it
     try:
@@ -73,8 +82,17 @@ def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun.run(args)
+    except RuntimeError as e:  # the launcher's own rendezvous store (a port that is taken)
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        _fail(f"the rendezvous port {args.master_port} is in use (EADDRINUSE): give another "
+              "--master-port, or --standalone to pick a free one")  # fmt: skip
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        # The cause first: a process killed by a signal (the others then fail, losing it),
+        # then one that said why in one line (bad input, stopped), then the first.
+        failures = sorted(e.failures.items(), key=lambda f: (f[1].exitcode >= 0,
+                          f[1].exitcode not in (2, 75, 130), f[1].timestamp))  # fmt: skip
+        rank, failure = failures[0]
         code = failure.exitcode
         if code in (2, 75, 130):  # rank 0 has said why in one line
             sys.exit(code)

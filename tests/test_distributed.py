@@ -306,7 +306,7 @@ def test_sbatch_script_runs_torchrun_per_node_and_requeues_on_the_stop_signal(tm
     assert (log_dir / "requeued").read_text() == "42\n"
     assert (log_dir / "args").read_text().split() == [
         "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=node1:29500", "-m", "resnet_train", "resume=auto",
+        "--rdzv_endpoint=node1:20042", "-m", "resnet_train", "resume=auto",
         "trainer.requeue=false", "model=resnet50", "data=imagenet",
     ]  # fmt: skip
 
@@ -409,3 +409,106 @@ def test_a_resume_with_another_process_count_is_refused_before_anything_is_writt
         "this run has 2: resume it with torchrun --nproc_per_node x nodes = 1"
     )
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_evaluation_splits_smaller_than_the_process_count_are_counted_once(tmp_path):
+    """A process with no validation or test image skipped the sum the others made: the test
+    split of 1 image broke the process group (gloo's mismatch, signal 6), the validation split
+    of 1 hung."""
+    out = finish(torchrun(tmp_path, "experiment=smoke", "trainer.epochs=1",
+                          "data.train_size=40", "data.valid_ratio=0.025", "data.test_size=1",
+                          "data.batch_size=8", "name=tiny", ours=True), timeout=240)  # fmt: skip
+    assert "weights identical on all 2 processes" in out, out
+    metrics = json.loads((tmp_path / "outputs" / "tiny" / "metrics.json").read_text())
+    assert metrics["test"]["acc"] in (0.0, 100.0) and metrics["valid"]["acc"] in (0.0, 100.0)
+    assert sum(v is not None for v in metrics["test"]["per_class_recall"].values()) == 1
+
+
+def test_the_launcher_refuses_bad_torchrun_options_and_other_tasks_in_one_line(tmp_path):
+    import socket
+
+    for args, message in (
+        (["--nnodes=0"], "--nnodes=0 is invalid: a number of machines >= 1"),
+        (["--nnodes=2:1"], "--nnodes=2:1 is invalid"),
+        (["--bogus"], "torchrun's options are expected (unrecognized arguments: --bogus)"),
+        (["--standalone", "task=summary"], "task=summary runs in one process"),
+    ):
+        result = run_cli("--nproc-per-node=2", *args, "experiment=smoke", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("resnet-train: error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    with socket.socket() as taken:  # a rendezvous port in use: one line, not 43
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--nproc-per-node=2", f"--master-port={port}", "experiment=smoke",
+                         "name=p", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"resnet-train: error: the rendezvous port {port} is in use (EADDRINUSE): give another "
+        "--master-port, or --standalone to pick a free one"
+    )
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_killed_process_is_one_line_and_its_unnamed_run_resumes_only_with_its_count(tmp_path):
+    """A SIGKILLed process made the other print a page of gloo traceback; an unnamed run
+    resumed with another process count started a new run in another folder (the count names
+    it), where a named one is refused."""
+    args = [a for a in RUN if a != "name=run"]
+    proc = torchrun(tmp_path, *args, "trainer.checkpoint_every_steps=4", ours=True)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("outputs/*/last.pt")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "resnet_train"],
+                              capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert len(children) == 2, children  # the two processes of the run
+    os.kill(int(children[-1]), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 128 + signal.SIGKILL, out
+    assert "Traceback" not in out, out
+    assert "another process of the run ended" in out and "was killed by signal 9" in out
+    (run,) = (tmp_path / "outputs").iterdir()
+    one = run_cli(*args, "resume=auto", cwd=tmp_path)
+    assert one.returncode == 2, one.stderr
+    assert one.stderr.strip() == (
+        f"resnet-train: error: resume=auto: {run.relative_to(tmp_path)} holds this run, saved by "
+        "2 process(es); this run has 1: resume it with torchrun --nproc_per_node x nodes = 2 "
+        "(an unnamed run's folder is named by its process count too)"
+    )
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == [run.name]
+
+
+def test_a_stop_signal_while_waiting_for_the_other_processes_ends_the_process(tmp_path):
+    """Held for a run that never starts (the peer never comes), a SIGTERM was swallowed for
+    the 30 minutes torch waits."""
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_train", "experiment=smoke",
+                             "name=alone"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "outputs" / "alone" / "train.log").exists():  # Hydra's, then fit
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    time.sleep(3)  # into the rendezvous
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=20)
+    assert proc.returncode == -signal.SIGTERM
+    assert not list((tmp_path / "outputs" / "alone").glob("*.pt"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

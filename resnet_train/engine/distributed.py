@@ -62,9 +62,12 @@ def setup(device: torch.device, d: Dist) -> None:
     global _host_group
     if not d.enabled or dist.is_initialized():
         return
+    from resnet_train.engine.preemption import signals_end_the_process
+
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    _host_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    with signals_end_the_process():  # (a peer that never comes: a stop signal still stops)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        _host_group = dist.new_group(backend="gloo") if backend != "gloo" else None
 
 
 def world_size() -> int:
@@ -97,6 +100,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
+    return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The largest of `values` over all processes (the tensor itself when there is one)."""
+    if world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
 
 

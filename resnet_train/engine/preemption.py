@@ -4,12 +4,14 @@ Ctrl-C (SIGINT) does the same and exits with INTERRUPTED_EXIT_CODE, a second end
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
 log = logging.getLogger("resnet_train")  # (not resnet_train.logging: it loads torch)
@@ -78,6 +80,26 @@ class HeldSignals:
         pending = _PENDING.pop() if _PENDING else None
         if redeliver and pending is not None:
             signal.raise_signal(pending)
+
+
+@contextlib.contextmanager
+def signals_end_the_process() -> Iterator[None]:
+    """While joining a process group: a stop signal (or Ctrl-C) ends the process at once, by
+    its default action, instead of being held for a run that may never start (a rendezvous
+    waits up to 30 minutes for its peers inside torch, where no Python handler runs). Nothing
+    of the run is written yet."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = [s for s in SIGNALS if signal.getsignal(s) == HeldSignals._hold]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        held.append(signal.SIGINT)
+    previous = {s: signal.signal(s, signal.SIG_DFL) for s in held}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class StopSignals:

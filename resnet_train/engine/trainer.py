@@ -630,6 +630,12 @@ def evaluate(
     bar.close()
     seconds = time.perf_counter() - start
     if world > 1:
+        # A split smaller than the number of processes leaves some with no image: they add
+        # zeros of the others' width (skipping the sum hung or broke the process group).
+        width = 0 if per_class is None else per_class.shape[1]
+        width = int(distributed.all_reduce_max(torch.tensor(width, device=device)))
+        if per_class is None and width:
+            per_class = torch.zeros(2, width, dtype=torch.long, device=device)
         loss_sum = distributed.all_reduce_sum(loss_sum)
         correct = distributed.all_reduce_sum(correct)
         seen = int(distributed.all_reduce_sum(torch.tensor(seen, device=device)))
