@@ -210,6 +210,9 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
             del cfg["hydra"]
         validate(cfg)
         complete(cfg)
+        from resnet_train.engine.distributed import check_env
+
+        check_env()  # (before Hydra writes the run's record)
         if cfg.task != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError(
                 f"task={cfg.task} runs in one process (every process did all of it, writing "

@@ -184,6 +184,15 @@ def test_a_launch_with_a_bad_config_fails_in_one_line_before_any_process_starts(
     quiet = subprocess.run([sys.executable, "-m", "resnet_train", "optim.lr=-1"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert quiet.returncode == 2 and quiet.stderr == ""
+    # torchrun's variables without the rendezvous's address: one line (a page of traceback)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MASTER_")}
+    alone = subprocess.run([sys.executable, "-m", "resnet_train", "experiment=smoke", "name=a"],
+                           cwd=tmp_path, env={**env, "RANK": "0", "WORLD_SIZE": "2"},
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert alone.returncode == 2 and alone.stderr.startswith(
+        "resnet-train: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT not"
+    ), alone.stderr
+    assert len(alone.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
     bad = run_cli("--nproc-per-node=2", "-m", "seed=0,1", cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "-m is invalid with --nproc-per-node" in bad.stderr

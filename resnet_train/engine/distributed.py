@@ -34,6 +34,22 @@ class Dist:
         return self.rank == 0
 
 
+def check_env() -> None:
+    """torchrun's variables, where RANK and WORLD_SIZE say this is one of its processes: the
+    rendezvous's address too (torch's own error is a page of traceback, deep inside it)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        from resnet_train.errors import ConfigError
+
+        raise ConfigError(
+            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} not: start the processes "
+            "with resnet-train --nproc-per-node=N or torchrun, which set them all (or unset "
+            "RANK and WORLD_SIZE for one process)"
+        )
+
+
 def from_env() -> Dist:
     """The process's place in a torchrun job, read from torchrun's environment variables; in a
     SLURM job of several tasks started by submitit (hydra/launcher=slurm), from SLURM's."""
@@ -47,6 +63,7 @@ def from_env() -> Dist:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Dist()
+    check_env()
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return Dist(int(os.environ["RANK"]), world, local_rank, launched=True)
