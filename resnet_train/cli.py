@@ -361,7 +361,7 @@ def _check_other_process_count(composed: DictConfig, run_dir: Path) -> None:
     """An unnamed run's folder is named by its process count too, so resume=auto with another
     count found no checkpoint and started a new run beside the stopped one: refused, naming
     both counts, as for a named run."""
-    from resnet_train.config import run_name_for_world
+    from resnet_train.config import run_names_by_world
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import CheckpointError
 
@@ -375,8 +375,7 @@ def _check_other_process_count(composed: DictConfig, run_dir: Path) -> None:
     if not siblings:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for other in range(1, 1025):
-        name = run_name_for_world(composed, other)
+    for other, name in run_names_by_world(composed, range(1, 1025)).items():
         if other != world and name in siblings:
             if any((parent / name / n).exists() for n in CHECKPOINT_NAMES):
                 raise CheckpointError(
@@ -400,6 +399,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
     from resnet_train.engine.resume import (
         RESULT_NAMES,
         check_config,
+        check_end_not_passed,
         check_not_finished,
         check_world_size,
         find_resume,
@@ -435,6 +435,7 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
                 if draw_if_missing(run_dir, done):  # (a run stopped before it was drawn)
                     print(f"drew the missing {run_dir / 'curves.png'}")
             sys.exit(0)
+        check_end_not_passed(cfg, point)
     # (before Hydra rewrites the run's .hydra/ record and appends to its log)
     check_world_size(point, int(os.environ.get("WORLD_SIZE", "1")))
 

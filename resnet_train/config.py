@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,13 +463,14 @@ def run_name(name: str | None, *, _root_: DictConfig) -> str:
     resume=auto finds the run again; any config that trains differently gets another."""
     if name:
         return str(name)
-    return run_name_for_world(_root_, None)
+    return run_names_by_world(_root_, [None])[None]
 
 
-def run_name_for_world(root: DictConfig, world: int | None) -> str:
-    """An unnamed run's directory name (run_name) for `world` processes (None: this one's)."""
+def run_names_by_world(root: DictConfig, worlds: Iterable[int | None]) -> dict[int | None, str]:
+    """An unnamed run's directory name (run_name) for each number of processes in `worlds`
+    (None: this process's); the config is resolved once for all of them."""
     _root_ = root
-    identity = training_identity(_root_, world)
+    identity = training_identity(_root_)
     # A sweep's job: the keys that may change on resume but that this sweep varies (trainer.
     # epochs=10,20) name its jobs too, or they would share one folder.
     swept = OmegaConf.get_cache(_root_).get("sweep_name", {}).get("swept", ())
@@ -482,7 +484,18 @@ def run_name_for_world(root: DictConfig, world: int | None) -> str:
         weights = _root_.model.get("weights")
         parts = [task] + ([Path(str(weights)).parent.name or Path(str(weights)).stem]
                           if weights else [])  # fmt: skip
-    return "-".join([*(_safe(p) for p in parts), _digest(identity)])
+    prefix = "-".join(_safe(p) for p in parts)
+    here = identity["world_size"]
+    # One JSON text for all counts: each differs only in world_size's number (the same text
+    # _digest would make, without dumping the whole config again for each).
+    marker = -7_031_965_877
+    text = json.dumps({**identity, "world_size": marker}, sort_keys=True, default=str)
+    assert text.count(str(marker)) == 1
+    names = {}
+    for world in worlds:
+        payload = text.replace(str(marker), str(here if world is None else world))
+        names[world] = f"{prefix}-{hashlib.sha256(payload.encode()).hexdigest()[:DIGEST_CHARS]}"
+    return names
 
 
 def sweep_name(name: str | None, *, _root_: DictConfig) -> str:

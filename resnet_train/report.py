@@ -87,7 +87,7 @@ def read_job(folder: Path) -> Job | None:
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
     except (ValueError, OSError) as e:  # listed as failed; the other jobs are reported
         return Job(folder, overrides, None, f"its metrics.json is not readable JSON ({e})")
-    if metrics is not None and not isinstance(metrics, dict):
+    if metrics_file.is_file() and not isinstance(metrics, dict):
         return Job(folder, overrides, None, "its metrics.json does not hold a JSON object")
     return Job(folder, overrides, metrics, None if metrics else _failure(folder))
 
@@ -236,7 +236,8 @@ def group_jobs(jobs: list[Job], keys: list[str]) -> list[Group]:
 
     def rank(g: Group) -> tuple:
         acc, _ = g.stat("valid", "acc")
-        return (acc is None, -(acc or 0.0), [_sort_key(v) for v in g.values.values()])
+        known = acc is not None and not math.isnan(acc)  # (nan: last, as none)
+        return (not known, -acc if known else 0.0, [_sort_key(v) for v in g.values.values()])
 
     return sorted(groups, key=rank)
 
@@ -410,7 +411,7 @@ def trial_rows(
     for t in trials:
         keys += [k for k in t.params if k not in keys]
     done = sorted((t for t in trials if t.state == "COMPLETE" and t.value is not None),
-                  key=lambda t: -t.value)  # fmt: skip
+                  key=lambda t: (math.isnan(t.value), -t.value))  # fmt: skip
     rest = sorted((t for t in trials if t not in done), key=lambda t: t.number)
     header = ["trial", "state", *keys, "valid acc %", "test acc %", "job"]
     rows = []

@@ -165,7 +165,7 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
     result = subprocess.run(
         [sys.executable, "scripts/gpu_proof.py", "--data-root", str(tmp_path / "data"),
          "--out", str(tmp_path / "out"), "--tiny", "--seeds", "0",
-         "--recipe-overrides", "data.augment.cutout=4", "trainer.epochs=1"],
+         "--recipe-overrides", "data.augment.cutout=4", "trainer.epochs=3"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -183,14 +183,14 @@ def test_gpu_proof_runs_every_part_at_toy_size_and_prints_its_table_last(tmp_pat
     cuda_tests = (REPO / "tests" / "test_cuda.py").read_text().count("\ndef test_")
     assert results["tests"]["skipped"] >= cuda_tests and results["tests"]["failed"] == 0
     (seed,) = results["recipe"]["seeds"]
-    assert [e["epoch"] for e in seed["epochs"]] == [1]  # the variant's epochs, not --tiny's 2
+    assert [e["epoch"] for e in seed["epochs"]] == [1, 2, 3]  # the variant's, not --tiny's 2
     assert all(0 <= e["test_acc"] <= 100 for e in seed["epochs"])
     assert seed["train_seconds"] > 0 and seed["test_acc"] == seed["epochs"][-1]["test_acc"]
     for name in ("resnet50", "resnet18"):
         assert results[name]["trainer_images_per_s"] > 0 and results[name]["exit"] == 0
     rows = (out / "benchmark-rows.md").read_text().splitlines()
     assert len(rows) == 3 and all(row.startswith(f"| {results['date']} |") for row in rows)
-    assert "trainer.test_every_epoch=true data.augment.cutout=4 seed=0`" in rows[0]
+    assert "trainer.test_every_epoch=true data.augment.cutout=4 trainer.epochs=3 seed=0`" in rows[0]
     assert "data.augment.cutout=4" in results["recipe"]["seeds"][0]["command"]
 
 

@@ -315,7 +315,7 @@ def test_sbatch_script_runs_torchrun_per_node_and_requeues_on_the_stop_signal(tm
     assert (log_dir / "requeued").read_text() == "42\n"
     assert (log_dir / "args").read_text().split() == [
         "--nnodes=2", "--nproc_per_node=4", "--rdzv_id=42", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=node1:20042", "-m", "resnet_train", "resume=auto",
+        "--rdzv_endpoint=node1:15042", "-m", "resnet_train", "resume=auto",
         "trainer.requeue=false", "model=resnet50", "data=imagenet",
     ]  # fmt: skip
 

@@ -236,16 +236,24 @@ def test_a_diverged_job_shows_its_nan_and_a_foreign_metrics_file_is_a_failed_job
     (sweep / "lr-1" / "metrics.json").write_text(json.dumps(bad))
     make_job(sweep, "lr-2", ["seed=2", "optim.lr=9"], None, 0)
     (sweep / "lr-2" / "metrics.json").write_text("[]")
+    make_job(sweep, "lr-3", ["seed=3", "optim.lr=9"], None, 0)
+    (sweep / "lr-3" / "metrics.json").write_text("null")
+    make_job(sweep, "diverged", ["seed=0", "optim.lr=5"], 1.0, 1.0)  # (listed first on disk)
+    nan = json.loads((sweep / "diverged" / "metrics.json").read_text())
+    nan["valid"]["acc"] = float("nan")
+    (sweep / "diverged" / "metrics.json").write_text(json.dumps(nan))
     text = report(sweep)
-    assert "5 jobs (4 finished), swept: seed, optim.lr" in text, text
-    row = next(line for line in text.splitlines() if line.startswith("9 "))
-    assert "10.00 ± 0.00" in row and "(1 failed)" in row, row
+    assert "7 jobs (5 finished), swept: seed, optim.lr" in text, text
+    rows = [line for line in text.splitlines() if line[:2] in ("0.", "9 ", "5 ")]
+    assert [r.split()[0] for r in rows] == ["0.1", "9", "5"], text  # nan last, not first
+    assert "10.00 ± 0.00" in rows[1] and "(2 failed)" in rows[1], rows[1]
     with open(sweep / "report.csv") as f:
         rows = {r["optim.lr"]: r for r in csv.DictReader(f)}
     assert rows["9"]["test_loss_mean"] == "nan" and rows["9"]["test_loss_std"] == ""
     with open(sweep / "jobs.csv") as f:
         jobs = {j["job"]: j for j in csv.DictReader(f)}
     assert jobs["lr-2"]["failure"] == "its metrics.json does not hold a JSON object"
+    assert jobs["lr-3"]["failure"] == "its metrics.json does not hold a JSON object"
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -944,6 +944,8 @@ def test_a_run_shortened_to_where_it_is_keeps_that_length_and_not_past_a_mid_epo
     assert (metrics["epochs_done"], metrics["epochs_total"]) == (2, 1)
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     assert last["config"]["trainer"]["epochs"] == 1 and last["epoch"] == 2
+    previous = load_checkpoint(tmp_path / "run" / "previous.pt")  # kept (not rotated over)
+    assert previous["config"]["trainer"]["epochs"] == 1 and previous["epoch"] == 1
     tested = (tmp_path / "run" / "metrics.json").read_bytes()
     plain = [a for a in SMALL if not a.startswith("trainer.epochs=")] + ["resume=auto"]
     again = fit(compose_config(*plain), tmp_path / "run", override_keys(plain))

@@ -316,11 +316,10 @@ def finished_metrics(run_dir: Path, point: ResumePoint) -> dict[str, Any] | None
     return metrics if same_end else None
 
 
-def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
-    """resume=PATH from a run that has trained all it will: refused (resume=auto on its own
-    finished run is a command that does nothing, not an error). So is a trainer.epochs that
-    ends before a checkpoint saved inside an epoch: its weights are past that end (tested, they
-    were reported as the last epoch's)."""
+def check_end_not_passed(cfg: DictConfig, point: ResumePoint) -> None:
+    """A finished run about to be tested: a trainer.epochs that ends before a checkpoint saved
+    inside an epoch is refused, its weights being past that end (tested, they were reported
+    as the last epoch's)."""
     epoch, batch = point.state["epoch"], point.state.get("batch_in_epoch", 0)
     if batch and epoch >= cfg.trainer.epochs:
         raise CheckpointError(
@@ -329,6 +328,11 @@ def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
             f"{cfg.trainer.epochs}'s end; give trainer.epochs={epoch + 1} or more to finish "
             "that epoch"
         )
+
+
+def check_not_finished(cfg: DictConfig, point: ResumePoint) -> None:
+    """resume=PATH from a run that has trained all it will: refused (resume=auto on its own
+    finished run is a command that does nothing, not an error)."""
     if cfg.resume != "auto" and finished(point, cfg):
         epoch = point.state["epoch"]
         if epoch < cfg.trainer.epochs:
@@ -352,13 +356,39 @@ def record_run_length(cfg: DictConfig, run_dir: Path, point: ResumePoint) -> lis
     saved = flatten(point.state["config"])
     changed = [f"{key}={_shown(OmegaConf.select(cfg, key))}" for key in RUN_LENGTH_KEYS
                if key in saved and saved[key] != OmegaConf.select(cfg, key)]  # fmt: skip
-    if changed and point.path.parent.resolve() == run_dir.resolve():
-        from resnet_train.engine.checkpoint import save_checkpoint
+    if not changed or point.path.parent.resolve() != run_dir.resolve():
+        return []
+    from resnet_train.engine.checkpoint import save_checkpoint
 
-        state = {**point.state, "config": to_dict(cfg)}
-        save_checkpoint(state, run_dir / CHECKPOINT_NAMES[0], run_dir / CHECKPOINT_NAMES[1])
-        return changed
-    return []
+    # Each file in place (no rotation: previous.pt stays the earlier state a damaged last.pt
+    # falls back to), and previous.pt too, so that a fall back keeps the new length.
+    for name in CHECKPOINT_NAMES:
+        path = run_dir / name
+        if path == point.path or (path.exists() and path.resolve() == point.path.resolve()):
+            state = point.state
+        else:
+            try:
+                state = load_checkpoint(path) if path.is_file() else None
+            except CheckpointError:
+                state = None  # (unreadable: left as it is)
+        if state is not None:
+            lengths = {key: OmegaConf.select(cfg, key) for key in RUN_LENGTH_KEYS}
+            save_checkpoint({**state, "config": _with(state["config"], lengths)}, path)
+    return changed
+
+
+def _with(config: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a checkpoint's config with dotted keys set to values."""
+    import copy
+
+    out = copy.deepcopy(config)
+    for key, value in values.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
 
 
 # What a run leaves besides its checkpoints: a directory that holds them holds a run.

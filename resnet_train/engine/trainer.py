@@ -45,6 +45,7 @@ from resnet_train.engine.resume import (
     ResumePoint,
     capture_rng,
     check_config,
+    check_end_not_passed,
     check_not_finished,
     check_world_size,
     find_resume,
@@ -877,8 +878,10 @@ def _fit(
             return done
         # trained all its epochs but not tested (stopped before, or metrics.json is of the
         # run before it was extended, or shortened now): test it now
+        check_end_not_passed(cfg, point)
         if d.main and (recorded := record_run_length(cfg, run_dir, point)):
-            log.info("last.pt records %s, the run's length from now on", ", ".join(recorded))
+            log.info("its checkpoints record %s, the run's length from now on",
+                     ", ".join(recorded))  # fmt: skip
 
     run = _build_run(cfg, run_dir, d, device, point)
     _describe(run)
