@@ -203,12 +203,18 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
     composed = compose_run(args) if composed is None else composed
     run_dir = Path(str(composed.hydra.run.dir))
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            from resnet_train.errors import RunDirError
+
+            raise RunDirError(
+                f"{run_dir} is a file, not a folder to write the run into: give another name="
+            )
         check_bool_overrides(args)
         take_run_length(composed, run_dir, args)  # (the run and its record get it too)
         cfg = copy.deepcopy(composed)  # the checks fill in keys; the run gets it as composed
         with open_dict(cfg):
             del cfg["hydra"]
-        validate(cfg)
+        validate(_as_the_task_runs(cfg, args))
         complete(cfg)
         from resnet_train.engine.distributed import check_env
 
@@ -285,6 +291,16 @@ DEPLOY_RECORDS = {
 }
 
 
+def _as_the_task_runs(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """cfg as it will run, for its checks: a task that reads a trained model takes the
+    checkpoint's model and data where the command line did not give them (deploy.source)."""
+    if cfg.get("task") not in WEIGHTS_TASKS or not cfg.model.get("weights"):
+        return cfg
+    from resnet_train.deploy.source import adopted_for_checks
+
+    return adopted_for_checks(cfg, overrides)
+
+
 def _check_deploy(cfg: DictConfig, args: list[str], run_dir: Path) -> None:
     """task=eval/export: the weights file fits the model, the data and the split are there,
     the optional dependencies are installed, the run directory is free."""
@@ -344,6 +360,20 @@ def _check_deploy_run_dir(task: str, run_dir: Path) -> None:
         raise RunDirError(
             f"{run_dir} already holds the {record} of {earlier} task={other}; give another "
             "name= or remove that directory"
+        )
+    from resnet_train.deploy.staging import LEFTOVER
+
+    # What a task (or a killed one) leaves besides its record: Hydra's record, its log, its
+    # TensorBoard folder, its temporary files. Anything else is someone's, and would be
+    # written over (a predictions.csv of one's own).
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in (".hydra", "tensorboard") and p.suffix != ".log"
+                     and not LEFTOVER.match(p.name)) if run_dir.is_dir() else []  # fmt: skip
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise RunDirError(
+            f"{run_dir} holds files that no task wrote there ({shown}); task={task} would write "
+            "over them: give another name="
         )
 
 
@@ -580,7 +610,7 @@ def train(cfg: DictConfig) -> float | None:
             # says what the run uses
             if hydra_cfg.output_subdir is not None:
                 OmegaConf.save(cfg, run_dir / str(hydra_cfg.output_subdir) / "config.yaml")
-        validate(cfg)
+        validate(_as_the_task_runs(cfg, list(hydra_cfg.overrides.task)))
         RUNNING_TASK[:] = [cfg.task]
         if cfg.task not in WEIGHTS_TASKS:
             return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))

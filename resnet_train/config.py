@@ -772,6 +772,7 @@ def check_classifier(cfg: DictConfig) -> None:
 def _check_file(key: str, value: str, allowed: str) -> None:
     from pathlib import Path
 
+    _check(str(value).strip() != "", key, value, f"an empty path: {allowed}")
     path = Path(value).expanduser()
     if path.is_dir():
         names = [n for n in ("best.pt", "last.pt", "pruned.pt") if (path / n).is_file()]
@@ -791,7 +792,8 @@ def _validate_distill(kd: DictConfig, models: list[str]) -> None:
     _check(kd.teacher_model is None or kd.teacher is not None, "trainer.distill.teacher_model",
            kd.teacher_model, "names the teacher's architecture: set trainer.distill.teacher "
            "too")  # fmt: skip
-    _positive("trainer.distill.temperature", kd.temperature)
+    # (beyond these the soft targets' logits / T overflow or vanish: a nan loss at step 1)
+    _within("trainer.distill.temperature", kd.temperature, "[0.01, 1000]")
     _within("trainer.distill.alpha", kd.alpha, "[0, 1]")
 
 
@@ -856,10 +858,14 @@ def validate(cfg: DictConfig) -> None:
     if cfg.resume is not None:
         _check(bool(cfg.resume), "resume", cfg.resume,
                "auto, the path of a checkpoint, or null for a new run")  # fmt: skip
+        _check(cfg.task not in WEIGHTS_TASKS, "resume", cfg.resume,
+               f"it continues a training run; task={cfg.task} reads the model of "
+               "model.weights=PATH (and is not resumed: run it again)")  # fmt: skip
     models = list_models()
     _validate_model(cfg, models)
     _validate_data(cfg)
     _validate_optim(cfg.optim)
+    _check_something_trains(cfg)
     _validate_schedule(cfg)
     _validate_trainer(cfg, models)
     _check_deploy(cfg)
@@ -1006,6 +1012,21 @@ def _validate_optim(o: DictConfig) -> None:
     _one_of("optim.lr_scaling", o.lr_scaling, ("none", "linear"))
     _at_least("optim.backbone_lr_mult", o.backbone_lr_mult, 0)
     _at_least("optim.reference_batch", o.reference_batch, 1)
+
+
+def _frozen_parts(freeze: Any) -> list[str]:
+    return [] if freeze is None else [freeze] if isinstance(freeze, str) else list(freeze)
+
+
+def _check_something_trains(cfg: DictConfig) -> None:
+    """optim.backbone_lr_mult=0 leaves only the classifier training: with it frozen too,
+    nothing would (the run went on at rate 0)."""
+    if cfg.optim.backbone_lr_mult == 0 and "fc" in _frozen_parts(cfg.model.freeze):
+        raise ConfigError(
+            f"model.freeze={_frozen_parts(cfg.model.freeze)} is invalid with "
+            "optim.backbone_lr_mult=0: it freezes the classifier, the one part the rate 0 of "
+            "the backbone leaves to train, so nothing would train"
+        )
 
 
 def _validate_schedule(cfg: DictConfig) -> None:

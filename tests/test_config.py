@@ -94,6 +94,17 @@ def test_experiment_overrides_groups():
         ("data.augment.padding=99", "data.augment.padding=99 is invalid: must be in [0, 32]"),
         ("model.weights=/nowhere.pt", "model.weights='/nowhere.pt' is invalid: no such file"),
         ("resume=''", "resume='' is invalid: auto, the path of a checkpoint, or null"),
+        ("model.weights=''", "model.weights='' is invalid: an empty path"),
+        (
+            "trainer.distill.temperature=1e20",
+            "trainer.distill.temperature=1e+20 is invalid: must be in [0.01, 1000]",
+        ),
+        ("trainer.distill.temperature=1e-45", "trainer.distill.temperature=1e-45 is invalid"),
+        (
+            "model.freeze=[fc] optim.backbone_lr_mult=0",
+            "model.freeze=['fc'] is invalid with "
+            "optim.backbone_lr_mult=0: it freezes the classifier",
+        ),
         (
             "trainer.compile_mode=fast",
             "trainer.compile_mode='fast' is invalid: allowed: default, "
@@ -108,7 +119,7 @@ def test_experiment_overrides_groups():
     ],
 )
 def test_out_of_range_values_name_key_value_and_allowed(override, message):
-    cfg = compose_config(override)
+    cfg = compose_config(*override.split(" "))
     with pytest.raises(ConfigError) as error:
         validate(cfg)
     assert message in str(error.value)

@@ -244,7 +244,7 @@ def test_a_bare_teacher_file_of_another_architecture_is_named_with_teacher_model
         ("trainer.distill.alpha=1.5", "trainer.distill.alpha=1.5 is invalid: must be in [0, 1]"),
         (
             "trainer.distill.temperature=0",
-            "trainer.distill.temperature=0.0 is invalid: must be > 0",
+            "trainer.distill.temperature=0.0 is invalid: must be in [0.01, 1000]",
         ),
     ],
 )

@@ -560,6 +560,49 @@ def test_train_eval_and_predict_on_ones_own_folder_through_the_cli(shapes, tmp_p
                              f"image file '{bad}')\n")  # fmt: skip
     assert not (tmp_path / "outputs" / "predict_bad").exists()
 
+    # keys given are checked against the checkpoint's data (they were against data=cifar10's)
+    result = run_cli("task=eval", f"model.weights={run}/best.pt", f"data.root={shapes}",
+                     "data.image_size=48", "name=eval48", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "outputs" / "eval48" / "eval.json").read_text())["images"] > 0
+    # a key the task does not read, a name that is a file, a folder of one's own: one line
+    (tmp_path / "outputs" / "afile").write_text("")
+    (tmp_path / "outputs" / "mine").mkdir()
+    (tmp_path / "outputs" / "mine" / "predictions.csv").write_text("my own\n")
+    for extra, message in (
+        ("resume=auto", "resume='auto' is invalid: it continues a training run; task=predict"),
+        ("name=afile", "outputs/afile is a file, not a folder to write the run into"),
+        ("name=mine", "outputs/mine holds files that no task wrote there (predictions.csv)"),
+    ):
+        result = run_cli(
+            "task=predict",
+            f"model.weights={run}/best.pt",
+            f"predict.inputs={shapes / 'circle'}",
+            "name=p",
+            extra,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "outputs" / "mine" / "predictions.csv").read_text() == "my own\n"
+    # a link to an image that is gone: said, not dropped without a word
+    (shapes / "circle" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    result = run_cli(
+        "task=predict",
+        f"model.weights={run}/best.pt",
+        f"predict.inputs={shapes / 'circle'}",
+        "name=links",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "left out " + str(shapes / "circle" / "gone.png") + ", a link" in result.stdout
+    # fine-tuning onto other classes: the new classifier cannot be frozen
+    two = make_shape_folders(tmp_path / "two", {"ring": 6, "bar": 6}, formats=False)
+    result = run_cli(*SMALL_IMAGES, f"data.root={two}", f"model.weights={run}/best.pt",
+                     "model.freeze=[fc]", "name=frozen", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "it freezes fc, but the classifier" in result.stderr
+    assert not (tmp_path / "outputs" / "frozen").exists()
+
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_checkpoint_beats_training_from_scratch(tmp_path):

@@ -218,11 +218,12 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def image_files(class_dir: Path) -> list[Path]:
+def image_files(class_dir: Path, broken: list[Path] | None = None) -> list[Path]:
     """The image files under a folder (a class folder, predict.inputs), at any depth, symbolic
     links followed, hidden folders left out; a folder reached twice (a link back up the tree: a
     loop) and a file reached twice are read once (os.walk would follow a loop to the system's
-    depth limit: each image ~40 times, in every split)."""
+    depth limit: each image ~40 times, in every split). Image names that are no file (a link
+    whose target is gone) are left out, and added to `broken` where given."""
     found, folders, files = [], set(), set()
     for top, dirs, names in os.walk(class_dir, followlinks=True):
         real = os.path.realpath(top)
@@ -236,6 +237,8 @@ def image_files(class_dir: Path) -> list[Path]:
             if real_file is not None and real_file not in files:
                 files.add(real_file)
                 found.append(path)
+    if broken is not None:
+        broken += sorted(p for p in found if not p.is_file())
     return sorted(p for p in found if p.is_file())
 
 

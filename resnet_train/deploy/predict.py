@@ -42,14 +42,15 @@ from resnet_train.precision import autocast
 log = logging.getLogger("resnet_train")
 
 
-def list_inputs(spec: str) -> list[Path]:
-    """The image files predict.inputs names; DataError naming what is wrong."""
+def list_inputs(spec: str, broken: list[Path] | None = None) -> list[Path]:
+    """The image files predict.inputs names; DataError naming what is wrong. In a folder, links
+    to files that are gone are left out, and added to `broken` where given."""
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"predict.inputs={spec} does not exist")
     if path.is_dir():
         # as a class folder is read: links followed, hidden folders (.ipynb_checkpoints) not
-        files = image_files(path)
+        files = image_files(path, broken)
         if not files:
             raise DataError(f"predict.inputs={spec} is a folder without image files")
         return files
@@ -140,7 +141,10 @@ def run_predict(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[st
     p = cfg.predict
     trained = load_trained(cfg, overrides)
     cfg = trained.cfg
-    files, skipped = usable_inputs(list_inputs(p.inputs), bool(cfg.data.skip_bad))
+    broken: list[Path] = []
+    files, skipped = usable_inputs(list_inputs(p.inputs, broken), bool(cfg.data.skip_bad))
+    for path in broken:
+        log.warning("predict.inputs: left out %s, a link to a file that is gone", path)
     for path, why in skipped:
         log.warning("data.skip_bad=true: left out %s (%s)", path, why)
     names = trained.class_names()

@@ -163,11 +163,12 @@ def adopt_config(
     out = copy.deepcopy(cfg)
     saved_leaves = flatten(saved)
     adopted = []
+    derived = _derived_keys(saved_leaves, given)
     for key, value in saved_leaves.items():
         section = key.split(".", 1)[0]
         if section not in ADOPTED_SECTIONS and key not in ADOPTED_KEYS:
             continue
-        if key in LOCAL_KEYS or _given(key, given):
+        if key in LOCAL_KEYS or key in derived or _given(key, given):
             continue
         current = OmegaConf.select(out, key, default=_ABSENT)
         if current is _ABSENT:  # a key this version no longer has
@@ -178,6 +179,42 @@ def adopt_config(
             OmegaConf.update(out, key, value, merge=False)
             adopted.append(key)
     return out, adopted
+
+
+def _derived_keys(saved: dict[str, Any], given: set[str]) -> set[str]:
+    """Saved keys that the run derived from others the command line now changes, and that are
+    derived again rather than adopted: data.eval_resize from data.image_size (a model
+    evaluated at 64 px is resized for 64, not for the 32 it trained at)."""
+    from resnet_train.config import settled_eval_resize
+
+    size, crop = saved.get("data.image_size"), saved.get("data.augment.crop")
+    if (_given("data.image_size", given) and size is not None and crop is not None
+            and saved.get("data.eval_resize") == settled_eval_resize(size, crop)):  # fmt: skip
+        return {"data.eval_resize"}
+    return set()
+
+
+def adopted_for_checks(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """A task that reads a trained model (task=eval, ...): cfg with the checkpoint's settings
+    adopted where the command line did not give them (as the task will run), so that the keys
+    given are checked against the checkpoint's data set, not the config's default; cfg itself
+    where model.weights is no readable resnet-train checkpoint (the task's checks say why)."""
+    from pathlib import Path
+
+    from resnet_train.config import WEIGHTS_TASKS
+    from resnet_train.errors import UserError
+
+    weights = cfg.model.get("weights") if cfg.get("task") in WEIGHTS_TASKS else None
+    if not weights or not Path(str(weights)).expanduser().is_file():
+        return cfg
+    try:
+        saved = read_weights(str(weights), peek=True).config
+    except UserError:
+        return cfg
+    if saved is None:
+        return cfg
+    own = own_choices(overrides, saved)
+    return adopt_config(cfg, saved, given_keys(overrides) - own)[0]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,9 @@ def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
 
         weights = read_weights(m.weights)
         apply_pruned_widths(model, weights, "model.weights")
-        load_state(model, weights, replace_classifier=True, classes=classes, model_name=m.name)
+        replaced = load_state(model, weights, replace_classifier=True, classes=classes,
+                              model_name=m.name)  # fmt: skip
+        check_new_classifier_trains(cfg, replaced)
     return model
 
 
@@ -111,8 +113,24 @@ def check_weights(cfg: DictConfig) -> None:
         model = create_model(m.name, **model_options(cfg))
     weights = read_weights(m.weights, peek=True)
     apply_pruned_widths(model, weights, "model.weights")
-    load_state(model, weights, replace_classifier=True, check_only=True,
-               model_name=cfg.model.name)  # fmt: skip
+    replaced = load_state(model, weights, replace_classifier=True, check_only=True,
+                          model_name=cfg.model.name)  # fmt: skip
+    check_new_classifier_trains(cfg, replaced)
+
+
+def check_new_classifier_trains(cfg: DictConfig, replaced: bool) -> None:
+    """A classifier that model.weights could not give (another number of classes, or other
+    classes) starts random: frozen, it would stay so."""
+    from resnet_train.errors import ConfigError
+
+    freeze = cfg.model.freeze
+    names = [] if freeze is None else [freeze] if isinstance(freeze, str) else list(freeze)
+    if replaced and "fc" in names:
+        raise ConfigError(
+            f"model.freeze={names} is invalid here: it freezes fc, but the classifier of "
+            f"model.weights={cfg.model.weights} does not fit this data's classes and starts "
+            "new and random; frozen, it would stay random (leave fc out)"
+        )
 
 
 def apply_pruned_widths(model: nn.Module, weights, key: str) -> None:
