@@ -311,6 +311,8 @@ def test_create_model_refuses_bad_options_naming_them(tmp_path):
     with pytest.raises(ValueError, match="zero_init_residual=True is invalid without shortcuts"):
         create_model("plain20", zero_init_residual=True)
     assert create_model("resnet20", num_classes=np.int64(4)).fc.out_features == 4
+    zeroed = create_model("resnet20", zero_init_residual=np.True_)  # numpy's bool is a bool
+    assert not zeroed.layer1[0].bn2.weight.any()
 
 
 def test_weights_of_another_model_are_refused_with_the_keys(tmp_path):

@@ -73,6 +73,8 @@ def check_options(kwargs: dict) -> dict:
         if key in out and out[key] not in allowed:
             raise ValueError(f"{key}={out[key]!r} is invalid: allowed: {', '.join(allowed)}")
     for key in ("zero_init_residual", "stride_in_1x1"):
-        if key in out and not isinstance(out[key], bool):
-            raise ValueError(f"{key}={out[key]!r} is invalid: must be True or False")
+        if key in out:
+            if type(out[key]).__name__ not in ("bool", "bool_"):  # (numpy's bool too)
+                raise ValueError(f"{key}={out[key]!r} is invalid: must be True or False")
+            out[key] = bool(out[key])
     return out
