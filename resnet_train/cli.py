@@ -410,9 +410,9 @@ def _check_other_process_count(composed: DictConfig, run_dir: Path) -> None:
             if any((parent / name / n).exists() for n in CHECKPOINT_NAMES):
                 raise CheckpointError(
                     f"resume=auto: {parent / name} holds this run, saved by {other} "
-                    f"process(es); this run has {world}: resume it with torchrun "
-                    f"--nproc_per_node x nodes = {other} (an unnamed run's folder is named by "
-                    "its process count too)"
+                    f"process(es); this run has {world}: resume it with {other} (resnet-train's "
+                    f"or torchrun's --nproc-per-node x nodes = {other}; an unnamed run's folder "
+                    "is named by its process count too)"
                 )
 
 
@@ -838,7 +838,7 @@ def main() -> None:
     if (launch_args := split_launch_args(args)) is not None:
         from resnet_train.launch import launch
 
-        launch(*launch_args, precheck)
+        launch(*launch_args, precheck, _starting_interrupted)
         return
     if "WORLD_SIZE" in os.environ and {"-m", "--multirun"} & set(args):
         _fail(
@@ -935,6 +935,41 @@ def main() -> None:
         held.release()
 
 
+@contextlib.contextmanager
+def _starting_interrupted() -> Iterator[None]:
+    """A Ctrl-C while the launcher starts (its imports, its checks), before any process: one
+    line, nothing written. The first is noted and acted on when the block ends: raised inside
+    an import, it was a traceback of the import it broke, or a module left half made (numpy
+    without its functions) and a later error; a second stops at once."""
+    got: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        got.append(signum)
+        if len(got) > 1:
+            raise KeyboardInterrupt
+
+    swap = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)  # fmt: skip
+    if swap:
+        signal.signal(signal.SIGINT, note)
+    try:
+        try:
+            yield
+        finally:
+            if swap:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if got:
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # (a library that turned the Ctrl-C into its own error)
+        if _interrupt_in_chain(e) is None:
+            raise
+        print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)
+
+
 def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
     seen: set[int] = set()
     cause: BaseException | None = error
@@ -967,7 +1002,8 @@ def _interrupted(e: KeyboardInterrupt) -> None:
             "stopped at once; checkpoints are written whole, so the last one saved is intact "
             "(resume=auto continues from it)"
         )
-    print(f"resnet-train: {how}: {what}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:  # (every process got it: rank 0 says it)
+        print(f"resnet-train: {how}: {what}", file=sys.stderr)
     sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
 
 

@@ -37,19 +37,26 @@ def split_launch_args(args: list[str]) -> tuple[list[str], list[str]] | None:
     return args[:i], args[i:]
 
 
-def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
-    """Check the config as the processes will see it (their number known), then start them."""
+def launch(launch_args: list[str], overrides: list[str], precheck, starting=None) -> None:
+    """Check the config as the processes will see it (their number known), then start them.
+    `starting`: a context manager that turns a Ctrl-C before the processes start into one line."""
     from resnet_train.cli import _fail
 
+    with starting() if starting is not None else contextlib.nullcontext():
+        args, nproc = _prepare(launch_args, overrides, precheck, _fail)
+    _start(args, nproc)
+
+
+def _prepare(launch_args: list[str], overrides: list[str], precheck, _fail):
+    """torchrun's parsed options and the number of processes per node, the config checked."""
     if any(a.startswith("-") for a in overrides):
         _fail(
             f"{' '.join(a for a in overrides if a.startswith('-'))} is invalid with "
             "--nproc-per-node: give torchrun's options first, then key=value overrides only "
             "(a sweep, -m, runs each job with its own launch)"
         )
-    import torch.distributed.run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    import torch.distributed.elastic.multiprocessing.errors  # noqa: F401  (what _start needs,
+    import torch.distributed.run as torchrun  # loaded where a Ctrl-C is one line)
 
     said = io.StringIO()
     try:
@@ -73,6 +80,17 @@ def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
         precheck(overrides)
     finally:
         del os.environ["WORLD_SIZE"]
+    return args, nproc
+
+
+def _start(args, nproc: int) -> None:
+    """Start the processes with torchrun's launcher; exit with their status."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from resnet_train.cli import _fail
+
     os.environ[CHECKED_ENV] = "1"
     # Spread the cores over the processes (torchrun's default is 1 thread each, with a banner).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -82,6 +100,11 @@ def launch(launch_args: list[str], overrides: list[str], precheck) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         torchrun.run(args)
+    except KeyboardInterrupt:  # a Ctrl-C as the processes start, before torchrun handles it
+        print("resnet-train: interrupted as its processes started; they stop with it (a run's "
+              "checkpoints are written whole: resume=auto continues from the last one)",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     except RuntimeError as e:  # the launcher's own rendezvous store (a port that is taken)
         if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
             raise

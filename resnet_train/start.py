@@ -11,6 +11,9 @@ def run() -> None:
     try:
         from resnet_train.cli import run as run_command
     except KeyboardInterrupt:
-        print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":  # (under torchrun every process got it)
+            print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
         sys.exit(130)
     run_command()

@@ -415,7 +415,8 @@ def test_a_resume_with_another_process_count_is_refused_before_anything_is_writt
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == (
         f"resnet-train: error: {run.relative_to(tmp_path)}/last.pt was saved by 1 process(es), "
-        "this run has 2: resume it with torchrun --nproc_per_node x nodes = 1"
+        "this run has 2: resume it with 1 (resnet-train's or torchrun's --nproc-per-node x nodes "
+        "= 1)"
     )
     assert {p: p.read_bytes() for p in before} == before
 
@@ -483,8 +484,9 @@ def test_a_killed_process_is_one_line_and_its_unnamed_run_resumes_only_with_its_
     assert one.returncode == 2, one.stderr
     assert one.stderr.strip() == (
         f"resnet-train: error: resume=auto: {run.relative_to(tmp_path)} holds this run, saved by "
-        "2 process(es); this run has 1: resume it with torchrun --nproc_per_node x nodes = 2 "
-        "(an unnamed run's folder is named by its process count too)"
+        "2 process(es); this run has 1: resume it with 2 (resnet-train's or torchrun's "
+        "--nproc-per-node x nodes = 2; an unnamed run's folder is named by its process count "
+        "too)"
     )
     assert [p.name for p in (tmp_path / "outputs").iterdir()] == [run.name]
 
@@ -521,3 +523,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("after", [1.0, 3.0])
+def test_a_ctrl_c_while_the_launcher_starts_is_one_line(tmp_path, after):
+    """It was a traceback of the import it broke (torch's), or of torchrun's start."""
+    proc = torchrun(tmp_path, "experiment=smoke", "name=c", ours=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc, timeout=120)
+    if proc.returncode == 0:  # (finished first on a fast machine)
+        return
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and out.count("resnet-train: interrupted") == 1, out

@@ -238,7 +238,7 @@ def check_world_size(point: ResumePoint, world: int) -> None:
     if saved != world:
         raise CheckpointError(
             f"{point.path} was saved by {saved} process(es), this run has {world}: resume it "
-            f"with torchrun --nproc_per_node x nodes = {saved}"
+            f"with {saved} (resnet-train's or torchrun's --nproc-per-node x nodes = {saved})"
         )
 
 
