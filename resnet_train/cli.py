@@ -960,14 +960,15 @@ def _starting_interrupted() -> Iterator[None]:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         if got:
             raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
-        sys.exit(130)
     except Exception as e:  # (a library that turned the Ctrl-C into its own error)
         if _interrupt_in_chain(e) is None:
             raise
-        print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt:
+        pass
+    else:
+        return
+    print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:

@@ -1014,16 +1014,17 @@ def _validate_optim(o: DictConfig) -> None:
     _at_least("optim.reference_batch", o.reference_batch, 1)
 
 
-def _frozen_parts(freeze: Any) -> list[str]:
+def frozen_parts(freeze: Any) -> list[str]:
+    """model.freeze as a list of part names (null: none; one name alone: a list of it)."""
     return [] if freeze is None else [freeze] if isinstance(freeze, str) else list(freeze)
 
 
 def _check_something_trains(cfg: DictConfig) -> None:
     """optim.backbone_lr_mult=0 leaves only the classifier training: with it frozen too,
     nothing would (the run went on at rate 0)."""
-    if cfg.optim.backbone_lr_mult == 0 and "fc" in _frozen_parts(cfg.model.freeze):
+    if cfg.optim.backbone_lr_mult == 0 and "fc" in frozen_parts(cfg.model.freeze):
         raise ConfigError(
-            f"model.freeze={_frozen_parts(cfg.model.freeze)} is invalid with "
+            f"model.freeze={frozen_parts(cfg.model.freeze)} is invalid with "
             "optim.backbone_lr_mult=0: it freezes the classifier, the one part the rate 0 of "
             "the backbone leaves to train, so nothing would train"
         )

@@ -121,10 +121,10 @@ def check_weights(cfg: DictConfig) -> None:
 def check_new_classifier_trains(cfg: DictConfig, replaced: bool) -> None:
     """A classifier that model.weights could not give (another number of classes, or other
     classes) starts random: frozen, it would stay so."""
+    from resnet_train.config import frozen_parts
     from resnet_train.errors import ConfigError
 
-    freeze = cfg.model.freeze
-    names = [] if freeze is None else [freeze] if isinstance(freeze, str) else list(freeze)
+    names = frozen_parts(cfg.model.freeze)
     if replaced and "fc" in names:
         raise ConfigError(
             f"model.freeze={names} is invalid here: it freezes fc, but the classifier of "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from resnet_train.config import frozen_parts
 from resnet_train.errors import ConfigError
 
 # The classifier; everything else is the backbone (the part model.weights brings).
@@ -38,7 +39,7 @@ def part_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
 def freeze(model: nn.Module, freeze: object, freeze_bn: bool) -> tuple[list[str], list[nn.Module]]:
     """Freeze model.freeze's parts of `model`; return the names frozen and the BatchNorm layers
     that must stay in eval mode while training (call hold_norms after every model.train())."""
-    names = [] if freeze is None else [freeze] if isinstance(freeze, str) else list(freeze)
+    names = frozen_parts(freeze)
     parts = part_modules(model)
     frozen: list[nn.Module] = []
     for name in names:
