@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -42,7 +42,7 @@ from resnet_train.config import (
     validate,
 )
 from resnet_train.errors import ConfigError, UserError
-from resnet_train.launch import CHECKED_ENV, split_launch_args
+from resnet_train.launch import CHECKED_ENV, is_launch_flag, split_launch_args, with_a_sweep
 
 CONFIG_MODULE = "resnet_train.configs"
 register_configs()
@@ -840,6 +840,8 @@ def main() -> None:
 
         launch(*launch_args, precheck, _starting_interrupted)
         return
+    if (ordered := check_flags(args)) != args:
+        sys.argv[1:] = args = ordered  # (as Hydra reads them)
     if "WORLD_SIZE" in os.environ and {"-m", "--multirun"} & set(args):
         _fail(
             "-m/--multirun under torchrun is invalid: every process would launch the whole "
@@ -933,6 +935,46 @@ def main() -> None:
         _interrupted(interrupt)
     finally:
         held.release()
+
+
+def check_flags(args: list[str]) -> list[str]:
+    """The command's arguments, flags first: Hydra's parser (argparse) gave its usage page for
+    a flag after an override that another override follows (`model=resnet18 -m seed=0,1`).
+    Refused in one line: what it would answer with that page (an option it does not know), and
+    --nproc-per-node where the launcher does not take it (after an override, or with -m)."""
+    if launch_flag := next((a for a in args if is_launch_flag(a)), None):
+        if {"-m", "--multirun"} & set(args):
+            _fail(with_a_sweep(launch_flag))
+        _fail(
+            f"{launch_flag} is invalid after {args[0]!r}: the launcher's options come first, "
+            "as in `resnet-train --nproc-per-node=N [torchrun's options] key=value ...`"
+        )
+    if {"--help", "-h", "--hydra-help", "--version"} & set(args):
+        return args  # (Hydra's to print; its parser would act on them here)
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "resnet-train"
+
+    def error(message: str) -> NoReturn:
+        _fail(f"{message} (resnet-train --help lists the options; a setting is key=value)")
+        raise AssertionError  # (_fail exits)
+
+    parser.error = error  # type: ignore[method-assign]
+    parsed = parser.parse_intermixed_args(args)
+    flags = []
+    for action in parser._actions:
+        value = getattr(parsed, action.dest, None)
+        if not action.option_strings or value in (None, False) or value == action.default:
+            continue
+        option = max(action.option_strings, key=len)  # (--multirun, not -m)
+        if action.nargs == 0:
+            flags.append(option)
+        elif action.nargs == "?":  # (--info=all: a next override is not taken for its value)
+            flags.append(f"{option}={value}")
+        else:
+            flags += [option, str(value)]
+    return [*flags, *parsed.overrides]
 
 
 @contextlib.contextmanager

@@ -23,18 +23,33 @@ CHECKED_ENV = "RESNET_TRAIN_LAUNCHED"
 
 
 def split_launch_args(args: list[str]) -> tuple[list[str], list[str]] | None:
-    """(torchrun's options, the overrides) of `--nproc-per-node=N [--opt[=v] ...] key=value
-    ...`, or None for a command that does not start with --nproc-per-node. The options end at
-    the first argument that is neither an option nor an option's value (key=value)."""
-    if not args or args[0].split("=", 1)[0] not in LAUNCH_FLAGS:
-        return None
+    """(torchrun's options, the overrides) of `[--opt[=v] ...] --nproc-per-node=N [--opt[=v]
+    ...] key=value ...`, or None for a command whose leading options hold no --nproc-per-node.
+    The options end at the first argument that is neither an option nor an option's value
+    (key=value); --nproc-per-node may stand anywhere among them (`--nnodes=2
+    --nproc-per-node=8`, as torchrun takes them)."""
     i = 0
     while i < len(args) and args[i].startswith("--"):
         takes_value = "=" not in args[i]
         i += 1
         if takes_value and i < len(args) and not args[i].startswith("-") and "=" not in args[i]:
             i += 1  # --nproc-per-node 2
+    if not any(is_launch_flag(a) for a in args[:i]):
+        return None
     return args[:i], args[i:]
+
+
+def is_launch_flag(arg: str) -> bool:
+    return arg.split("=", 1)[0] in LAUNCH_FLAGS
+
+
+def with_a_sweep(launch_flag: str) -> str:
+    """The refusal of --nproc-per-node with -m."""
+    return (
+        f"{launch_flag} with -m is invalid: a sweep runs its jobs one at a time in this process; "
+        "give each job its own `resnet-train --nproc-per-node=N key=value ...`, or sweep with "
+        "hydra/launcher=slurm, whose tasks per job form a DDP group"
+    )
 
 
 def launch(launch_args: list[str], overrides: list[str], precheck, starting=None) -> None:
@@ -49,11 +64,12 @@ def launch(launch_args: list[str], overrides: list[str], precheck, starting=None
 
 def _prepare(launch_args: list[str], overrides: list[str], precheck, _fail):
     """torchrun's parsed options and the number of processes per node, the config checked."""
+    if {"-m", "--multirun"} & {*launch_args, *overrides}:
+        _fail(with_a_sweep(next(a for a in launch_args if is_launch_flag(a))))
     if any(a.startswith("-") for a in overrides):
         _fail(
             f"{' '.join(a for a in overrides if a.startswith('-'))} is invalid with "
-            "--nproc-per-node: give torchrun's options first, then key=value overrides only "
-            "(a sweep, -m, runs each job with its own launch)"
+            "--nproc-per-node: give torchrun's options first, then key=value overrides only"
         )
     import torch.distributed.elastic.multiprocessing.errors  # noqa: F401  (what _start needs,
     import torch.distributed.run as torchrun  # loaded where a Ctrl-C is one line)

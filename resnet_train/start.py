@@ -16,4 +16,13 @@ def run() -> None:
         if os.environ.get("RANK", "0") == "0":  # (under torchrun every process got it)
             print("resnet-train: interrupted while starting; nothing was written", file=sys.stderr)
         sys.exit(130)
-    run_command()
+    try:
+        run_command()
+    except BrokenPipeError:  # `resnet-train --help | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (for the exit's flush)
+        if not {"--help", "-h", "--hydra-help", "--info", "--cfg", "-c"} & set(sys.argv):
+            print("resnet-train: stopped: its output's reader went away (a broken pipe)",
+                  file=sys.stderr)  # fmt: skip
+        sys.exit(141)  # (128 + SIGPIPE, as a shell reports a command a pipe ended)

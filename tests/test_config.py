@@ -322,6 +322,26 @@ def test_cli_help_lists_groups_and_options(tmp_path):
     assert "resnet18" in result.stdout and "resnet110" in result.stdout
 
 
+def test_help_into_a_pipe_its_reader_closed_is_no_traceback(tmp_path):
+    """`resnet-train --help | head -1` printed a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_train", "--help"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc.stdout.close()  # (before it prints: the reader has gone)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_flags_after_an_override_that_another_follows_are_taken(tmp_path):
+    """`seed=1 --cfg job model=resnet18` was Hydra's usage page (argparse takes the overrides
+    in one run): the flags are moved first."""
+    result = run_cli("seed=7", "--cfg", "job", "model=resnet18", "--resolve", "data.root=x",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["seed"] == 7 and printed["model"]["name"] == "resnet18"
+    assert printed["data"]["root"] == "x"
+
+
 def test_cli_cfg_job_prints_composed_config(tmp_path):
     result = run_cli(
         "--cfg", "job", "model=resnet18", "data=cifar10", "optim.lr=0.05", cwd=tmp_path

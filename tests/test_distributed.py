@@ -37,13 +37,15 @@ RUN = [
 ]
 
 
-def torchrun(cwd: Path, *args: str, processes: int = 2, ours: bool = False) -> subprocess.Popen:
-    """torchrun ... -m resnet_train ARGS, or (ours) resnet-train --nproc-per-node=N ARGS."""
+def torchrun(cwd: Path, *args: str, processes: int = 2, ours: bool = False,
+             before: tuple[str, ...] = ()) -> subprocess.Popen:  # fmt: skip
+    """torchrun ... -m resnet_train ARGS, or (ours) resnet-train --nproc-per-node=N ARGS;
+    `before`: torchrun's options given before --nproc-per-node."""
     launcher = (["-m", "resnet_train"] if ours else
                 ["-m", "torch.distributed.run"])  # fmt: skip
     tail = [] if ours else ["-m", "resnet_train"]
     return subprocess.Popen(
-        [sys.executable, *launcher, f"--nproc-per-node={processes}", "--standalone", *tail,
+        [sys.executable, *launcher, *before, f"--nproc-per-node={processes}", "--standalone", *tail,
          *args],
         cwd=cwd,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
@@ -195,7 +197,7 @@ def test_a_launch_with_a_bad_config_fails_in_one_line_before_any_process_starts(
     assert len(alone.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
     bad = run_cli("--nproc-per-node=2", "-m", "seed=0,1", cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "-m is invalid with --nproc-per-node" in bad.stderr
+    assert "--nproc-per-node=2 with -m is invalid: a sweep runs its jobs one at" in bad.stderr
 
 
 def test_launch_options_are_torchruns_up_to_the_first_override():
@@ -209,6 +211,32 @@ def test_launch_options_are_torchruns_up_to_the_first_override():
                               "data=cifar10", "seed=1"]) == (
         ["--nproc_per_node=2", "--nnodes=2", "--rdzv-endpoint", "n1:29500"],
         ["data=cifar10", "seed=1"])  # fmt: skip
+    # the README's two-machine command: --nproc-per-node among torchrun's options, not first
+    assert split_launch_args(["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                              "experiment=imagenet_resnet50"]) == (
+        ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d"],
+        ["experiment=imagenet_resnet50"])  # fmt: skip
+    assert split_launch_args(["--standalone", "seed=1", "--nproc-per-node=2"]) is None
+
+
+def test_the_launcher_flag_where_it_is_not_taken_is_one_line_not_hydras_usage_page(tmp_path):
+    """`-m --nproc-per-node=2 ...` and `key=value --nproc-per-node=2` were Hydra's usage page;
+    an unknown option too."""
+    for args, message in (
+        (["-m", "--nproc-per-node=2", "seed=0,1"],
+         "--nproc-per-node=2 with -m is invalid: a sweep runs its jobs one at a time"),
+        (["--nproc_per_node=2", "--multirun", "seed=0,1"], "--nproc_per_node=2 with -m is invalid"),
+        (["seed=1", "--nproc-per-node=2"],
+         "--nproc-per-node=2 is invalid after 'seed=1': the launcher's options come first"),
+        (["--bogus", "seed=1"], "unrecognized arguments: --bogus (resnet-train --help lists"),
+        (["-m", "seed=0,1", "--lr=3"], "unrecognized arguments: --lr=3"),
+        (["--cfg", "jobs"], "argument --cfg/-c: invalid choice: 'jobs'"),
+    ):  # fmt: skip
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("resnet-train: error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
 
 
 def test_resuming_with_another_process_count_is_refused(tmp_path):
@@ -424,10 +452,11 @@ def test_a_resume_with_another_process_count_is_refused_before_anything_is_writt
 def test_evaluation_splits_smaller_than_the_process_count_are_counted_once(tmp_path):
     """A process with no validation or test image skipped the sum the others made: the test
     split of 1 image broke the process group (gloo's mismatch, signal 6), the validation split
-    of 1 hung."""
+    of 1 hung. (--nnodes before --nproc-per-node, as in the README's two-machine command.)"""
     out = finish(torchrun(tmp_path, "experiment=smoke", "trainer.epochs=1",
                           "data.train_size=40", "data.valid_ratio=0.025", "data.test_size=1",
-                          "data.batch_size=8", "name=tiny", ours=True), timeout=240)  # fmt: skip
+                          "data.batch_size=8", "name=tiny", ours=True, before=("--nnodes=1",)),
+                 timeout=240)  # fmt: skip
     assert "weights identical on all 2 processes" in out, out
     metrics = json.loads((tmp_path / "outputs" / "tiny" / "metrics.json").read_text())
     assert metrics["test"]["acc"] in (0.0, 100.0) and metrics["valid"]["acc"] in (0.0, 100.0)
