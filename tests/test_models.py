@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torchvision
 from torch import nn
 
 from resnet_train import create_model, list_models
-from resnet_train.errors import CheckpointError
+from resnet_train.errors import CheckpointError, ConfigError
 from resnet_train.models.build import build_model
 from resnet_train.models.resnet import PreActBlock
 from resnet_train.models.summary import summarize
@@ -128,6 +130,24 @@ def test_preact_blocks_run_bn_relu_conv_and_end_with_bn_relu():
     assert model.final_bn.num_features == 64
     assert create_model("preact_resnet164").final_bn.num_features == 256
     assert create_model("preact_resnet18").final_bn.num_features == 512
+
+
+@pytest.mark.parametrize("name", ["preact_resnet110", "preact_resnet18"])
+def test_the_first_preact_block_activates_before_splitting_into_two_paths(name):
+    """He et al. 2016 section 4: the first unit's BN-ReLU comes before the split, so its
+    identity shortcut carries the activated stem output (it carried the raw conv output)."""
+    model = create_model(name).eval()
+    first, second = model.layer1[0], model.layer1[1]
+    assert first.downsample is None
+    nn.init.zeros_(first.conv2.weight)  # the residual branch gives zero: the block is its shortcut
+    nn.init.zeros_(second.conv2.weight)
+    nn.init.normal_(first.bn1.bias)
+    x = torch.randn(2, first.bn1.num_features, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(first(x), torch.relu(first.bn1(x)))
+        assert torch.equal(second(x), x)  # the others carry their input as it is
+        for stage in model.stages()[1:]:  # a projection takes the activated input: unchanged
+            assert stage[0].preactivated_shortcut and stage[0].downsample is not None
 
 
 def test_wide_resnet_dropout_sits_between_the_convs():
@@ -322,6 +342,61 @@ def test_weights_of_another_model_are_refused_with_the_keys(tmp_path):
         create_model("resnet18", weights=path)
     with pytest.raises(CheckpointError, match="does not exist"):
         create_model("resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_a_plain_net_with_shortcuts_is_refused_not_a_resnet_named_plain():
+    """model=plain20 model.shortcut=B trained ResNet-20 under plain20's name (a sweep over
+    plain20,resnet20 compared two ResNets)."""
+    from resnet_train.models.build import check_model
+
+    for name, shortcut, twin in (("plain20", "B", "resnet20"), ("plain18", "A", "resnet18")):
+        cfg = compose_config("data=synthetic", f"model={name}", f"model.shortcut={shortcut}")
+        with pytest.raises(ConfigError) as e:
+            check_model(cfg)
+        assert str(e.value) == (
+            f"model.shortcut={shortcut} is invalid for {name}: a plain net has no shortcuts; "
+            f"{twin} with model.shortcut={shortcut} is that net with them"
+        )
+        with pytest.raises(ValueError, match=f"shortcut={shortcut} is invalid for {name}"):
+            create_model(name, shortcut=shortcut)
+    check_model(compose_config("data=synthetic", "model=plain20", "model.shortcut=none"))
+
+
+def test_a_checkpoint_of_another_network_with_the_same_shapes_is_refused(tmp_path):
+    """A resnet20's checkpoint loaded silently into plain20 (same tensors, another network),
+    and stride-on-1x1 bottlenecks into stride-on-3x3 ones; the file's run names them."""
+    from resnet_train.models.build import check_weights
+
+    def checkpoint(name: str, **model_keys) -> Path:
+        model = create_model(name, **model_keys)
+        path = tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}.pt"
+        config = {"model": {"name": name, **model_keys},
+                  "data": {"name": "synthetic", "num_classes": 10}}  # fmt: skip
+        torch.save({"format_version": 2, "model": model.state_dict(), "optimizer": {},
+                    "scheduler": {}, "epoch": 1, "config": config}, path)  # fmt: skip
+        return path
+
+    r20, r164 = checkpoint("resnet20"), checkpoint("preact_resnet164", stride_in_1x1=True)
+    for overrides, weights, message in (
+        (["model=plain20"], r20, "holds a resnet20, not a plain20: set model=resnet20"),
+        (["model=resnet20", "model.shortcut=none"], r20,
+         "was trained with model.shortcut=A: set model.shortcut=A (here none)"),
+        (["model=resnet20", "model.shortcut=B"], r20, "trained with model.shortcut=A"),
+        (["model=preact_resnet164"], r164, "was trained with model.stride_in_1x1=true: set "
+         "model.stride_in_1x1=true (its bottlenecks halve the resolution in their first 1x1"),
+    ):  # fmt: skip
+        cfg = compose_config("data=synthetic", *overrides, f"model.weights={weights}")
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            check_weights(cfg)
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            build_model(cfg)
+    for overrides, weights in (
+        (["model=resnet20"], r20),
+        (["model=preact_resnet164", "model.stride_in_1x1=true"], r164),
+    ):
+        build_model(compose_config("data=synthetic", *overrides, f"model.weights={weights}"))
+    with pytest.raises(ValueError, match="holds a resnet20, not a plain20: give 'resnet20'"):
+        create_model("plain20", weights=r20)  # the Python API
 
 
 def test_unknown_model_names_the_choices():

@@ -7,6 +7,7 @@ from torch import nn
 
 from resnet_train.models.channels import apply_channels
 from resnet_train.models.registry import create_model
+from resnet_train.models.zoo import SPECS, plain_with_shortcuts
 
 
 def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
@@ -20,6 +21,7 @@ def build_model(cfg: DictConfig, classes: list[str] | None = None) -> nn.Module:
         from resnet_train.models.weights import load_state, read_weights
 
         weights = read_weights(m.weights)
+        check_same_network(cfg, model, weights)
         apply_pruned_widths(model, weights, "model.weights")
         replaced = load_state(model, weights, replace_classifier=True, classes=classes,
                               model_name=m.name)  # fmt: skip
@@ -69,6 +71,9 @@ def check_model(cfg: DictConfig) -> None:
     from resnet_train.models.freeze import freeze
 
     m = cfg.model
+    spec = SPECS.get(m.name)
+    if spec is not None and spec.shortcut == "none" and m.shortcut not in (None, "none"):
+        raise ConfigError(plain_with_shortcuts(m.name, m.shortcut, key="model.shortcut"))
     with torch.device("meta"):  # (zero_init_residual is judged below, in the config's words)
         model = create_model(m.name, **{**model_options(cfg), "zero_init_residual": False})
     block = getattr(model, "block", None)
@@ -112,10 +117,43 @@ def check_weights(cfg: DictConfig) -> None:
     with torch.device("meta"):
         model = create_model(m.name, **model_options(cfg))
     weights = read_weights(m.weights, peek=True)
+    check_same_network(cfg, model, weights)
     apply_pruned_widths(model, weights, "model.weights")
     replaced = load_state(model, weights, replace_classifier=True, check_only=True,
                           model_name=cfg.model.name)  # fmt: skip
     check_new_classifier_trains(cfg, replaced)
+
+
+def check_same_network(cfg: DictConfig, model: nn.Module, weights) -> None:
+    """A resnet-train checkpoint as model.weights holds the network its run trained: another
+    one whose tensors have the same shapes loaded silently (a resnet20's weights in a plain20,
+    option A's in a net without shortcuts, stride-on-1x1 bottlenecks in stride-on-3x3 ones)."""
+    from resnet_train.errors import CheckpointError
+
+    saved = (weights.config or {}).get("model") or {}
+    name, where = saved.get("name"), f"model.weights={weights.path}"
+    if not isinstance(name, str):  # (torchvision's weights: a state dict alone)
+        return
+    if name != cfg.model.name:
+        raise CheckpointError(
+            f"{where} holds a {name}, not a {cfg.model.name}: set model={name} (a checkpoint's "
+            "weights go into the network they were trained in)"
+        )
+    spec = SPECS.get(name)
+    shortcut = saved.get("shortcut") or (spec.shortcut if spec else None)
+    if shortcut is not None and shortcut != getattr(model, "shortcut", shortcut):
+        raise CheckpointError(
+            f"{where} was trained with model.shortcut={shortcut}: set model.shortcut={shortcut} "
+            f"(here {model.shortcut})"
+        )
+    block = getattr(model, "block", None)
+    strided = bool(saved.get("stride_in_1x1"))
+    if block is not None and block.expansion != 1 and strided != bool(cfg.model.stride_in_1x1):
+        raise CheckpointError(
+            f"{where} was trained with model.stride_in_1x1={str(strided).lower()}: set "
+            f"model.stride_in_1x1={str(strided).lower()} (its bottlenecks halve the resolution "
+            f"in their {'first 1x1' if strided else '3x3'} conv)"
+        )
 
 
 def check_new_classifier_trains(cfg: DictConfig, replaced: bool) -> None:
@@ -177,6 +215,9 @@ def model_from_file(name: str, path, **kwargs) -> nn.Module:
     from resnet_train.models.weights import load_state, read_weights
 
     weights = read_weights(path, key="weights")
+    saved = ((weights.config or {}).get("model") or {}).get("name")
+    if isinstance(saved, str) and saved != name:  # (same shapes would load: another network)
+        raise ValueError(f"weights={path} holds a {saved}, not a {name}: give {saved!r}")
     model = create_model(name, **{**options_of(weights), **kwargs})
     apply_pruned_widths(model, weights, "weights")
     if load_state(model, weights, replace_classifier=True, key="weights", model_name=name):

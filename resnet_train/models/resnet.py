@@ -161,11 +161,11 @@ class PreActBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
+        self.preactivated_shortcut = False  # (set on a stage's first block: ResNet does)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        # A projection shortcut takes the pre-activated input, as in the paper's code.
-        shortcut = x if self.downsample is None else self.downsample(out)
+        shortcut = _preact_shortcut(self, x, out)
         out = self.conv1(out)
         out = self.conv2(self.dropout(self.relu(self.bn2(out))))
         return out + shortcut if self.residual else out
@@ -203,14 +203,26 @@ class PreActBottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.residual = residual
+        self.preactivated_shortcut = False  # (set on a stage's first block: ResNet does)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
-        shortcut = x if self.downsample is None else self.downsample(out)
+        shortcut = _preact_shortcut(self, x, out)
         out = self.conv1(out)
         out = self.conv2(self.relu(self.bn2(out)))
         out = self.conv3(self.dropout(self.relu(self.bn3(out))))
         return out + shortcut if self.residual else out
+
+
+def _preact_shortcut(block: PreActBlock | PreActBottleneck, x: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """What a pre-activation block's shortcut carries: the first block of a stage takes its
+    BN-ReLU before splitting into the two paths (He et al. 2016, section 4: "right after conv1
+    and before splitting"; their code's "both_preact"), a projection from it too; the others
+    carry their input as it is."""
+    if block.downsample is not None:
+        return block.downsample(out)
+    return out if block.preactivated_shortcut else x
 
 
 Block = type[BasicBlock] | type[Bottleneck] | type[PreActBlock] | type[PreActBottleneck]
@@ -270,8 +282,9 @@ class ResNet(nn.Module):
         else:
             self.conv1 = conv3x3(3, self.inplanes)
             self.maxpool = nn.Identity()
-        # Pre-activation networks have no BN-ReLU in the stem: each block starts with its own
-        # (He et al. 2016's code, where the first block's BN-ReLU serves the stem).
+        # Pre-activation networks have no BN-ReLU in the stem: each block starts with its own,
+        # and the first block's serves the stem: its shortcut takes the activated input too
+        # (He et al. 2016's CIFAR code; for the ImageNet stem, after the max-pool).
         self.bn1 = None if block.preact else nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
 
@@ -324,6 +337,8 @@ class ResNet(nn.Module):
                 **self.block_options,
             )
         ]
+        if self.block.preact:
+            layers[0].preactivated_shortcut = True
         self.inplanes = out_planes
         layers += [
             self.block(

@@ -37,6 +37,14 @@ class Spec:
     doc: str = ""
 
 
+def plain_with_shortcuts(name: str, shortcut: str, key: str = "shortcut") -> str:
+    """The refusal of a shortcut for a plain net (its name would say plain of a ResNet)."""
+    return (
+        f"{key}={shortcut} is invalid for {name}: a plain net has no shortcuts; "
+        f"{name.replace('plain', 'resnet')} with {key}={shortcut} is that net with them"
+    )
+
+
 def _register(name: str, spec: Spec) -> None:
     def factory(
         num_classes: int | None = None,
@@ -44,6 +52,8 @@ def _register(name: str, spec: Spec) -> None:
         shortcut: str | None = None,
         **kwargs,
     ) -> ResNet:
+        if spec.shortcut == "none" and shortcut not in (None, "none"):
+            raise ValueError(plain_with_shortcuts(name, shortcut))
         return ResNet(
             spec.block,
             spec.layers,
@@ -148,5 +158,6 @@ CIFAR.update(
     }
 )
 
-for _name, _spec in {**IMAGENET, **CIFAR}.items():
+SPECS = {**IMAGENET, **CIFAR}
+for _name, _spec in SPECS.items():
     _register(_name, _spec)
