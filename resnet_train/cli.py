@@ -625,6 +625,7 @@ def train(cfg: DictConfig) -> float | None:
             return TASKS[cfg.task](cfg, run_dir, list(hydra_cfg.overrides.task))
     except (UserError, FloatingPointError) as e:
         if hydra_cfg.mode != RunMode.MULTIRUN:
+            log_file_only(logging.ERROR, f"this run failed: {one_line(str(e))}")  # (train.log)
             _fail(e)
         # One job of a sweep: its error is its result. The other jobs still run; an Optuna
         # search records the trial as failed (no objective) and goes on with the next.
@@ -1024,6 +1025,16 @@ def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+def log_file_only(level: int, message: str) -> None:
+    """Write a line to the run's log file (train.log) and not to the console, which says it
+    otherwise (the one-line error a run ends with, on stderr)."""
+    logger = logging.getLogger("resnet_train")
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers + logger.handlers:
+        if isinstance(handler, logging.FileHandler) and level >= handler.level:
+            handler.handle(record)
+
+
 def _interrupted(e: KeyboardInterrupt) -> None:
     """One line on what an interrupted command left, and the shell's status for the signal."""
     task = RUNNING_TASK[0] if RUNNING_TASK else "train"
@@ -1047,6 +1058,8 @@ def _interrupted(e: KeyboardInterrupt) -> None:
         )
     if int(os.environ.get("RANK", "0")) == 0:  # (every process got it: rank 0 says it)
         print(f"resnet-train: {how}: {what}", file=sys.stderr)
+        if not {"-m", "--multirun"} & set(sys.argv):  # (a sweep's handler may be an old job's)
+            log_file_only(logging.WARNING, f"{how}: {what}")
     sys.exit(128 + e.signum if isinstance(e, Terminated) else 130)
 
 

@@ -25,6 +25,12 @@ def progress_bar(total_images: int, desc: str, enabled: bool | None) -> tqdm:
     )
 
 
+def loss_text(value: float) -> str:
+    """A loss for a log line: 4 decimals, or 4 significant digits where that would be a wall of
+    digits (a diverging run's 1130141577115666627952640.0000 is 1.13e+24)."""
+    return f"{value:.4f}" if not math.isfinite(value) or abs(value) < 1e5 else f"{value:.4g}"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """A JSON record (metrics.json, eval.json, ...), replaced whole: never half-written. A
     non-finite number (the loss of a diverged epoch) is written as null: NaN and Infinity are

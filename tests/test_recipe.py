@@ -367,6 +367,20 @@ def test_the_knobs_together_train_in_bf16_and_log_gradient_norms(tmp_path):
     assert "grad_norm/fc.weight" in tags and "grad_norm/bn1.weight" not in tags
 
 
+def test_the_layer_gradient_norms_are_those_before_clipping(tmp_path):
+    """grad_norm/* were read after clipping, train/grad_norm before it: with clipping on, an
+    exploding branch was hidden (their root sum of squares was the clipping limit)."""
+    fit(compose_config(*SMOKE, "data.train_size=64", "data.test_size=16", "data.image_size=16",
+                       "trainer.clip_grad_norm=0.001", "trainer.log_every_steps=1",
+                       "trainer.grad_norm_every_steps=1"), tmp_path)  # fmt: skip
+    tags = scalars(tmp_path)
+    layers = [tag for tag in tags if tag.startswith("grad_norm/")]
+    for i, (step, total) in enumerate(tags["train/grad_norm"]):
+        together = math.sqrt(sum(tags[tag][i][1] ** 2 for tag in layers))
+        assert tags[layers[0]][i][0] == step
+        assert 0.001 * 10 < together <= total * (1 + 1e-4)  # the weights' share of the total
+
+
 def test_early_stopping_stops_after_patience_epochs_and_keeps_the_best(tmp_path, caplog):
     cfg = compose_config(
         *SMOKE,
@@ -496,6 +510,19 @@ def test_a_diverging_run_stops_with_one_line_and_no_checkpoint(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("resnet-train: error: the training loss is ")
     assert " at step " in lines[0] and "the step was not applied" in lines[0]
     assert not (tmp_path / "run" / "last.pt").exists()
+    # the run's log ends with the reason too (it ended at the last progress line)
+    log = (tmp_path / "run" / "train.log").read_text().strip().splitlines()
+    assert log[-1].endswith(
+        f"[ERROR] - this run failed: {lines[0].removeprefix('resnet-train: error: ')}"
+    )
+
+
+def test_a_huge_loss_is_printed_in_four_significant_digits():
+    from resnet_train.logging import loss_text
+
+    assert loss_text(1130141577115666627952640.0) == "1.13e+24"  # was 25 digits and .0000
+    assert [loss_text(x) for x in (2.30258, 99999.0, float("nan"), float("inf"))] == [
+        "2.3026", "99999.0000", "nan", "inf"]  # fmt: skip
 
 
 def test_a_non_finite_gradient_stops_before_the_step_is_applied():

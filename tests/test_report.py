@@ -140,29 +140,46 @@ def test_report_command_says_what_is_wrong_in_one_line(tmp_path):
 
 def test_each_run_logs_its_hyperparameters_and_final_figures_for_the_hparams_view(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     from resnet_train.engine.trainer import fit
 
-    fit(compose_config(*SMOKE, "optim.lr=0.05"), tmp_path)
-    plugin_data = {}
-    for events in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        try:
-            plugin_data.update(acc.PluginTagToContent("hparams"))
-        except KeyError:  # the scalar event file
-            pass
-        if "hparam/valid_acc" in acc.Tags()["scalars"]:
-            valid = acc.Scalars("hparam/valid_acc")[0].value
-    from tensorboard.plugins.hparams import plugin_data_pb2
+    def read() -> tuple[list, list]:
+        """The HParams sessions and the hparam/valid_acc values of the run's event files."""
+        sessions, valid = [], []
+        for events in (tmp_path / "tensorboard").rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            try:
+                content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+                sessions.append(plugin_data_pb2.HParamsPluginData.FromString(content))
+            except KeyError:  # the scalar event file
+                pass
+            if "hparam/valid_acc" in acc.Tags()["scalars"]:
+                valid += [e.value for e in acc.Scalars("hparam/valid_acc")]
+        return sessions, valid
 
-    info = plugin_data_pb2.HParamsPluginData.FromString(plugin_data["_hparams_/session_start_info"])
-    hp = info.session_start_info.hparams
+    common = (*SMOKE, "data.train_size=64", "optim.lr=0.05", "trainer.early_stopping.patience=4")
+    fit(compose_config(*common), tmp_path)
+    sessions, valid = read()
+    hp = sessions[0].session_start_info.hparams
     assert hp["optim.lr"].number_value == pytest.approx(0.05)
     assert hp["model.name"].string_value == "resnet20"
+    # a key that may change on resume and that a sweep may vary: recorded (it was left out)
+    assert hp["trainer.early_stopping.patience"].number_value == 4
     assert "data.root" not in hp  # where the data is, not how the run trains
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert valid == pytest.approx(metrics["valid"]["acc"])
+    assert valid == [pytest.approx(metrics["valid"]["acc"])]
+    # A finished run continued (longer): its one session and figures replace the earlier ones
+    # (the view had two sessions, and hparam/* two values at step 0).
+    fit(compose_config(*common, "trainer.epochs=2", "resume=auto"), tmp_path)
+    sessions, valid = read()
+    assert (
+        len(sessions) == 1
+        and sessions[0].session_start_info.hparams["trainer.epochs"].number_value == 2
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert valid == [pytest.approx(metrics["valid"]["acc"])]
 
 
 @pytest.mark.slow

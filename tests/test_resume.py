@@ -555,6 +555,17 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert "Traceback" not in output
     run = tmp_path / "outputs" / "run"
     assert not any(run.glob("*.pt")) and not any(run.glob(".*tmp*"))  # none saved, none half
+    # the run's log says it too (it ended at "Ctrl-C: saving at the end of this step")
+    assert (
+        (run / "train.log")
+        .read_text()
+        .strip()
+        .splitlines()[-1]
+        .endswith(
+            "[WARNING] - interrupted: stopped at once; checkpoints are written whole, so the last "
+            "one saved is intact (resume=auto continues from it)"
+        )
+    )
 
 
 CTRL_C_IN_AN_IMPORT = """

@@ -28,7 +28,7 @@ from resnet_train.config import flatten
 from resnet_train.data.loaders import build_eval_loader
 from resnet_train.deploy.source import LOCAL_KEYS, Trained, load_trained
 from resnet_train.deploy.staging import Staging
-from resnet_train.logging import progress_bar, write_json
+from resnet_train.logging import loss_text, progress_bar, write_json
 from resnet_train.precision import autocast
 
 log = logging.getLogger("resnet_train")
@@ -281,11 +281,11 @@ def run_eval(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str, 
         write_json(stage.file("eval.json"), result)
         stage.commit()
     log.info(
-        "%s on %s %s (%d images%s): loss %.4f  top-1 %.2f%%  top-5 %.2f%%  balanced %.2f%%  "
+        "%s on %s %s (%d images%s): loss %s  top-1 %.2f%%  top-5 %.2f%%  balanced %.2f%%  "
         "ECE %.2f%%",
         cfg.model.name, cfg.data.name, split, figures["images"],
-        ", flip TTA" if cfg.eval.tta else "", figures["loss"], figures["top1"], figures["top5"],
-        figures["balanced_acc"], figures["ece"],
+        ", flip TTA" if cfg.eval.tta else "", loss_text(figures["loss"]), figures["top1"],
+        figures["top5"], figures["balanced_acc"], figures["ece"],
     )  # fmt: skip
     if reported is not None:
         changes = split_changes(trained)

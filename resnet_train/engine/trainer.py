@@ -59,7 +59,13 @@ from resnet_train.engine.resume import (
     set_aside_unread,
 )
 from resnet_train.errors import CheckpointError
-from resnet_train.logging import log, progress_bar, tensorboard_writer, write_json
+from resnet_train.logging import (
+    log,
+    loss_text,
+    progress_bar,
+    tensorboard_writer,
+    write_json,
+)
 from resnet_train.models.build import build_model, build_resumed_model
 from resnet_train.models.channels import channels_of
 from resnet_train.models.freeze import freeze, hold_norms
@@ -350,19 +356,25 @@ class ProgressLines:
         images = sums.seen - sums.untimed_images
         rate = images / sums.seconds if sums.seconds > 0 else 0.0
         log.info(
-            "%s  batch %d/%d  loss %.4f acc %.2f%%  %.0f img/s  lr %.4g  epoch left %s  run "
+            "%s  batch %d/%d  loss %s acc %.2f%%  %.0f img/s  lr %.4g  epoch left %s  run "
             "left %s",
-            desc, first + done, n_batches, sums.loss.item() / max(sums.seen, 1),
+            desc, first + done, n_batches, loss_text(sums.loss.item() / max(sums.seen, 1)),
             100 * sums.correct.item() / max(sums.seen, 1), rate,
             main_lr(t.optimizer) if t.step_lr is None else t.step_lr,
             duration(epoch_left), duration(run_left),
         )  # fmt: skip
 
 
-def _log_grad_norms(t: Training) -> None:
-    for name, p in t.model.named_parameters():
-        if p.grad is not None and p.ndim > 1:
-            t.writer.add_scalar(f"grad_norm/{name}", p.grad.norm().item(), t.global_step)
+def _layer_grad_norms(t: Training) -> list[tuple[str, torch.Tensor]]:
+    """Each weight's gradient norm, on the device: taken before clipping, as train/grad_norm is
+    (after it, a clipped run's curves hid the branch that exploded)."""
+    return [(name, p.grad.norm()) for name, p in t.model.named_parameters()
+            if p.grad is not None and p.ndim > 1]  # fmt: skip
+
+
+def _log_grad_norms(t: Training, norms: list[tuple[str, torch.Tensor]]) -> None:
+    for name, norm in norms:
+        t.writer.add_scalar(f"grad_norm/{name}", norm.item(), t.global_step)
 
 
 class FiniteGuard:
@@ -445,6 +457,7 @@ def _optimizer_step(t: Training, log_now: bool, desc: str) -> None:
         t.guard = FiniteGuard(t.device)
     if fp16 and (cfg.clip_grad_norm or cfg.clip_grad_value or log_now or layer_norms_now):
         t.scaler.unscale_(t.optimizer)  # clipping and norms see the true gradients
+    layer_norms = _layer_grad_norms(t) if layer_norms_now and t.writer is not None else None
     grad_norm = None
     if cfg.clip_grad_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
@@ -465,8 +478,8 @@ def _optimizer_step(t: Training, log_now: bool, desc: str) -> None:
     t.global_step = step
     t.step_lr = main_lr(t.optimizer)  # (before a per-step schedule moves it)
     if t.writer is not None:
-        if layer_norms_now:
-            _log_grad_norms(t)
+        if layer_norms is not None:
+            _log_grad_norms(t, layer_norms)
         # This step's rates, written at the next flush.
         t.step_scalars.append((step, time.time(), t.step_lr, group_lrs(t.optimizer)))
     scale = t.scaler._scale.clone() if fp16 and t.scaler._scale is not None else None
@@ -1229,7 +1242,7 @@ def _train_epochs(run: _Run) -> _Epochs:
             throughputs.append(rate)
         shown_rate = f"{rate:.0f} img/s" if rate is not None else "img/s n/a (all compiling)"
         line = (
-            f"{tag}  train loss {train_stats.loss:.4f} acc {train_stats.acc:.2f}%  "
+            f"{tag}  train loss {loss_text(train_stats.loss)} acc {train_stats.acc:.2f}%  "
             f"{shown_rate} {train_stats.seconds:.1f} s"
         )
         w, e, step = t.writer, epoch + 1, t.global_step
@@ -1302,7 +1315,7 @@ def _validate_epoch(
         prefix = "valid" if name == "raw" else "valid_ema"
         w.add_scalar(f"{prefix}/loss", stats.loss, step)
         w.add_scalar(f"{prefix}/acc", stats.acc, step)
-        line += f"  | {prefix} loss {stats.loss:.4f} acc {stats.acc:.2f}%"
+        line += f"  | {prefix} loss {loss_text(stats.loss)} acc {stats.acc:.2f}%"
         if stats.balanced_acc is not None:
             w.add_scalar(f"{prefix}/balanced_acc", stats.balanced_acc, step)
             if stats.imbalanced or monitor.metric.endswith("balanced_acc"):
@@ -1334,7 +1347,7 @@ def _test_epoch(run: _Run, tag: str, step: int, record: dict[str, Any]) -> str:
     t.writer.add_scalar("test_by_epoch/loss", tested.loss, step)
     t.writer.add_scalar("test_by_epoch/acc", tested.acc, step)
     record.update(test_loss=tested.loss, test_acc=tested.acc, test_seconds=tested.seconds)
-    return f"  | test loss {tested.loss:.4f} acc {tested.acc:.2f}%"
+    return f"  | test loss {loss_text(tested.loss)} acc {tested.acc:.2f}%"
 
 
 def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochStats]:
@@ -1361,8 +1374,9 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
     test_stats = evaluate(model, loaders.test, device, tc.precision, "test", progress)
     faults.point("tested")
     log.info(
-        "test loss %.4f acc %.2f%% with %s (epoch %d, %s weights)",
-        test_stats.loss, test_stats.acc, selected, final["epoch"], final.get("weights", "raw"),
+        "test loss %s acc %.2f%% with %s (epoch %d, %s weights)",
+        loss_text(test_stats.loss), test_stats.acc, selected, final["epoch"],
+        final.get("weights", "raw"),
     )  # fmt: skip
     if not math.isfinite(test_stats.loss):
         log.warning("the test loss is %s: the model's outputs are not finite (it diverged: a "
@@ -1455,12 +1469,12 @@ class NullWriter:
 def hparams(cfg: DictConfig) -> dict[str, Any]:
     """The run's settings as TensorBoard HParams: every config key with a scalar value (lists
     as text), paths and logging settings left out."""
-    from resnet_train.config import MAY_CHANGE, flatten
+    from resnet_train.config import MAY_CHANGE, SWEEPABLE_MAY_CHANGE, flatten
 
     flat = flatten(to_dict(cfg))
     out: dict[str, Any] = {}
     for key, value in flat.items():
-        if key in MAY_CHANGE and key != "trainer.epochs":
+        if key in MAY_CHANGE and key not in SWEEPABLE_MAY_CHANGE:
             continue
         if value is None:
             value = "null"
@@ -1471,11 +1485,28 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def log_hparams(writer: Any, cfg: DictConfig, valid: dict | None, test: EpochStats) -> None:
-    """The run's settings and final figures in TensorBoard's HParams view."""
+    """The run's settings and final figures in TensorBoard's HParams view: a file of their own,
+    which replaces the one a finished run wrote before it was continued (a longer run, a
+    patience raised): the view showed two sessions, and hparam/* two values at one step."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
     metrics = {"hparam/test_acc": test.acc, "hparam/test_loss": test.loss}
     if valid:
         metrics.update({"hparam/valid_acc": valid["acc"], "hparam/valid_loss": valid["loss"]})
-    writer.add_hparams(hparams(cfg), metrics, run_name=".")
+    folder = Path(writer.get_logdir())
+    earlier = list(folder.glob(f"events.out.tfevents.*{HPARAMS_SUFFIX}"))
+    with SummaryWriter(log_dir=str(folder), filename_suffix=HPARAMS_SUFFIX) as own:
+        for summary in hparams_summaries(hparams(cfg), metrics):
+            own.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            own.add_scalar(tag, value)
+    for path in earlier:
+        path.unlink(missing_ok=True)
+
+
+# The HParams view's file in the run's tensorboard/ folder (events.out.tfevents.*.hparams)
+HPARAMS_SUFFIX = ".hparams"
 
 
 def _ema_without_validation(run: _Run) -> bool:
