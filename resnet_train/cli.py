@@ -632,7 +632,8 @@ def train(cfg: DictConfig) -> float | None:
         overrides = " ".join(hydra_cfg.overrides.task)
         message = f"job {hydra_cfg.job.num} ({overrides}): {one_line(str(e))}"
         # (resnet-train-report reads this line: report.FAILED)
-        logging.getLogger("resnet_train").error("this job failed: %s", one_line(str(e)))
+        log_file_only(logging.ERROR, f"this job failed: {one_line(str(e))}")  # (the console
+        # has the line below)
         print(f"resnet-train: error: {message}", file=sys.stderr, flush=True)
         FAILED_JOBS.append(message)
         return None

@@ -264,6 +264,7 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path):
     assert "optim.lr=-1.0 is invalid" in errors[1]
     assert errors[2].startswith("resnet-train: error: 2 job(s) of the sweep failed")
     assert "Traceback" not in result.stderr
+    assert "this job failed" not in result.stdout + result.stderr  # (a third copy; the log's)
     (folder,) = (tmp_path / "outputs" / "multirun").iterdir()
     finished = [j for j in folder.iterdir() if (j / "metrics.json").is_file()]
     assert len(finished) == 1 and (finished[0] / "last.pt").is_file()  # the lr 0.1 job ran
