@@ -203,12 +203,9 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
     composed = compose_run(args) if composed is None else composed
     run_dir = Path(str(composed.hydra.run.dir))
     try:
-        if run_dir.exists() and not run_dir.is_dir():
-            from resnet_train.errors import RunDirError
-
-            raise RunDirError(
-                f"{run_dir} is a file, not a folder to write the run into: give another name="
-            )
+        check_name(composed.get("name"))  # (a name too long: before its folder is looked at)
+        given = "hydra.run.dir" if any(a.startswith("hydra.run.dir=") for a in args) else "name"
+        check_output_folder(run_dir, given)
         check_bool_overrides(args)
         take_run_length(composed, run_dir, args)  # (the run and its record get it too)
         cfg = copy.deepcopy(composed)  # the checks fill in keys; the run gets it as composed
@@ -267,6 +264,11 @@ def precheck(args: list[str], composed: DictConfig | None = None) -> None:
         _check_run_dir(cfg, run_dir, teacher)
         _check_other_process_count(composed, run_dir)
         _check_steps(cfg)
+        if "RANK" in os.environ or "WORLD_SIZE" not in os.environ:  # (not the launcher: its
+            from resnet_train.engine import runlock  # rank 0 process takes it, in fit)
+
+            if int(os.environ.get("RANK", "0")) == 0:  # held until this process ends
+                runlock.hold(run_dir)  # (before Hydra writes the run's record and log)
     except UserError as e:
         _fail(e)
 
@@ -362,12 +364,13 @@ def _check_deploy_run_dir(task: str, run_dir: Path) -> None:
             "name= or remove that directory"
         )
     from resnet_train.deploy.staging import LEFTOVER
+    from resnet_train.engine.runlock import LOCK_NAME
 
     # What a task (or a killed one) leaves besides its record: Hydra's record, its log, its
     # TensorBoard folder, its temporary files. Anything else is someone's, and would be
     # written over (a predictions.csv of one's own).
     foreign = sorted(p.name for p in run_dir.iterdir()
-                     if p.name not in (".hydra", "tensorboard") and p.suffix != ".log"
+                     if p.name not in (".hydra", "tensorboard", LOCK_NAME) and p.suffix != ".log"
                      and not LEFTOVER.match(p.name)) if run_dir.is_dir() else []  # fmt: skip
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -417,9 +420,12 @@ def _check_other_process_count(composed: DictConfig, run_dir: Path) -> None:
 
 
 def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
+    from resnet_train.engine import runlock
     from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
     from resnet_train.errors import RunDirError
 
+    if int(os.environ.get("RANK", "0")) == 0:  # (torchrun's others: rank 0 holds it)
+        runlock.check_free(run_dir)  # (a live run's files are not read: they change)
     if (found := _deploy_record(run_dir)) is not None:
         task, record = found
         raise RunDirError(
@@ -439,6 +445,12 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
     )
 
     names = (*CHECKPOINT_NAMES, *RESULT_NAMES)
+    if not any((run_dir / n).exists() for n in names) and (run_dir / "curves.png").exists():
+        # (a run writes it at its end, with metrics.json: this one is someone's own)
+        raise RunDirError(
+            f"{run_dir} holds a curves.png but no run (no checkpoint, no metrics.json): the run "
+            "would write over it; give another name= (or hydra.run.dir=)"
+        )
     if cfg.resume is None and not any((run_dir / n).exists() for n in names):
         return
     point = find_resume(cfg, run_dir)
@@ -803,6 +815,73 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     _fail(f"every job of this sweep would be refused: {refusals[0]}")
 
 
+def check_output_folder(folder: Path, key: str, what: str = "run") -> None:
+    """A folder that a run (or a sweep) can make and write into, or a one-line RunDirError
+    naming the key that placed it: a name too long, a path under a file, a link to nothing, a
+    folder without write permission were the traceback of the OSError."""
+    from resnet_train.config import NAME_MAX
+    from resnet_train.errors import RunDirError
+
+    for part in folder.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise RunDirError(
+                f"{key}: the folder name {part[:40]}... of {folder.name[:40]}... is "
+                f"{len(os.fsencode(part))} bytes long; at most {NAME_MAX} (the file system's)"
+            )
+    existing = folder
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise RunDirError(
+            f"{existing} is a link to {os.readlink(existing)}, which does not exist: make that "
+            f"folder or remove the link (it holds {folder}: {key})"
+        )
+    if not existing.is_dir() and existing == folder:
+        raise RunDirError(
+            f"{folder} is a file, not a folder to write the {what} into: give another {key}="
+        )
+    if not existing.is_dir():
+        raise RunDirError(
+            f"{existing} is a file: {folder} cannot be made under it; give another {key}="
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"{existing} is not writable by this user: {folder} cannot be "
+            f"{'written' if existing == folder else 'made'} there; give another {key}="
+        )
+
+
+def check_sweep_folder(config: DictConfig) -> None:
+    """A sweep's folder that cannot be made or written (check_output_folder), and a sweep
+    started again without resume= into the folder of an earlier one that trained:
+    refused before anything is written. Each job was refused alone, but only after Hydra had
+    rewritten the finished jobs' .hydra/ records with the new command's settings, added to
+    their logs and replaced the sweep's multirun.yaml."""
+    from resnet_train.engine.checkpoint import CHECKPOINT_NAMES
+
+    try:
+        folder = Path(str(config.hydra.sweep.dir))
+    except Exception:  # (an interpolation that does not resolve: Hydra says so, as before)
+        return
+    given = [str(o).split("=", 1)[0] for o in config.hydra.overrides.hydra]
+    try:
+        key = "hydra.sweep.dir" if "hydra.sweep.dir" in given else "name"
+        check_output_folder(folder, key, "sweep")
+    except UserError as e:
+        _fail(e)
+    if config.get("resume") is not None or config.get("task") != "train" or not folder.is_dir():
+        return
+    names = (*CHECKPOINT_NAMES, "metrics.json")
+    trained = [job for job in sorted(folder.iterdir())
+               if job.is_dir() and any((job / n).exists() for n in names)]  # fmt: skip
+    if trained:
+        _fail(
+            f"{folder} holds the jobs of an earlier sweep ({len(trained)} with checkpoints or "
+            "results, e.g. " + trained[0].name + "): continue it with resume=auto (its finished "
+            "jobs are left as they are), or give the sweep another name="
+        )
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -937,6 +1016,9 @@ def main() -> None:
         _interrupted(interrupt)
     finally:
         held.release()
+        from resnet_train.engine import runlock
+
+        runlock.release_all()  # (the process ends here; main() run again in one process)
 
 
 def check_flags(args: list[str]) -> list[str]:

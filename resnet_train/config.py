@@ -551,6 +551,9 @@ class RecordSweptKeys(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         record_swept_keys(config)
+        from resnet_train.cli import check_sweep_folder
+
+        check_sweep_folder(config)  # (before the sweeper writes anything)
 
 
 def _sweep_overrides(_root_: DictConfig) -> tuple[list[str], dict[str, Any] | None]:
@@ -1163,6 +1166,14 @@ def check_name(name: str | None) -> None:
     if name is not None:
         _check(bool(name) and "/" not in name and name not in (".", ".."), "name", name,
                "a non-empty folder name without '/'")  # fmt: skip
+        if (size := len(os.fsencode(str(name)))) > NAME_MAX:  # (it was OSError's traceback)
+            raise ConfigError(
+                f"name={str(name)[:40]}... is invalid: {size} bytes long, and a folder name has "
+                f"at most {NAME_MAX} (the file system's limit)"
+            )
+
+
+NAME_MAX = 255  # bytes of one folder name (Linux, macOS)
 
 
 def _check_decoder(cfg: DictConfig) -> None:

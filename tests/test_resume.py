@@ -976,3 +976,107 @@ def test_a_run_shortened_to_where_it_is_keeps_that_length_and_not_past_a_mid_epo
     assert result.returncode == 2 and "ends before" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (tmp_path / "mid").iterdir()) == before
+
+
+# --- one process at a time in a run folder; a folder that cannot be written -------------------
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from resnet_train.engine import runlock
+runlock.hold(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_process_in_a_live_run_folder_is_refused_and_the_lock_goes_with_it(tmp_path):
+    """Two runs of one name, or a resume=auto while the run still trains (a requeue with the
+    old job alive), trained into one folder and mixed their files; a save of one could remove
+    the other's checkpoint being written."""
+    from resnet_train.engine.checkpoint import remove_temporaries
+    from resnet_train.errors import RunDirError
+
+    run = tmp_path / "outputs" / "live"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = (f"{Path('outputs/live')} is in use by another resnet-train process (PID "
+                   f"{holder.pid}): two processes in one run folder would mix their "
+                   "checkpoints; wait for it to end (then resume=auto continues the run), or "
+                   "give another name=")  # fmt: skip
+        for extra in ([], ["resume=auto"]):
+            result = run_cli(*SMOKE, "data.train_size=64", "name=live", *extra, cwd=tmp_path)
+            assert result.returncode == 2
+            assert result.stderr.splitlines() == [f"resnet-train: error: {message}"]
+        assert [p.name for p in run.iterdir()] == [".resnet-train.lock"]  # nothing written
+        with pytest.raises(RunDirError, match=f"PID {holder.pid}"):  # a sweep's job: in fit()
+            fit(compose_config(*SMOKE, "data.train_size=64"), run)
+        # the save being written by a live process is kept; a killed one's is removed
+        (run / f".last.pt.{holder.pid}.tmp").write_bytes(b"being written")
+        (run / ".last.pt.999999999.tmp").write_bytes(b"killed midway")
+        assert [p.name for p in remove_temporaries(run)] == [".last.pt.999999999.tmp"]
+    finally:
+        holder.kill()  # (SIGKILL: the operating system drops its lock)
+        holder.wait()
+    result = run_cli(*SMOKE, "data.train_size=64", "name=live", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_the_checkpoint_in_place_stays_whole(tmp_path):
+    """A full disk, a file-size limit, a read-only folder: two chained tracebacks, exit 1."""
+    import resource
+
+    args = [*SMOKE, "data.train_size=64", "data.test_size=16", "trainer.epochs=2", "name=full"]
+    first = run_cli(*args[:-2], "trainer.epochs=1", "name=full", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "outputs" / "full"
+    before = sha256(run / "last.pt")
+    limit = (run / "last.pt").stat().st_size - 1000  # the next last.pt does not fit
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "resnet_train", *args, "resume=auto"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"resnet-train: error: could not save {run}/last.pt: File too large (OSError); the "
+        "last.pt in place is whole, and resume=auto continues from the newest checkpoint once "
+        "there is room"
+    ]
+    assert sha256(run / "last.pt") == before and not list(run.glob(".*.tmp"))
+    again = run_cli(*args, "resume=auto", cwd=tmp_path)  # room again: it continues
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run / "metrics.json").read_text())["epochs_done"] == 2
+
+
+def test_a_run_folder_that_cannot_be_made_is_one_line_naming_the_key(tmp_path):
+    """A name too long, a path under a file, a link to nothing: OSError tracebacks (exit 1)."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "curves.png").write_text("my own plot")
+    long = "x" * 300
+    for args, message in (
+        ([f"name={long}"], f"name={'x' * 40}... is invalid: 300 bytes long, and a folder name "
+         "has at most 255 (the file system's limit)"),
+        (["-m", f"name={long}"], "300 bytes long"),
+        (["hydra.run.dir=afile/run"],
+         "afile is a file: afile/run cannot be made under it; give another hydra.run.dir="),
+        (["hydra.run.dir=gone/run"], f"gone is a link to {tmp_path / 'nowhere'}, which does not "
+         "exist: make that folder or remove the link (it holds gone/run: hydra.run.dir)"),
+        (["-m", "hydra.sweep.dir=afile"],
+         "afile is a file, not a folder to write the sweep into: give another hydra.sweep.dir="),
+        (["-m", "hydra.sweep.dir=afile/sweep"], "afile is a file: afile/sweep cannot be made"),
+        (["hydra.run.dir=mine"], "mine holds a curves.png but no run (no checkpoint, no "
+         "metrics.json): the run would write over it"),
+    ):  # fmt: skip
+        result = run_cli(*SMOKE, *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("resnet-train: error: ") and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "gone", "mine"]
+    assert (tmp_path / "mine" / "curves.png").read_text() == "my own plot"

@@ -239,6 +239,16 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
         assert (job / "last.pt").is_file() and (job / "metrics.json").is_file()
         lrs.append(OmegaConf.load(job / ".hydra" / "config.yaml").optim.lr)
     assert sorted(lrs) == [0.05, 0.1]
+    # Relaunched without resume=: refused before anything is written (each job was refused
+    # alone, after Hydra rewrote its .hydra/ record with the new command's settings)
+    records = {p: p.read_bytes() for p in folder.rglob("*.yaml")}
+    refused = run_cli(*sweep, "trainer.log_every_steps=7", cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"resnet-train: error: {Path('outputs/multirun') / folder.name} holds the jobs of an "
+        f"earlier sweep (2 with checkpoints or results, e.g. {jobs[0].name}): continue it with "
+        "resume=auto (its finished jobs are left as they are), or give the sweep another name="
+    ], refused.stderr
+    assert {p: p.read_bytes() for p in folder.rglob("*.yaml")} == records
     # The same sweep relaunched finds its own directory (trainer.epochs and resume may change:
     # its jobs continue); another sweep gets another (one used to overwrite the first's
     # multirun.yaml).

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from resnet_train.engine import faults
-from resnet_train.errors import CheckpointError
+from resnet_train.errors import CheckpointError, UserError
 from resnet_train.models.weights import is_exported_program
 
 FORMAT_VERSION = 2
@@ -45,11 +45,35 @@ def _replace_atomically(
             os.replace(path, keep_previous)
             faults.point(f"kept {keep_previous.name}")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if (failed := _os_error_in(e)) is not None:  # a full disk, a size limit, a read-only
+            # folder: one line (it was two chained tracebacks); the file in place is whole
+            kept = f"the {path.name} in place is whole" if path.exists() else "nothing was saved"
+            raise SaveError(
+                f"could not save {path}: {failed.strerror or failed} ({type(failed).__name__}); "
+                f"{kept}, and resume=auto continues from the newest checkpoint once there is "
+                "room"
+            ) from e
         raise
     _sync_directory(path.parent)
     faults.point(f"saved {path.name}")
+
+
+class SaveError(UserError):
+    """A checkpoint that could not be written (the disk, not the input: still one line)."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error (torch.save's writer raises a RuntimeError from it)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _sync_directory(folder: Path) -> None:
@@ -67,8 +91,12 @@ def _sync_directory(folder: Path) -> None:
 
 
 def remove_temporaries(folder: Path) -> list[Path]:
-    """Delete the temporary files of saves that were killed midway."""
-    stale = [p for p in folder.glob(f".*.pt.*{TMP_SUFFIX}") if p.is_file()]
+    """Delete the temporary files of saves that were killed midway (their process is gone: a
+    live one's is being written)."""
+    from resnet_train.deploy.staging import LEFTOVER, _alive
+
+    stale = [p for p in folder.glob(f".*.pt.*{TMP_SUFFIX}") if p.is_file()
+             and not ((m := LEFTOVER.match(p.name)) and _alive(int(m.group(1))))]  # fmt: skip
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

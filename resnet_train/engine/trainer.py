@@ -28,7 +28,7 @@ from resnet_train.data.folders import check_same_files
 from resnet_train.data.loaders import class_names, close_loaders, data_fingerprint
 from resnet_train.data.settle import settle_data
 from resnet_train.data.transforms import build_batch_mixer
-from resnet_train.engine import distributed, faults
+from resnet_train.engine import distributed, faults, runlock
 from resnet_train.engine.checkpoint import (
     FORMAT_VERSION,
     copy_checkpoint,
@@ -849,9 +849,14 @@ def fit(cfg: DictConfig, run_dir: str | Path, given: set[str] | None = None) -> 
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
             root.removeHandler(handler)
+    locked = False
     try:
+        if d.main:  # one process at a time in a run folder (engine.runlock)
+            locked = runlock.hold(Path(run_dir))
         return _fit(cfg, Path(run_dir), d, device, given)
     finally:
+        if locked:
+            runlock.release(Path(run_dir))
         log.setLevel(level)
         if d.enabled:
             distributed.teardown()
