@@ -869,7 +869,11 @@ def check_sweep_folder(config: DictConfig) -> None:
         check_output_folder(folder, key, "sweep")
     except UserError as e:
         _fail(e)
-    if config.get("resume") is not None or config.get("task") != "train" or not folder.is_dir():
+    params = config.hydra.sweeper.get("params")  # (a search's fixed values: resume=auto)
+    resume = params.get("resume") if isinstance(params, DictConfig) else None
+    if resume is not None or config.get("resume") is not None or config.get("task") != "train":
+        return
+    if not folder.is_dir():
         return
     names = (*CHECKPOINT_NAMES, "metrics.json")
     trained = [job for job in sorted(folder.iterdir())
