@@ -30,6 +30,8 @@ from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
     ConfigTypeError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
     ValidationError,
 )
 
@@ -113,6 +115,9 @@ def describe_composition_error(error: Exception) -> str:
                 return f"{cause.full_key}=null is invalid: it {needs}"
             shown = f"={value}" if value is not None else ""
             return f"{cause.full_key}{shown} is invalid: {message}"
+        if isinstance(cause, InterpolationResolutionError) and cause.full_key:
+            why = str(cause).strip().splitlines()[0]
+            return f"{cause.full_key} is invalid: its interpolation does not resolve ({why})"
         if isinstance(cause, ConfigTypeError) and "does not support deletion" in str(cause):
             key = getattr(cause, "full_key", None) or "that key"
             return (
@@ -699,6 +704,9 @@ def cfg_print_overrides(args: list[str]) -> list[str] | None:
             flags.add(arg)
             i += 2
             continue
+        if arg == "--resolve":  # (a flag without a value: the printed config's interpolations)
+            i += 1
+            continue
         if arg.startswith("-"):
             return None
         overrides.append(arg)
@@ -721,6 +729,7 @@ def check_config_only(overrides: list[str]) -> list[str]:
         if cfg.get("task") == "train" and cfg.get("resume") is not None:
             composed = compose_run(overrides)  # (its run folder)
             kept = take_run_length(cfg, Path(str(composed.hydra.run.dir)), overrides)
+        OmegaConf.to_container(cfg, resolve=True)  # (a value that does not resolve: one line)
         validate(cfg)
         checked = copy.deepcopy(cfg)
         complete(checked)
@@ -733,6 +742,8 @@ def check_config_only(overrides: list[str]) -> list[str]:
                 check_weights(checked)
     except UserError as e:
         _fail(e)
+    except OmegaConfBaseException as e:  # (an interpolation that does not resolve)
+        _fail(describe_composition_error(e))
     return kept
 
 
@@ -760,11 +771,24 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     base: list[str] = []
     searchpath: list[str] = []  # (hydra.searchpath: one's own config files)
     swept: list[tuple[int, list[str]]] = []
+    globs = []
+    search = any(o.get_key_element() == "hydra/sweeper" and "optuna" in str(o.value())
+                 for o in parsed)  # fmt: skip
     for o in parsed:
         if o.is_hydra_override():
             if o.get_key_element() == "hydra.searchpath":
                 searchpath.append(o.input_line)
             continue
+        if o.is_interval_sweep() and not search:  # (Hydra's traceback: BasicSweeper does not
+            _fail(  # support sweep type INTERVAL_SWEEP)
+                f"{o.input_line} is invalid: interval() is a search space, which only a search "
+                'draws from: add hydra/sweeper=optuna_cpu (pip install "resnet-train[optuna]"), '
+                "or give values: key=a,b,c or range()"
+            )
+        if o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP":
+            globs.append(o)
+        if o.is_sweep_override() and sweep_values(o) == []:  # (Hydra launched 0 jobs, exit 0)
+            _fail(f"{o.input_line} is invalid: it gives no value, so the sweep would run no job")
         if not o.is_sweep_override():
             base.append(o.input_line)
             continue
@@ -783,10 +807,19 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     variants = [base] + [base[:i] + [v] + base[i + 1 :] for i, values in swept for v in values[1:]]
     composed: dict[tuple[str, ...], DictConfig] = {}  # (each composed once)
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for o in globs:  # (one that matches nothing: Hydra launched 0 jobs, exit 0)
+            key = o.get_key_element()
+            options = loader.get_group_options(key) if key in GROUPS else []
+            if not o.value().filter(options):
+                allowed = f"the options of {key}: {', '.join(options)}" if options else (
+                    f"{key} is not a config group (glob() picks a group's options)")  # fmt: skip
+                _fail(f"{o.input_line} is invalid: it matches none of {allowed}")
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
                 cfg = composed[tuple(variant)] = compose("train", overrides=[*searchpath, *variant])
-            except Exception as e:
+                OmegaConf.to_container(cfg, resolve=True)  # (a value that does not resolve:
+            except Exception as e:  # it was Hydra's traceback as the sweep started)
                 _fail(describe_composition_error(e))
             try:  # (the sweep's folder: Hydra makes it before any job checks its config)
                 check_name(cfg.get("name"))
@@ -925,7 +958,7 @@ def main() -> None:
 
         launch(*launch_args, precheck, _starting_interrupted)
         return
-    if (ordered := check_flags(args)) != args:
+    if (ordered := check_overrides(config_dir_as_searchpath(check_flags(args)))) != args:
         sys.argv[1:] = args = ordered  # (as Hydra reads them)
     if "WORLD_SIZE" in os.environ and {"-m", "--multirun"} & set(args):
         _fail(
@@ -1023,6 +1056,58 @@ def main() -> None:
         from resnet_train.engine import runlock
 
         runlock.release_all()  # (the process ends here; main() run again in one process)
+
+
+GROUPS = ("model", "data", "optim", "schedule", "trainer", "experiment")
+
+
+def config_dir_as_searchpath(args: list[str]) -> list[str]:
+    """`--config-dir DIR` (one's own configs beside resnet-train's) as the override
+    hydra.searchpath=[file://DIR], which every path of the command reads: a single run with the
+    flag skipped its checks (a refused run rewrote a finished run's record; bad input wrote a
+    folder). With --config-name (a primary config of one's own) it is left to Hydra."""
+    if "--config-dir" not in args or "--config-name" in args:
+        return args
+    at = args.index("--config-dir")
+    folder = Path(args[at + 1]).expanduser()
+    if not folder.is_dir():
+        _fail(f"--config-dir={args[at + 1]} is invalid: no such folder (of one's own configs)")
+    rest = args[:at] + args[at + 2 :]
+    entry = f"file://{folder.resolve()}"
+    given = next((i for i, a in enumerate(rest) if a.startswith("hydra.searchpath=")), None)
+    if given is None:
+        return [*rest, f"hydra.searchpath=[{entry}]"]
+    value = rest[given].split("=", 1)[1].strip()
+    inner = value[1:-1].strip() if value.startswith("[") and value.endswith("]") else value
+    rest[given] = f"hydra.searchpath=[{inner + ',' if inner else ''}{entry}]"
+    return rest
+
+
+def check_overrides(args: list[str]) -> list[str]:
+    """Overrides that Hydra takes but that mean nothing here, refused in one line: a list of a
+    group's options (Hydra merges them into one config), hydra.mode (-m is the switch),
+    hydra.job.chdir=true (relative paths are read from where the command starts)."""
+    for arg in args:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key in GROUPS and value.strip().startswith("["):
+            _fail(
+                f"{key}={value} is invalid: {key} takes one option (a list merges them into "
+                f"one config); to run each, sweep: -m {key}={value.strip()[1:-1]}"
+            )
+        if key == "hydra.mode" and value.strip().upper() == "MULTIRUN":
+            _fail(f"{arg} is invalid: give -m for a sweep (a single run without it)")
+        if key == "hydra.job.chdir" and value.strip().lower() not in ("false", "null"):
+            _fail(
+                f"{arg} is invalid: resnet-train reads data.root, model.weights and the other "
+                "paths from the folder it starts in, and stays there (a run's files go to its "
+                "run folder all the same)"
+            )
+        if key == "--experimental-rerun":
+            _fail(
+                "--experimental-rerun is invalid here: run the run's command again (its "
+                ".hydra/overrides.yaml) with resume=auto, which continues or leaves it as it is"
+            )
+    return args
 
 
 def check_flags(args: list[str]) -> list[str]:

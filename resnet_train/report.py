@@ -112,6 +112,12 @@ def read_sweep(sweep: Path) -> list[Job]:
     jobs = [job for folder in sorted(sweep.iterdir()) if folder.is_dir()
             if (job := read_job(folder)) is not None]  # fmt: skip
     if not jobs:
+        if any((folder / "metrics.json").is_file() for folder in sweep.iterdir()):
+            raise ReportError(
+                f"{sweep} holds runs but no record of their overrides (.hydra/overrides.yaml): "
+                "a sweep run with hydra.output_subdir=null keeps none, so what each job swept "
+                "is unknown; run the sweep without it to compare its jobs"
+            )
         raise ReportError(
             f"{sweep} holds no job folders (sub-folders with .hydra/overrides.yaml): give the "
             "folder of a multirun, outputs/multirun/<sweep>"

@@ -722,3 +722,69 @@ def test_a_sweep_names_its_jobs_by_the_resume_changeable_keys_it_sweeps_itself()
     assert not _names_jobs("trainer.log_every_steps", "experiment")
     assert not _names_jobs("trainer.device", "trainer")
     assert not _names_jobs("data.root", "data")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model=[resnet56,resnet20]"], "model=[resnet56,resnet20] is invalid: model takes one "
+         "option (a list merges them into one config); to run each, sweep: -m "
+         "model=resnet56,resnet20"),
+        (["hydra.mode=MULTIRUN", "seed=0"], "hydra.mode=MULTIRUN is invalid: give -m"),
+        (["hydra.job.chdir=true"], "hydra.job.chdir=true is invalid: resnet-train reads "
+         "data.root, model.weights and the other paths from the folder it starts in"),
+        (["--experimental-rerun", "x.pickle"], "--experimental-rerun is invalid here"),
+        (["--config-dir", "nope"], "--config-dir=nope is invalid: no such folder"),
+        (["--cfg", "job", "--resolve", "optim.lr=-1"], "optim.lr=-1.0 is invalid: must be > 0"),
+        (["data.root=${oc.env:NO_SUCH_VARIABLE}", "--cfg", "job"], "data.root is invalid: its "
+         "interpolation does not resolve (KeyError raised while resolving interpolation: "
+         "\"Environment variable 'NO_SUCH_VARIABLE' not found\")"),
+        (["-m", "data.root=${oc.env:NO_SUCH_VARIABLE}", "seed=0,1"],
+         "data.root is invalid: its interpolation does not resolve"),
+        (["-m", "name=${nope.x}", "seed=0,1"], "name is invalid: its interpolation does not "
+         "resolve (Interpolation key 'nope.x' not found)"),
+        (["-m", "optim.lr=interval(0.01,0.1)"], "optim.lr=interval(0.01,0.1) is invalid: "
+         "interval() is a search space, which only a search draws from: add "
+         "hydra/sweeper=optuna_cpu"),
+        (["-m", "seed=range(5,1)"], "seed=range(5,1) is invalid: it gives no value, so the sweep "
+         "would run no job"),
+        (["-m", "model=glob(nomatch*)"], "model=glob(nomatch*) is invalid: it matches none of "
+         "the options of model: plain110, plain18"),
+        (["-m", "optim.lr=glob(*)"], "it matches none of optim.lr is not a config group"),
+    ],
+)  # fmt: skip
+def test_what_hydra_takes_but_means_nothing_here_is_one_line(tmp_path, args, message):
+    """Each was silently accepted (a merged model, a single run for MULTIRUN, a sweep of 0 jobs
+    with exit 0), a traceback (interpolations, interval without a search, --experimental-rerun)
+    or ran without its checks (--cfg job --resolve)."""
+    result = run_cli(*SMOKE, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("resnet-train: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_single_run_with_config_dir_is_checked_as_any_run(tmp_path):
+    """`--config-dir DIR` (one's own configs) skipped a single run's checks: bad input wrote a
+    run folder, and a run refused as finished had its .hydra/ record rewritten."""
+    experiment = tmp_path / "myconf" / "experiment"
+    experiment.mkdir(parents=True)
+    (experiment / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: resnet32\n"
+        "  - override /data: synthetic\nname: mine\ndata:\n  train_size: 64\n  test_size: 16\n"
+        "trainer:\n  epochs: 1\n"
+    )
+    bad = run_cli("--config-dir", "myconf", "experiment=mine", "optim.lr=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "resnet-train: error: optim.lr=-1.0 is invalid: must be > 0"]  # fmt: skip
+    assert not (tmp_path / "outputs").exists()
+    first = run_cli("-cd", "myconf", "experiment=mine", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "outputs" / "mine"
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["model"]["name"] == "resnet32"
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
+    log = (run / "train.log").read_bytes()
+    again = run_cli("--config-dir", "myconf", "experiment=mine", "optim.lr=0.05", cwd=tmp_path)
+    assert again.returncode == 2 and "of a finished run" in again.stderr
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
+    assert (run / "train.log").read_bytes() == log

@@ -130,7 +130,12 @@ def test_the_jobs_an_interrupted_sweep_never_started_are_listed(tmp_path):
 
 
 def test_report_command_says_what_is_wrong_in_one_line(tmp_path):
+    nosub = tmp_path / "nosub"  # a sweep run with hydra.output_subdir=null: no overrides kept
+    (nosub / "job").mkdir(parents=True)
+    (nosub / "job" / "metrics.json").write_text("{}")
     for target, message in ((tmp_path / "nope", "is not a folder"),
+                            (tmp_path / "nosub", "holds runs but no record of their overrides "
+                             "(.hydra/overrides.yaml): a sweep run with hydra.output_subdir=null"),
                             (tmp_path, "holds no job folders")):  # fmt: skip
         result = run_program("resnet_train.report", str(target))
         assert result.returncode == 2
