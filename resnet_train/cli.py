@@ -100,7 +100,16 @@ def describe_composition_error(error: Exception) -> str:
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
             parent, _, key = str(cause.full_key).rpartition(".")
             node = OmegaConf.select(schema(), parent) if parent else schema()
+            if parent == "hydra" or parent.startswith("hydra."):  # (Hydra's own: not ours)
+                from hydra.conf import HydraConf
+
+                hydra = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
+                node = OmegaConf.select(hydra, parent, throw_on_missing=False)
             allowed = ", ".join(node.keys()) if isinstance(node, DictConfig) else "none"
+            if parent in ("hydra.sweeper", "hydra.launcher"):  # (the plugin's own keys)
+                plugin = parent.split(".")[1]
+                allowed = (f"the keys of the {plugin} chosen (hydra/{plugin}=...; "
+                           "hydra/sweeper=optuna_cpu for a search's n_trials)")  # fmt: skip
             where = parent or "the top level"
             return f"{cause.full_key} is not a config key: allowed in {where}: {allowed}"
         if isinstance(cause, ValidationError) and cause.full_key:
@@ -772,12 +781,15 @@ def check_sweep_overrides(overrides: list[str]) -> None:
     searchpath: list[str] = []  # (hydra.searchpath: one's own config files)
     swept: list[tuple[int, list[str]]] = []
     globs = []
+    hydra_overrides: list[str] = []  # (hydra.sweeper.n_trials=..., hydra/launcher=...)
     search = any(o.get_key_element() == "hydra/sweeper" and "optuna" in str(o.value())
                  for o in parsed)  # fmt: skip
     for o in parsed:
         if o.is_hydra_override():
             if o.get_key_element() == "hydra.searchpath":
                 searchpath.append(o.input_line)
+            else:
+                hydra_overrides.append(o.input_line)
             continue
         if o.is_interval_sweep() and not search:  # (Hydra's traceback: BasicSweeper does not
             _fail(  # support sweep type INTERVAL_SWEEP)
@@ -815,6 +827,11 @@ def check_sweep_overrides(overrides: list[str]) -> None:
                 allowed = f"the options of {key}: {', '.join(options)}" if options else (
                     f"{key} is not a config group (glob() picks a group's options)")  # fmt: skip
                 _fail(f"{o.input_line} is invalid: it matches none of {allowed}")
+        try:  # Hydra's own keys, once (a mistyped one was Hydra's page of error, exit 1)
+            compose("train", overrides=[*searchpath, *hydra_overrides, *variants[0]],
+                    return_hydra_config=True)  # fmt: skip
+        except Exception as e:
+            _fail(describe_composition_error(e))
         for variant in variants[:MAX_CHECKED_SWEEP_VALUES]:
             try:
                 cfg = composed[tuple(variant)] = compose("train", overrides=[*searchpath, *variant])

@@ -751,6 +751,9 @@ def test_a_sweep_names_its_jobs_by_the_resume_changeable_keys_it_sweeps_itself()
         (["-m", "model=glob(nomatch*)"], "model=glob(nomatch*) is invalid: it matches none of "
          "the options of model: plain110, plain18"),
         (["-m", "optim.lr=glob(*)"], "it matches none of optim.lr is not a config group"),
+        (["hydra.run.dri=x"], "hydra.run.dri is not a config key: allowed in hydra.run: dir"),
+        (["-m", "hydra.sweep.dri=x", "seed=1,2"],
+         "hydra.sweep.dri is not a config key: allowed in hydra.sweep: dir, subdir"),
     ],
 )  # fmt: skip
 def test_what_hydra_takes_but_means_nothing_here_is_one_line(tmp_path, args, message):
