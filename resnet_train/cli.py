@@ -919,11 +919,19 @@ def check_sweep_folder(config: DictConfig) -> None:
         check_output_folder(folder, key, "sweep")
     except UserError as e:
         _fail(e)
+    if not folder.is_dir():
+        return
+    from resnet_train.engine import runlock
+
+    try:  # a job of it still training (the same sweep started twice, or relaunched with
+        for job in sorted(folder.iterdir()):  # resume=auto while it runs): Hydra would rewrite
+            if job.is_dir():  # its record and log before the job met the lock
+                runlock.check_free(job)
+    except UserError as e:
+        _fail(e)
     params = config.hydra.sweeper.get("params")  # (a search's fixed values: resume=auto)
     resume = params.get("resume") if isinstance(params, DictConfig) else None
     if resume is not None or config.get("resume") is not None or config.get("task") != "train":
-        return
-    if not folder.is_dir():
         return
     names = (*CHECKPOINT_NAMES, "metrics.json")
     trained = [job for job in sorted(folder.iterdir())
@@ -1083,14 +1091,16 @@ def config_dir_as_searchpath(args: list[str]) -> list[str]:
     hydra.searchpath=[file://DIR], which every path of the command reads: a single run with the
     flag skipped its checks (a refused run rewrote a finished run's record; bad input wrote a
     folder). With --config-name (a primary config of one's own) it is left to Hydra."""
-    if "--config-dir" not in args or "--config-name" in args:
+    if "--config-dir" not in args or {"--config-name", "--help", "-h", "--hydra-help"} & set(args):
         return args
     at = args.index("--config-dir")
+    if at + 1 >= len(args):
+        return args  # (argparse says its value is missing)
     folder = Path(args[at + 1]).expanduser()
     if not folder.is_dir():
         _fail(f"--config-dir={args[at + 1]} is invalid: no such folder (of one's own configs)")
     rest = args[:at] + args[at + 2 :]
-    entry = f"file://{folder.resolve()}"
+    entry = hydra_quoted(f"file://{folder.resolve()}")  # (a path with , [ ] ' or =)
     given = next((i for i, a in enumerate(rest) if a.startswith("hydra.searchpath=")), None)
     if given is None:
         return [*rest, f"hydra.searchpath=[{entry}]"]

@@ -770,24 +770,25 @@ def test_what_hydra_takes_but_means_nothing_here_is_one_line(tmp_path, args, mes
 def test_a_single_run_with_config_dir_is_checked_as_any_run(tmp_path):
     """`--config-dir DIR` (one's own configs) skipped a single run's checks: bad input wrote a
     run folder, and a run refused as finished had its .hydra/ record rewritten."""
-    experiment = tmp_path / "myconf" / "experiment"
+    experiment = tmp_path / "my,conf=1" / "experiment"  # (a comma, an = : quoted for Hydra)
     experiment.mkdir(parents=True)
     (experiment / "mine.yaml").write_text(
         "# @package _global_\ndefaults:\n  - override /model: resnet32\n"
         "  - override /data: synthetic\nname: mine\ndata:\n  train_size: 64\n  test_size: 16\n"
         "trainer:\n  epochs: 1\n"
     )
-    bad = run_cli("--config-dir", "myconf", "experiment=mine", "optim.lr=-1", cwd=tmp_path)
+    bad = run_cli("--config-dir", "my,conf=1", "experiment=mine", "optim.lr=-1", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.splitlines() == [
         "resnet-train: error: optim.lr=-1.0 is invalid: must be > 0"]  # fmt: skip
     assert not (tmp_path / "outputs").exists()
-    first = run_cli("-cd", "myconf", "experiment=mine", cwd=tmp_path)
+    first = run_cli("-cd", "my,conf=1", "experiment=mine", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     run = tmp_path / "outputs" / "mine"
     assert torch.load(run / "last.pt", weights_only=True)["config"]["model"]["name"] == "resnet32"
     record = {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()}
     log = (run / "train.log").read_bytes()
-    again = run_cli("--config-dir", "myconf", "experiment=mine", "optim.lr=0.05", cwd=tmp_path)
+    again = run_cli("--config-dir", "my,conf=1", "experiment=mine", "optim.lr=0.05",
+                    cwd=tmp_path)  # fmt: skip
     assert again.returncode == 2 and "of a finished run" in again.stderr
     assert {p.name: p.read_bytes() for p in (run / ".hydra").iterdir()} == record
     assert (run / "train.log").read_bytes() == log

@@ -150,6 +150,32 @@ def test_the_first_preact_block_activates_before_splitting_into_two_paths(name):
             assert stage[0].preactivated_shortcut and stage[0].downsample is not None
 
 
+def test_a_preact_checkpoint_of_an_earlier_version_is_refused_not_computed_otherwise(tmp_path):
+    """A preact_resnet110 saved before the first block's change loaded silently and computed
+    another function (eval's test loss moved from 389.8 to 486.7)."""
+    from resnet_train.models.weights import PREACT_KEY, PREACT_REVISION
+
+    model = create_model("preact_resnet110")
+    state = {"format_version": 2, "model": model.state_dict(), "optimizer": {}, "scheduler": {},
+             "epoch": 1, "config": {"model": {"name": "preact_resnet110"},
+                                    "data": {"name": "synthetic", "num_classes": 10}}}  # fmt: skip
+    torch.save(state, tmp_path / "old.pt")
+    torch.save({**state, PREACT_KEY: PREACT_REVISION}, tmp_path / "new.pt")
+    with pytest.raises(
+        CheckpointError,
+        match="holds a pre-activation net saved by an earlier "
+        "resnet-train, whose first block's shortcut carried the un-activated",
+    ):
+        create_model("preact_resnet110", weights=tmp_path / "old.pt")  # fmt: skip
+    assert isinstance(create_model("preact_resnet110", weights=tmp_path / "new.pt"), nn.Module)
+    for name in ("preact_resnet164", "wrn16_8", "resnet20"):  # (their first block projects, or
+        other = create_model(name)  # is post-activation: unchanged, and still read)
+        path = tmp_path / f"{name}.pt"
+        torch.save({**state, "model": other.state_dict(),
+                    "config": {**state["config"], "model": {"name": name}}}, path)  # fmt: skip
+        create_model(name, weights=path)
+
+
 def test_wide_resnet_dropout_sits_between_the_convs():
     model = create_model("wrn16_8", dropout=0.3)
     dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]

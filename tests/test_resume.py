@@ -1022,6 +1022,33 @@ def test_a_second_process_in_a_live_run_folder_is_refused_and_the_lock_goes_with
         holder.wait()
     result = run_cli(*SMOKE, "data.train_size=64", "name=live", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    # its checkpoints say their pre-activation blocks activate before the split
+    from resnet_train.models.weights import PREACT_KEY, PREACT_REVISION
+
+    assert torch.load(run / "last.pt", weights_only=True)[PREACT_KEY] == PREACT_REVISION
+
+
+def test_a_sweep_with_a_job_still_training_is_refused_before_hydra_writes(tmp_path):
+    """A sweep relaunched (resume=auto) while a job of it trained: Hydra rewrote that job's
+    record and log before the job met the lock."""
+    job = tmp_path / "outputs" / "multirun" / "swl" / "a-job"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(job)], stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli("-m", *SMOKE, "data.train_size=64", "seed=0,1", "name=swl",
+                         "resume=auto", cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"resnet-train: error: {Path('outputs/multirun/swl/a-job')} is in use by another "
+            f"resnet-train process (PID {holder.pid}): two processes in one run folder would mix "
+            "their checkpoints; wait for it to end (then resume=auto continues the run), or "
+            "give another name="
+        ]
+        assert sorted(p.name for p in job.parent.iterdir()) == ["a-job"]  # no multirun.yaml
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_a_save_the_disk_refuses_is_one_line_and_the_checkpoint_in_place_stays_whole(tmp_path):

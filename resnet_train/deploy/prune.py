@@ -39,6 +39,7 @@ from resnet_train.models.build import build_model, without_weights
 from resnet_train.models.channels import apply_channels, channel_record
 from resnet_train.models.resnet import BasicBlock, Bottleneck, PreActBlock, PreActBottleneck
 from resnet_train.models.summary import summarize
+from resnet_train.models.weights import PREACT_KEY, PREACT_REVISION
 
 log = logging.getLogger("resnet_train")
 
@@ -197,6 +198,7 @@ def run_prune(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> dict[str,
     saved_cfg["trainer"]["qat"] = False
     state = {
         "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        PREACT_KEY: PREACT_REVISION,  # (its source was checked as it was read)
         "channels": record,
         "config": saved_cfg,
         "classes": trained.saved_classes,  # what predict names and eval checks the data against

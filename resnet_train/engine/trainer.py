@@ -70,6 +70,7 @@ from resnet_train.models.build import build_model, build_resumed_model
 from resnet_train.models.channels import channels_of
 from resnet_train.models.freeze import freeze, hold_norms
 from resnet_train.models.qat import prepare_qat
+from resnet_train.models.weights import PREACT_KEY, PREACT_REVISION, check_preact_revision
 from resnet_train.optim import (
     build_optimizer,
     build_scheduler,
@@ -701,6 +702,7 @@ class _Run:
         sums = distributed.gather_objects(t.sums.state_dict()) if mid_epoch else None
         return {
             "format_version": FORMAT_VERSION,
+            PREACT_KEY: PREACT_REVISION,
             "model": t.model.state_dict(),
             "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(),
@@ -777,6 +779,7 @@ class _Run:
         check_config(point, self.cfg)
         check_same_teacher(state.get("teacher"), self.teacher, point.path)
         check_world_size(point, t.dist.world)
+        check_preact_revision(t.model, state, point.path)
         try:
             t.model.load_state_dict(state["model"])
             t.optimizer.load_state_dict(state["optimizer"])
@@ -1399,7 +1402,8 @@ def _final_test(run: _Run, epochs_run: int) -> tuple[str, dict[str, Any], EpochS
             )
 
     best = final.get("best_valid") if loaders.valid is not None else None
-    log_hparams(t.writer, cfg, best, test_stats)
+    if t.dist.main:  # (the others' writer writes nothing, and has no folder)
+        log_hparams(t.writer, cfg, best, test_stats)
     return selected, final, test_stats
 
 

@@ -86,6 +86,29 @@ def read_weights(path: str | Path, key: str = "model.weights", peek: bool = Fals
     return WeightsFile(path, state, config if isinstance(config, dict) else None, checkpoint)
 
 
+# Checkpoints of this version say so: in earlier ones a pre-activation net's first block carried
+# its un-activated input past itself (its identity shortcut), where He et al. 2016 activate it
+# before the split; the same tensors compute another function now.
+PREACT_KEY = "preact_shortcut"
+PREACT_REVISION = "activated"
+
+
+def check_preact_revision(model: nn.Module, checkpoint: dict | None, path: object) -> None:
+    """Refuse a resnet-train checkpoint of a pre-activation net made before that change."""
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        return  # (torchvision's weights, a state dict alone: no such nets)
+    if checkpoint.get(PREACT_KEY) == PREACT_REVISION:
+        return
+    if any(getattr(m, "preactivated_shortcut", False) and m.downsample is None and m.residual
+           for m in model.modules()):  # fmt: skip
+        raise CheckpointError(
+            f"{path} holds a pre-activation net saved by an earlier resnet-train, whose first "
+            "block's shortcut carried the un-activated stem output (now activated before the "
+            "split, as He et al. 2016): its weights compute another function here; train it "
+            "again"
+        )
+
+
 def load_weights(
     model: nn.Module, path: str | Path, replace_classifier: bool = True, key: str = "model.weights"
 ) -> bool:
@@ -110,6 +133,7 @@ def load_state(
     fit the model, load nothing (the model may be on the meta device). model_name: the model's
     name (model.name), for the hint when the file holds another."""
     path, state = weights.path, weights.state
+    check_preact_revision(model, weights.checkpoint, path)
     own = model.state_dict()
     file_classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
     saved_names = (weights.checkpoint or {}).get("classes")
