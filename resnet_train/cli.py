@@ -43,7 +43,7 @@ from resnet_train.config import (
     schema,
     validate,
 )
-from resnet_train.errors import ConfigError, UserError
+from resnet_train.errors import ConfigError, UserError, cause_in_chain
 from resnet_train.launch import CHECKED_ENV, is_launch_flag, split_launch_args, with_a_sweep
 
 CONFIG_MODULE = "resnet_train.configs"
@@ -458,14 +458,14 @@ def _check_run_dir(cfg: DictConfig, run_dir: Path, teacher: Any = None) -> None:
         finished_note,
     )
 
-    names = (*CHECKPOINT_NAMES, *RESULT_NAMES)
-    if not any((run_dir / n).exists() for n in names) and (run_dir / "curves.png").exists():
+    holds_a_run = any((run_dir / n).exists() for n in (*CHECKPOINT_NAMES, *RESULT_NAMES))
+    if not holds_a_run and (run_dir / "curves.png").exists():
         # (a run writes it at its end, with metrics.json: this one is someone's own)
         raise RunDirError(
             f"{run_dir} holds a curves.png but no run (no checkpoint, no metrics.json): the run "
             "would write over it; give another name= (or hydra.run.dir=)"
         )
-    if cfg.resume is None and not any((run_dir / n).exists() for n in names):
+    if cfg.resume is None and not holds_a_run:
         return
     point = find_resume(cfg, run_dir)
     if point is None:
@@ -923,10 +923,10 @@ def check_sweep_folder(config: DictConfig) -> None:
         return
     from resnet_train.engine import runlock
 
+    jobs = sorted(job for job in folder.iterdir() if job.is_dir())
     try:  # a job of it still training (the same sweep started twice, or relaunched with
-        for job in sorted(folder.iterdir()):  # resume=auto while it runs): Hydra would rewrite
-            if job.is_dir():  # its record and log before the job met the lock
-                runlock.check_free(job)
+        for job in jobs:  # resume=auto while it runs): Hydra would rewrite its record and log
+            runlock.check_free(job)  # before the job met the lock
     except UserError as e:
         _fail(e)
     params = config.hydra.sweeper.get("params")  # (a search's fixed values: resume=auto)
@@ -934,8 +934,7 @@ def check_sweep_folder(config: DictConfig) -> None:
     if resume is not None or config.get("resume") is not None or config.get("task") != "train":
         return
     names = (*CHECKPOINT_NAMES, "metrics.json")
-    trained = [job for job in sorted(folder.iterdir())
-               if job.is_dir() and any((job / n).exists() for n in names)]  # fmt: skip
+    trained = [job for job in jobs if any((job / n).exists() for n in names)]
     if trained:
         _fail(
             f"{folder} holds the jobs of an earlier sweep ({len(trained)} with checkpoints or "
@@ -1129,11 +1128,6 @@ def check_overrides(args: list[str]) -> list[str]:
                 "paths from the folder it starts in, and stays there (a run's files go to its "
                 "run folder all the same)"
             )
-        if key == "--experimental-rerun":
-            _fail(
-                "--experimental-rerun is invalid here: run the run's command again (its "
-                ".hydra/overrides.yaml) with resume=auto, which continues or leaves it as it is"
-            )
     return args
 
 
@@ -1162,6 +1156,11 @@ def check_flags(args: list[str]) -> list[str]:
 
     parser.error = error  # type: ignore[method-assign]
     parsed = parser.parse_intermixed_args(args)
+    if parsed.experimental_rerun is not None:
+        _fail(
+            "--experimental-rerun is invalid here: run the run's command again (its "
+            ".hydra/overrides.yaml) with resume=auto, which continues or leaves it as it is"
+        )
     flags = []
     for action in parser._actions:
         value = getattr(parsed, action.dest, None)
@@ -1214,14 +1213,8 @@ def _starting_interrupted() -> Iterator[None]:
 
 
 def _interrupt_in_chain(error: BaseException) -> KeyboardInterrupt | None:
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, KeyboardInterrupt):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
+    found = cause_in_chain(error, lambda cause: isinstance(cause, KeyboardInterrupt))
+    return found if isinstance(found, KeyboardInterrupt) else None
 
 
 def log_file_only(level: int, message: str) -> None:

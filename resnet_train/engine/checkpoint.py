@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from resnet_train.engine import faults
-from resnet_train.errors import CheckpointError, UserError
+from resnet_train.errors import CheckpointError, UserError, cause_in_chain
 from resnet_train.models.weights import is_exported_program
 
 FORMAT_VERSION = 2
@@ -66,14 +66,9 @@ class SaveError(UserError):
 
 def _os_error_in(error: BaseException) -> OSError | None:
     """The OSError behind an error (torch.save's writer raises a RuntimeError from it)."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError) and not isinstance(cause, FileNotFoundError):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
+    found = cause_in_chain(error, lambda cause: isinstance(cause, OSError)
+                           and not isinstance(cause, FileNotFoundError))  # fmt: skip
+    return found if isinstance(found, OSError) else None
 
 
 def _sync_directory(folder: Path) -> None:
